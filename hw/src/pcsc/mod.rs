@@ -1,0 +1,126 @@
+//! PC/SC through pcsc-lite (pcscd): the card transport, the reader monitor
+//! and PIN-pad readers.
+//!
+//! PC/SC calls block. [`PcscCard`] is meant to live on a thread of its own
+//! (one per reader); [`monitor`] runs its own thread and reports through a
+//! callback, so async code reaches both over channels.
+//!
+//! One PC/SC transaction wraps each multi-APDU exchange: take a
+//! [`PcscCard::transaction`], build a [`crate::piv::PivClient`] over it, and
+//! the transaction ends when the client is dropped. The borrow checker keeps
+//! a second transaction from opening on the same card meanwhile.
+
+pub mod monitor;
+pub mod pinpad;
+
+use std::ffi::{CStr, CString};
+
+use ::pcsc::{Context, Disposition, Protocols, Scope, ShareMode};
+
+use crate::error::{Error, Result};
+use crate::transport::Transport;
+
+pub use monitor::{Monitor, ReaderEvent};
+
+/// Maps pcsc-lite errors to what the agent can act on.
+pub(crate) fn map_err(e: ::pcsc::Error) -> Error {
+    use ::pcsc::Error as E;
+    match e {
+        E::RemovedCard | E::ResetCard | E::NoSmartcard | E::UnpoweredCard | E::UnresponsiveCard => Error::CardRemoved,
+        E::ReaderUnavailable | E::UnknownReader | E::NoReadersAvailable => Error::ReaderUnavailable,
+        E::NoService | E::ServiceStopped | E::CommError | E::InvalidHandle => Error::ServiceUnavailable,
+        other => Error::Pcsc(other),
+    }
+}
+
+/// Opens a PC/SC context (a connection to pcscd).
+pub fn establish() -> Result<Context> {
+    Context::establish(Scope::User).map_err(map_err)
+}
+
+/// Lists reader names; none is not an error.
+pub fn list_readers(ctx: &Context) -> Result<Vec<String>> {
+    match ctx.list_readers_owned() {
+        Ok(names) => Ok(names.into_iter().map(|n| n.to_string_lossy().into_owned()).collect()),
+        Err(::pcsc::Error::NoReadersAvailable) => Ok(Vec::new()),
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+/// A card connected through pcscd.
+pub struct PcscCard {
+    card: ::pcsc::Card,
+    reader: String,
+}
+
+impl PcscCard {
+    /// Connects to the card in `reader`, shared, T=0 or T=1.
+    pub fn connect(ctx: &Context, reader: &str) -> Result<PcscCard> {
+        let name = CString::new(reader).map_err(|_| Error::InvalidInput("reader name contains NUL"))?;
+        let card = ctx.connect(&name, ShareMode::Shared, Protocols::ANY).map_err(map_err)?;
+        Ok(PcscCard { card, reader: reader.to_string() })
+    }
+
+    /// The reader's name.
+    pub fn reader(&self) -> &str {
+        &self.reader
+    }
+
+    /// The card's ATR.
+    pub fn atr(&self) -> Result<Vec<u8>> {
+        let status = self.card.status2_owned().map_err(map_err)?;
+        Ok(status.atr().to_vec())
+    }
+
+    /// Begins a PC/SC transaction (exclusive access for one exchange).
+    pub fn transaction(&mut self) -> Result<PcscTransaction<'_>> {
+        let tx = self.card.transaction().map_err(map_err)?;
+        Ok(PcscTransaction { tx: Some(tx) })
+    }
+
+    /// Sends a reader control code (SCardControl), for PIN-pad features.
+    pub fn control(&self, code: u32, input: &[u8]) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; ::pcsc::MAX_BUFFER_SIZE];
+        let out = self.card.control(code as _, input, &mut buf).map_err(map_err)?;
+        Ok(out.to_vec())
+    }
+
+    /// Disconnects, resetting the card when `reset` (which also clears any
+    /// verified PIN on cards that ignore VERIFY P1=FF).
+    pub fn disconnect(self, reset: bool) -> Result<()> {
+        let d = if reset { Disposition::ResetCard } else { Disposition::LeaveCard };
+        self.card.disconnect(d).map_err(|(_, e)| map_err(e))
+    }
+}
+
+/// One PC/SC transaction; the [`Transport`] for a card in a reader.
+pub struct PcscTransaction<'a> {
+    tx: Option<::pcsc::Transaction<'a>>,
+}
+
+impl PcscTransaction<'_> {
+    /// Ends the transaction, resetting the card when `reset`.
+    pub fn end(mut self, reset: bool) -> Result<()> {
+        let d = if reset { Disposition::ResetCard } else { Disposition::LeaveCard };
+        match self.tx.take() {
+            Some(tx) => tx.end(d).map_err(|(_, e)| map_err(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Transport for PcscTransaction<'_> {
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>> {
+        let tx = self.tx.as_ref().ok_or(Error::CardRemoved)?;
+        // pcsc-lite caps responses at MAX_BUFFER_SIZE_EXTENDED; a buffer of
+        // that size bounds what any card can hand us.
+        let mut buf = vec![0u8; ::pcsc::MAX_BUFFER_SIZE_EXTENDED];
+        let out = tx.transmit(command, &mut buf).map_err(map_err)?;
+        Ok(out.to_vec())
+    }
+}
+
+/// The name of pcsc-lite's PnP notification pseudo-reader.
+pub fn pnp_reader() -> &'static CStr {
+    ::pcsc::PNP_NOTIFICATION()
+}

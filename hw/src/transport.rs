@@ -1,0 +1,58 @@
+//! The seam between PIV logic and whatever carries APDUs.
+//!
+//! [`Transport`] sends one command APDU and returns one response APDU. The
+//! PC/SC reader ([`crate::pcsc`]), the in-process virtual card
+//! ([`crate::vcard`]) and scripted test cards implement it; the PIV client
+//! knows nothing else about them. [`Clock`] passes time in, so time limits are
+//! testable without sleeping.
+
+use std::time::Instant;
+
+use crate::error::Result;
+
+/// Carries APDUs to a card.
+pub trait Transport {
+    /// Sends one command APDU and returns the whole response APDU, status
+    /// word included. Implementations bound the response size themselves.
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>>;
+
+    /// Whether the card and reader take extended-length APDUs. The client
+    /// then sends long commands whole instead of chaining them.
+    fn supports_extended(&self) -> bool {
+        false
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>> {
+        (**self).transmit(command)
+    }
+    fn supports_extended(&self) -> bool {
+        (**self).supports_extended()
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>> {
+        (**self).transmit(command)
+    }
+    fn supports_extended(&self) -> bool {
+        (**self).supports_extended()
+    }
+}
+
+/// A source of monotonic time.
+pub trait Clock: Send + Sync {
+    /// Now.
+    fn now(&self) -> Instant;
+}
+
+/// The operating system's monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}

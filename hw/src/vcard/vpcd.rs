@@ -1,0 +1,140 @@
+//! Puts a [`VirtualCard`] into a real pcscd reader through vsmartcard's
+//! vpcd driver.
+//!
+//! vpcd listens on a TCP port per reader slot (Debian's default: 35963 for
+//! "Virtual PCD 00 00", 35964 for "Virtual PCD 00 01"). A card connects as a
+//! client: connected means inserted, disconnected means removed. Every
+//! message is a 2-byte big-endian length and a payload; a 1-byte payload is
+//! a control code (0 power off, 1 power on, 2 reset, 4 send ATR), anything
+//! longer is a command APDU to answer with a response APDU.
+//!
+//! vpcd writes the length and the payload separately; with Nagle and
+//! delayed ACKs on both ends every APDU would wait about 40 ms, so the card's
+//! socket sets TCP_NODELAY and re-arms TCP_QUICKACK after each read.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::VirtualCard;
+
+/// Largest message vpcd sends: an extended APDU.
+const MAX_MESSAGE: usize = 65536 + 16;
+
+/// Why a vpcd session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// vpcd closed the connection (pcscd stopped or unloaded the reader).
+    ClosedByReader,
+    /// The card was removed by its owner.
+    Removed,
+    /// A [`super::Fault::DropAt`] pulled the card mid-exchange.
+    Dropped,
+}
+
+/// Connects to the vpcd reader at `addr`, retrying until `patience` runs
+/// out (pcscd may still be loading the driver).
+pub fn connect(addr: SocketAddr, patience: Duration) -> io::Result<TcpStream> {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) if start.elapsed() >= patience => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Serves `card` over an established vpcd connection until it ends.
+pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool) -> io::Result<Ended> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let mut len = [0u8; 2];
+        match stream.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if removed.load(Ordering::SeqCst) => {
+                let _ = e;
+                return Ok(Ended::Removed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Ended::ClosedByReader),
+            Err(e) => return Err(e),
+        }
+        let n = usize::from(u16::from_be_bytes(len));
+        if n > buf.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "vpcd message too long"));
+        }
+        stream.read_exact(&mut buf[..n])?;
+        let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
+        let reply: Vec<u8> = match &buf[..n] {
+            [] => continue,
+            [0] | [1] | [2] => {
+                card.reset();
+                continue;
+            }
+            [4] => card.atr().to_vec(),
+            [_] => continue,
+            apdu => {
+                let answer = card.process(apdu);
+                if answer.disconnect {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return Ok(Ended::Dropped);
+                }
+                if !answer.delay.is_zero() {
+                    std::thread::sleep(answer.delay);
+                }
+                answer.response
+            }
+        };
+        let mut msg = Vec::with_capacity(reply.len() + 2);
+        msg.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&reply);
+        stream.write_all(&msg)?;
+    }
+}
+
+/// A card sitting in a vpcd reader, served on its own thread.
+pub struct Inserted {
+    stream: TcpStream,
+    removed: Arc<AtomicBool>,
+    thread: JoinHandle<(VirtualCard, io::Result<Ended>)>,
+}
+
+/// Inserts `card` into the vpcd reader at `addr`.
+pub fn insert(mut card: VirtualCard, addr: SocketAddr) -> io::Result<Inserted> {
+    let stream = connect(addr, Duration::from_secs(10))?;
+    let removed = Arc::new(AtomicBool::new(false));
+    let theirs = stream.try_clone()?;
+    let flag = removed.clone();
+    let thread = std::thread::Builder::new().name(format!("vcard {addr}")).spawn(move || {
+        let r = serve(&mut card, theirs, &flag);
+        (card, r)
+    })?;
+    Ok(Inserted { stream, removed, thread })
+}
+
+impl Inserted {
+    /// Whether the card is still being served (vpcd has not closed and no
+    /// fault pulled it).
+    pub fn is_inserted(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    /// Pulls the card out of the reader and hands it back with its state
+    /// (retry counters, keys) as it was.
+    pub fn remove(self) -> (VirtualCard, io::Result<Ended>) {
+        self.removed.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        match self.thread.join() {
+            Ok(r) => r,
+            // The serving thread does not panic on any input; if it did,
+            // there is no card to hand back.
+            Err(_) => std::panic::resume_unwind(Box::new("virtual card thread panicked")),
+        }
+    }
+}
