@@ -1,1 +1,134 @@
-//! Shared helpers for the end-to-end scenarios.
+//! Shared helpers for the end-to-end scenarios in `tests/tests/`.
+//!
+//! The scenarios run against the real test rig that `deploy/dev test`
+//! starts: a pcscd with several vpcd readers. Each scenario leases a reader
+//! of its own ([`reader`]) so scenarios run in parallel, in one process or
+//! many (the lease is a file lock). Scenarios that use PC/SC must lease
+//! their reader before their first PC/SC call.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use pivgate_hw::pcsc::ReaderEvent;
+
+/// One vpcd reader of the rig, held until dropped.
+pub struct Reader {
+    /// The reader's name in pcscd.
+    pub name: String,
+    /// Where a virtual card connects to put itself in this reader.
+    pub addr: SocketAddr,
+    _lock: File,
+}
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).map_err(|_| {
+        anyhow!("{name} is not set: these scenarios need the test rig's pcscd; run them with `deploy/dev test`")
+    })
+}
+
+/// The rig's working folder.
+pub fn run_dir() -> Result<PathBuf> {
+    Ok(PathBuf::from(env("PIVGATE_RUN_DIR")?))
+}
+
+/// Leases a free vpcd reader, waiting up to a minute for one.
+pub fn reader() -> Result<Reader> {
+    env("PIVGATE_RIG")?;
+    let count: usize = 2 * env("PIVGATE_PCSCD_INSTANCES")?.parse::<usize>()?;
+    let base: u16 = env("PIVGATE_VPCD_BASE_PORT")?.parse()?;
+    let locks = run_dir()?.join("locks");
+    std::fs::create_dir_all(&locks)?;
+    let start = Instant::now();
+    loop {
+        for k in 0..count {
+            let f = File::create(locks.join(format!("reader-{k}.lock")))?;
+            if f.try_lock().is_ok() {
+                // Each pcscd instance of the rig serves two readers; this
+                // process talks to the instance of the reader it leased.
+                // pcsc-lite reads this once, at the first PC/SC call.
+                let socket = run_dir()?.join(format!("pcscd-{}/pcscd.comm", k / 2));
+                std::env::set_var("PCSCLITE_CSOCK_NAME", socket);
+                return Ok(Reader {
+                    name: format!("pivgate vpcd {} 00 {:02}", k / 2, k % 2),
+                    addr: SocketAddr::from(([127, 0, 0, 1], base + k as u16)),
+                    _lock: f,
+                });
+            }
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("no free vpcd reader after a minute");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for the next event about `reader` that `want` accepts, skipping
+/// events about other readers (other scenarios run in parallel).
+pub fn wait_event(
+    rx: &Receiver<ReaderEvent>,
+    reader: &str,
+    timeout: Duration,
+    want: impl Fn(&ReaderEvent) -> bool,
+) -> Result<ReaderEvent> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(ev) => {
+                let about = match &ev {
+                    ReaderEvent::CardInserted { reader: r, .. }
+                    | ReaderEvent::CardRemoved { reader: r }
+                    | ReaderEvent::ReaderAdded { reader: r }
+                    | ReaderEvent::ReaderRemoved { reader: r } => r == reader,
+                    ReaderEvent::ServiceLost | ReaderEvent::ServiceRestored => true,
+                };
+                if about && want(&ev) {
+                    return Ok(ev);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => bail!("no matching event for {reader} within {timeout:?}"),
+            Err(RecvTimeoutError::Disconnected) => bail!("monitor stopped"),
+        }
+    }
+}
+
+/// Connects to the card in `reader`, waiting for pcscd to see it.
+pub fn connect_card(reader: &str) -> Result<pivgate_hw::pcsc::PcscCard> {
+    let ctx = pivgate_hw::pcsc::establish()?;
+    let start = Instant::now();
+    loop {
+        match pivgate_hw::pcsc::PcscCard::connect(&ctx, reader) {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e).context("connecting to the card"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Checks a card's signature over `digest` with the public key in
+/// `cert_der`: ECDSA P-256 or P-384 over the prehashed digest, or RSA
+/// PKCS#1 v1.5 with SHA-256.
+pub fn verify_signature(cert_der: &[u8], digest: &[u8], sig: &[u8]) -> Result<()> {
+    use p256::pkcs8::DecodePublicKey;
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)?;
+    let spki = cert.tbs_certificate.subject_pki.raw;
+    if let Ok(pk) = p256::PublicKey::from_public_key_der(spki) {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        let sig = p256::ecdsa::Signature::from_der(sig)?;
+        return Ok(p256::ecdsa::VerifyingKey::from(&pk).verify_prehash(digest, &sig)?);
+    }
+    if let Ok(pk) = p384::PublicKey::from_public_key_der(spki) {
+        use p384::ecdsa::signature::hazmat::PrehashVerifier;
+        let sig = p384::ecdsa::Signature::from_der(sig)?;
+        return Ok(p384::ecdsa::VerifyingKey::from(&pk).verify_prehash(digest, &sig)?);
+    }
+    let pk = rsa::RsaPublicKey::from_public_key_der(spki).context("certificate key is not P-256, P-384 or RSA")?;
+    pk.verify(rsa::Pkcs1v15Sign::new::<sha2::Sha256>(), digest, sig)?;
+    Ok(())
+}

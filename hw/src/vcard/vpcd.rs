@@ -127,11 +127,14 @@ impl Inserted {
 
     /// Pulls the card out of the reader and hands it back with its state
     /// (retry counters, keys) as it was.
-    pub fn remove(self) -> (VirtualCard, io::Result<Ended>) {
+    pub fn remove(self) -> VirtualCard {
         self.removed.store(true, Ordering::SeqCst);
         let _ = self.stream.shutdown(Shutdown::Both);
         match self.thread.join() {
-            Ok(r) => r,
+            Ok((card, ended)) => {
+                tracing::debug!(?ended, "virtual card removed");
+                card
+            }
             // The serving thread does not panic on any input; if it did,
             // there is no card to hand back.
             Err(_) => std::panic::resume_unwind(Box::new("virtual card thread panicked")),
