@@ -39,7 +39,7 @@ pub fn run_dir() -> Result<PathBuf> {
 /// Leases a free vpcd reader, waiting up to a minute for one.
 pub fn reader() -> Result<Reader> {
     env("PIVGATE_RIG")?;
-    let count: usize = 2 * env("PIVGATE_PCSCD_INSTANCES")?.parse::<usize>()?;
+    let count: usize = env("PIVGATE_PCSCD_INSTANCES")?.parse::<usize>()?;
     let base: u16 = env("PIVGATE_VPCD_BASE_PORT")?.parse()?;
     let locks = run_dir()?.join("locks");
     std::fs::create_dir_all(&locks)?;
@@ -51,11 +51,20 @@ pub fn reader() -> Result<Reader> {
                 // Each pcscd instance of the rig serves two readers; this
                 // process talks to the instance of the reader it leased.
                 // pcsc-lite reads this once, at the first PC/SC call.
-                let socket = run_dir()?.join(format!("pcscd-{}/pcscd.comm", k / 2));
+                // Only the first of the instance's two vpcd slots is used:
+                // a card leaving one slot disturbs the other in vpcd.
+                let socket = run_dir()?.join(format!("pcscd-{k}/pcscd.comm"));
                 std::env::set_var("PCSCLITE_CSOCK_NAME", socket);
+                let name = format!("pivgate vpcd {k} 00 00");
+                // The previous holder's card may still be leaving: pcscd
+                // notices a vpcd card has gone at its next presence poll.
+                let ctx = pivgate_hw::pcsc::establish()?;
+                if !pivgate_hw::pcsc::wait_for_card(&ctx, &name, false, Duration::from_secs(10))? {
+                    bail!("reader {name} did not become empty");
+                }
                 return Ok(Reader {
-                    name: format!("pivgate vpcd {} 00 {:02}", k / 2, k % 2),
-                    addr: SocketAddr::from(([127, 0, 0, 1], base + k as u16)),
+                    name,
+                    addr: SocketAddr::from(([127, 0, 0, 1], base + 2 * k as u16)),
                     _lock: f,
                 });
             }
@@ -100,6 +109,9 @@ pub fn wait_event(
 /// Connects to the card in `reader`, waiting for pcscd to see it.
 pub fn connect_card(reader: &str) -> Result<pivgate_hw::pcsc::PcscCard> {
     let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, reader, true, Duration::from_secs(10))? {
+        bail!("pcscd never saw the card in {reader}");
+    }
     let start = Instant::now();
     loop {
         match pivgate_hw::pcsc::PcscCard::connect(&ctx, reader) {

@@ -116,6 +116,12 @@ impl Transport for PcscTransaction<'_> {
         // that size bounds what any card can hand us.
         let mut buf = vec![0u8; ::pcsc::MAX_BUFFER_SIZE_EXTENDED];
         let out = tx.transmit(command, &mut buf).map_err(map_err)?;
+        // A card that leaves during the exchange can come back as a
+        // "successful" transmit of zero bytes (vpcd does this); without
+        // even a status word there is no card to talk to.
+        if out.is_empty() {
+            return Err(Error::CardRemoved);
+        }
         Ok(out.to_vec())
     }
 }
@@ -123,4 +129,26 @@ impl Transport for PcscTransaction<'_> {
 /// The name of pcsc-lite's PnP notification pseudo-reader.
 pub fn pnp_reader() -> &'static CStr {
     ::pcsc::PNP_NOTIFICATION()
+}
+
+/// Waits until `reader` holds a card (`present`) or is empty (`!present`),
+/// up to `timeout`. Returns whether that state was reached.
+pub fn wait_for_card(ctx: &Context, reader: &str, present: bool, timeout: std::time::Duration) -> Result<bool> {
+    let name = CString::new(reader).map_err(|_| Error::InvalidInput("reader name contains NUL"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut states = [::pcsc::ReaderState::new(name, ::pcsc::State::UNAWARE)];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match ctx.get_status_change(left, &mut states) {
+            Ok(()) => {}
+            Err(::pcsc::Error::Timeout) => return Ok(false),
+            Err(e) => return Err(map_err(e)),
+        }
+        let ev = states[0].event_state();
+        let has_card = ev.contains(::pcsc::State::PRESENT) && !ev.contains(::pcsc::State::MUTE);
+        if has_card == present {
+            return Ok(true);
+        }
+        states[0].sync_current_state();
+    }
 }

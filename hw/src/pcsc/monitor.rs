@@ -90,14 +90,18 @@ impl Monitor {
 
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Ok(guard) = self.shared.ctx.lock() {
-            if let Some(ctx) = guard.as_ref() {
-                let _ = ctx.cancel();
+        let Some(t) = self.thread.take() else { return };
+        // SCardCancel only wakes a wait already in progress; the thread may
+        // be between two waits, so cancel until it has seen the flag.
+        while !t.is_finished() {
+            if let Ok(guard) = self.shared.ctx.lock() {
+                if let Some(ctx) = guard.as_ref() {
+                    let _ = ctx.cancel();
+                }
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = t.join();
     }
 }
 

@@ -56,6 +56,10 @@ pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let mut len = [0u8; 2];
+        // Quick ACKs must be armed before vpcd's two writes arrive (the
+        // kernel clears the flag as it goes), or its Nagle waits for our
+        // delayed ACK between length and payload.
+        let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
         match stream.read_exact(&mut len) {
             Ok(()) => {}
             Err(e) if removed.load(Ordering::SeqCst) => {
