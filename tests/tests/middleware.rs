@@ -1,0 +1,119 @@
+//! Standard PIV middleware accepts the virtual card as a PIV card: the
+//! `pivgate-vcard` binary sits in a real pcscd reader, and OpenSC
+//! (opensc-tool, pkcs11-tool with opensc-pkcs11) and yubico-piv-tool use it
+//! as they would a real card.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use pivgate_hw::vcard::profile::pem_decode;
+use pivgate_tests::{reader, run_dir, verify_signature};
+use sha2::Digest;
+
+fn bin(name: &str) -> Result<PathBuf> {
+    // Test executables live in target/<profile>/deps; binaries one up.
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("no target folder")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} is not built; run `cargo build --workspace --all-targets`", path.display());
+    }
+    Ok(path)
+}
+
+fn opensc_module() -> Result<PathBuf> {
+    for p in ["/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so", "/usr/lib/opensc-pkcs11.so"] {
+        if Path::new(p).exists() {
+            return Ok(p.into());
+        }
+    }
+    bail!("opensc-pkcs11.so not found; install the opensc package")
+}
+
+struct Card(Child);
+impl Drop for Card {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {text}");
+    }
+    Ok(text)
+}
+
+#[test]
+fn opensc_and_yubico_piv_tool_use_the_virtual_card_as_a_piv_card() -> Result<()> {
+    let r = reader()?;
+    let dir = run_dir()?.join(format!("middleware-card-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _card = Card(
+        Command::new(bin("pivgate-vcard")?)
+            .args(["--vpcd", &r.addr.to_string(), "--profile"])
+            .arg(&dir)
+            .args(["--pin", "123456", "--once"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, true, Duration::from_secs(20))? {
+        bail!("the pivgate-vcard card never appeared in {}", r.name);
+    }
+    // The binary wrote its PEM files, named for what they are.
+    for f in ["issuing-ca.pem", "cert-9a.pem", "cert-9e.pem"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+
+    // yubico-piv-tool first, while the PIN is not verified.
+    let status = run(Command::new("yubico-piv-tool").args(["-r", &r.name, "-a", "status"]))?;
+    assert!(status.contains("CHUID:\t30"), "{status}");
+    assert!(status.contains("Slot 9a:") && status.contains("Slot 9e:"), "{status}");
+    assert!(status.contains("Algorithm:\tECCP256"), "{status}");
+    assert!(status.contains("PIN tries left:\t3"), "{status}");
+
+    let name = run(Command::new("opensc-tool").args(["-r", &r.name, "-n"]))?;
+    assert!(name.contains("Personal Identity Verification Card"), "{name}");
+
+    let module = opensc_module()?;
+    let objects = run(Command::new("pkcs11-tool").arg("--module").arg(&module).arg("--list-objects"))?;
+    assert!(objects.contains("Certificate Object"), "{objects}");
+    assert!(objects.contains("Private Key Object; EC"), "{objects}");
+
+    let digest = sha2::Sha256::digest(b"signed through OpenSC");
+    let input = dir.join("digest.bin");
+    let output = dir.join("signature.der");
+    std::fs::write(&input, digest)?;
+    run(Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(&module)
+        .args(["--login", "--pin", "123456", "--sign", "--id", "01", "--mechanism", "ECDSA", "--signature-format", "openssl"])
+        .arg("--input-file")
+        .arg(&input)
+        .arg("--output-file")
+        .arg(&output))?;
+    let cert = pem_decode(&std::fs::read_to_string(dir.join("cert-9a.pem"))?)?;
+    verify_signature(&cert, &digest, &std::fs::read(&output)?)?;
+
+    // A wrong PIN through OpenSC costs a try, as on a real card.
+    let bad = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(&module)
+        .args(["--login", "--pin", "000000", "--sign", "--id", "01", "--mechanism", "ECDSA"])
+        .arg("--input-file")
+        .arg(&input)
+        .arg("--output-file")
+        .arg(&output)
+        .output()?;
+    assert!(!bad.status.success(), "a wrong PIN signed");
+    let verify = Command::new("yubico-piv-tool").args(["-r", &r.name, "-a", "verify-pin", "-P", "654321"]).output()?;
+    let text = String::from_utf8_lossy(&verify.stdout).to_string() + &String::from_utf8_lossy(&verify.stderr);
+    assert!(text.contains("1 tries left"), "{text}");
+    Ok(())
+}
