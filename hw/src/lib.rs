@@ -19,6 +19,8 @@
 
 pub mod apdu;
 pub mod error;
+#[cfg(feature = "gpio")]
+pub mod gpio;
 pub mod indicator;
 pub mod keypad;
 pub mod pcsc;
