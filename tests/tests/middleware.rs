@@ -117,3 +117,61 @@ fn opensc_and_yubico_piv_tool_use_the_virtual_card_as_a_piv_card() -> Result<()>
     assert!(text.contains("1 tries left"), "{text}");
     Ok(())
 }
+
+#[test]
+fn an_integrator_personalises_the_virtual_card_with_yubico_piv_tool() -> Result<()> {
+    use pivgate_hw::piv::{Algorithm, PinStatus, PivClient, Slot};
+    use pivgate_hw::vcard::{vpcd, Profile, ProfileOptions, Validity};
+    use pivgate_hw::Pin;
+
+    let r = reader()?;
+    let dir = run_dir()?.join(format!("personalise-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let profile = Profile::generate(&ProfileOptions::default())?;
+    let inserted = vpcd::insert(profile.card(), r.addr)?;
+    let ctx = pivgate_hw::pcsc::establish()?;
+    assert!(pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, true, Duration::from_secs(10))?);
+    let tool = |args: &[&str]| run(Command::new("yubico-piv-tool").args(["-r", &r.name]).args(args));
+
+    // CHANGE REFERENCE DATA.
+    tool(&["-a", "change-pin", "-P", "123456", "-N", "246810"])?;
+    // Management key authentication (3DES mutual, default key) and
+    // GENERATE ASYMMETRIC KEY PAIR in 9C.
+    let public = dir.join("9c-public.pem");
+    tool(&["-a", "generate", "-s", "9c", "-A", "ECCP256", "-o", public.to_str().context("path")?])?;
+    // A certificate for that key from the card's issuer, written with PUT
+    // DATA (management key again).
+    let spki = pem_decode(&std::fs::read_to_string(&public)?)?;
+    let cert = profile.ca.issue_for_spki(Slot::Signature, &spki, &profile.chuid, "Integrator", Validity::days(30))?;
+    let cert_pem = dir.join("9c-cert.pem");
+    std::fs::write(&cert_pem, pivgate_hw::vcard::profile::pem_encode("CERTIFICATE", &cert))?;
+    tool(&["-a", "import-certificate", "-s", "9c", "-i", cert_pem.to_str().context("path")?])?;
+    // Block the PIN, then RESET RETRY COUNTER with the PUK.
+    for _ in 0..3 {
+        let _ = tool(&["-a", "verify-pin", "-P", "000000"]);
+    }
+    let blocked = tool(&["-a", "verify-pin", "-P", "246810"]);
+    assert!(blocked.is_err(), "a blocked PIN verified");
+    tool(&["-a", "unblock-pin", "-P", "12345678", "-N", "135790"])?;
+
+    // The pivgate client sees the result: new PIN, new 9C key and its
+    // certificate, and 9C's PIN-always rule.
+    let mut card = pivgate_tests::connect_card(&r.name)?;
+    {
+        let mut piv = PivClient::new(card.transaction()?);
+        piv.select()?;
+        assert_eq!(piv.pin_status()?, PinStatus::TriesLeft(3));
+        assert_eq!(piv.read_certificate(Slot::Signature)?, cert);
+        let digest = sha2::Sha256::digest(b"signed with the generated key");
+        piv.verify_pin(&Pin::new(b"135790")?)?;
+        let sig = piv.sign(Slot::Signature, Algorithm::EccP256, &digest)?;
+        verify_signature(&cert, &digest, &sig)?;
+        assert!(
+            piv.sign(Slot::Signature, Algorithm::EccP256, &digest).is_err(),
+            "9C signed twice on one VERIFY"
+        );
+    }
+    card.disconnect(false)?;
+    inserted.remove();
+    Ok(())
+}

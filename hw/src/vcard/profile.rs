@@ -99,6 +99,12 @@ impl IssuingCa {
 
     /// Issues a PIV certificate for `slot` over `key`, naming the card.
     pub fn issue(&self, slot: Slot, key: &CardKey, chuid: &Chuid, holder: &str, validity: Validity) -> Result<Vec<u8>> {
+        self.issue_for_spki(slot, &key.spki_der()?, chuid, holder, validity)
+    }
+
+    /// Issues a PIV certificate for `slot` over a public key given as a DER
+    /// SubjectPublicKeyInfo (a key generated on a card).
+    pub fn issue_for_spki(&self, slot: Slot, spki_der: &[u8], chuid: &Chuid, holder: &str, validity: Validity) -> Result<Vec<u8>> {
         let ca_key = rcgen::KeyPair::from_pem(&self.key_pem).map_err(rc)?;
         let issuer = rcgen::Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(rc)?;
         let mut params = rcgen::CertificateParams::default();
@@ -124,7 +130,7 @@ impl IssuingCa {
         params.not_after = validity.not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
-        let spki = rcgen::SubjectPublicKeyInfo::from_der(&key.spki_der()?).map_err(rc)?;
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der).map_err(rc)?;
         let cert = params.signed_by(&spki, &issuer).map_err(rc)?;
         Ok(cert.der().to_vec())
     }
