@@ -18,6 +18,8 @@ use pivgate_hw::pcsc::ReaderEvent;
 
 /// One vpcd reader of the rig, held until dropped.
 pub struct Reader {
+    /// The rig's pcscd instance that serves this reader.
+    pub instance: usize,
     /// The reader's name in pcscd.
     pub name: String,
     /// Where a virtual card connects to put itself in this reader.
@@ -63,6 +65,7 @@ pub fn reader() -> Result<Reader> {
                     bail!("reader {name} did not become empty");
                 }
                 return Ok(Reader {
+                    instance: k,
                     name,
                     addr: SocketAddr::from(([127, 0, 0, 1], base + 2 * k as u16)),
                     _lock: f,
@@ -142,5 +145,19 @@ pub fn verify_signature(cert_der: &[u8], digest: &[u8], sig: &[u8]) -> Result<()
     }
     let pk = rsa::RsaPublicKey::from_public_key_der(spki).context("certificate key is not P-256, P-384 or RSA")?;
     pk.verify(rsa::Pkcs1v15Sign::new::<sha2::Sha256>(), digest, sig)?;
+    Ok(())
+}
+
+/// Restarts the rig's pcscd instance that serves `reader`, as a Pi's
+/// pcscd may be restarted under a running agent.
+pub fn restart_pcscd(reader: &Reader) -> Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev");
+    let status = std::process::Command::new(script)
+        .args(["restart-pcscd", &reader.instance.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("restarting pcscd instance {} failed", reader.instance);
+    }
     Ok(())
 }

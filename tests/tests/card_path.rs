@@ -180,3 +180,51 @@ fn a_card_pulled_mid_exchange_gives_an_error_and_the_next_card_works() -> Result
     inserted.remove();
     Ok(())
 }
+
+#[test]
+fn pcscd_restarting_locks_out_the_old_card_and_the_next_card_works() -> Result<()> {
+    let r = reader()?;
+    let (tx, rx) = channel();
+    let _m = Monitor::spawn(move |ev| {
+        let _ = tx.send(ev);
+    })?;
+    let profile = Profile::generate(&ProfileOptions::default())?;
+    let inserted = vpcd::insert(profile.card(), r.addr)?;
+    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::CardInserted { .. }))?;
+
+    pivgate_tests::restart_pcscd(&r)?;
+    // The card is reported gone (a restarted pcscd resets cards), then the
+    // service, then the service and the reader come back.
+    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::CardRemoved { .. }))?;
+    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::ServiceLost))?;
+    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::ServiceRestored))?;
+    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::ReaderAdded { .. }))?;
+    assert!(!inserted.is_inserted(), "vpcd kept the old connection across the restart");
+    inserted.remove();
+
+    let inserted = vpcd::insert(profile.card(), r.addr)?;
+    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::CardInserted { .. }))?;
+    let mut card = connect_card(&r.name)?;
+    {
+        let mut piv = PivClient::new(card.transaction()?);
+        piv.select()?;
+        assert_eq!(piv.read_chuid()?, profile.chuid);
+    }
+    card.disconnect(false)?;
+    inserted.remove();
+    Ok(())
+}
+
+#[test]
+fn the_vpcd_reader_has_no_pin_pad() -> Result<()> {
+    let r = reader()?;
+    let profile = Profile::generate(&ProfileOptions::default())?;
+    let inserted = vpcd::insert(profile.card(), r.addr)?;
+    let card = connect_card(&r.name)?;
+    let features = pivgate_hw::pcsc::pinpad::features(&card)?;
+    assert!(!features.has_pin_pad());
+    assert!(matches!(pivgate_hw::pcsc::pinpad::verify_pin_direct(&card, &features, 30), Err(Error::NoPinPad)));
+    card.disconnect(false)?;
+    inserted.remove();
+    Ok(())
+}

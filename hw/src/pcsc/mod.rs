@@ -51,6 +51,7 @@ pub fn list_readers(ctx: &Context) -> Result<Vec<String>> {
 pub struct PcscCard {
     card: ::pcsc::Card,
     reader: String,
+    extended: bool,
 }
 
 impl PcscCard {
@@ -58,7 +59,17 @@ impl PcscCard {
     pub fn connect(ctx: &Context, reader: &str) -> Result<PcscCard> {
         let name = CString::new(reader).map_err(|_| Error::InvalidInput("reader name contains NUL"))?;
         let card = ctx.connect(&name, ShareMode::Shared, Protocols::ANY).map_err(map_err)?;
-        Ok(PcscCard { card, reader: reader.to_string() })
+        // Extended length only when both ends say so: the card in its ATR,
+        // the reader by taking more than a short APDU (SCARD_ATTR_MAXINPUT;
+        // readers that do not answer are taken as short-only).
+        let atr = card.status2_owned().map(|s| s.atr().to_vec()).unwrap_or_default();
+        let reader_max = card
+            .get_attribute_owned(::pcsc::Attribute::Maxinput)
+            .ok()
+            .and_then(|v| v.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .unwrap_or(0);
+        let extended = atr_supports_extended(&atr) && reader_max > 261;
+        Ok(PcscCard { card, reader: reader.to_string(), extended })
     }
 
     /// The reader's name.
@@ -74,8 +85,9 @@ impl PcscCard {
 
     /// Begins a PC/SC transaction (exclusive access for one exchange).
     pub fn transaction(&mut self) -> Result<PcscTransaction<'_>> {
+        let extended = self.extended;
         let tx = self.card.transaction().map_err(map_err)?;
-        Ok(PcscTransaction { tx: Some(tx) })
+        Ok(PcscTransaction { tx: Some(tx), extended })
     }
 
     /// Sends a reader control code (SCardControl), for PIN-pad features.
@@ -96,6 +108,7 @@ impl PcscCard {
 /// One PC/SC transaction; the [`Transport`] for a card in a reader.
 pub struct PcscTransaction<'a> {
     tx: Option<::pcsc::Transaction<'a>>,
+    extended: bool,
 }
 
 impl PcscTransaction<'_> {
@@ -110,6 +123,10 @@ impl PcscTransaction<'_> {
 }
 
 impl Transport for PcscTransaction<'_> {
+    fn supports_extended(&self) -> bool {
+        self.extended
+    }
+
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>> {
         let tx = self.tx.as_ref().ok_or(Error::CardRemoved)?;
         // pcsc-lite caps responses at MAX_BUFFER_SIZE_EXTENDED; a buffer of
@@ -123,6 +140,59 @@ impl Transport for PcscTransaction<'_> {
             return Err(Error::CardRemoved);
         }
         Ok(out.to_vec())
+    }
+}
+
+/// Whether an ATR announces extended Lc and Le fields: the card
+/// capabilities in the historical bytes (compact-TLV tag 7, third byte,
+/// bit 0x40; ISO/IEC 7816-4 §12.1.1.9). Malformed ATRs say no.
+pub fn atr_supports_extended(atr: &[u8]) -> bool {
+    let Some(&t0) = atr.get(1) else { return false };
+    let historical = usize::from(t0 & 0x0F);
+    let mut y = t0 >> 4;
+    let mut i = 2;
+    loop {
+        // TA, TB, TC are present per bits 1 to 3 of Y; TD per bit 4.
+        i += (y & 0x07).count_ones() as usize;
+        if y & 0x08 == 0 {
+            break;
+        }
+        let Some(&td) = atr.get(i) else { return false };
+        i += 1;
+        y = td >> 4;
+    }
+    let Some(hist) = atr.get(i..i + historical) else { return false };
+    if hist.first() != Some(&0x80) {
+        return false;
+    }
+    let mut rest = &hist[1..];
+    while let Some((&b, r)) = rest.split_first() {
+        let (tag, len) = (b >> 4, usize::from(b & 0x0F));
+        let Some(value) = r.get(..len) else { return false };
+        if tag == 0x7 && len >= 3 {
+            return value[2] & 0x40 != 0;
+        }
+        rest = &r[len..];
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_extended_length_from_the_atr() {
+        // YubiKey 5: card capabilities 73 C0 21 C0, extended Lc/Le.
+        let yubikey = hex::decode("3BFD1300008131FE158073C021C057597562694B657940").unwrap();
+        assert!(atr_supports_extended(&yubikey));
+        // The virtual card: only the PIV AID in its historical bytes.
+        assert!(!atr_supports_extended(&hex::decode("3B8B800180F9A00000030800001000C8").unwrap()));
+        assert!(!atr_supports_extended(&[0x3B]));
+        assert!(!atr_supports_extended(&[0x3B, 0xFF, 0x00]));
+        let mut no_ext = yubikey.clone();
+        no_ext[13] = 0x80; // third capability byte without bit 0x40
+        assert!(!atr_supports_extended(&no_ext));
     }
 }
 

@@ -1,0 +1,152 @@
+//! The virtual card's administrative commands, in process: management key
+//! authentication (3DES and AES, mutual and single), and the rules that
+//! PUT DATA, GENERATE, CHANGE REFERENCE DATA and RESET RETRY COUNTER keep.
+
+use pivgate_hw::piv::Algorithm;
+use pivgate_hw::tlv;
+use pivgate_hw::vcard::{ManagementKey, Profile, ProfileOptions, VirtualCard, DEFAULT_MANAGEMENT_KEY};
+
+fn sw(resp: &[u8]) -> u16 {
+    u16::from_be_bytes([resp[resp.len() - 2], resp[resp.len() - 1]])
+}
+
+fn apdu(ins: u8, p1: u8, p2: u8, data: &[u8]) -> Vec<u8> {
+    let mut a = vec![0, ins, p1, p2, data.len() as u8];
+    a.extend_from_slice(data);
+    a
+}
+
+fn template(items: &[(u32, &[u8])]) -> Vec<u8> {
+    let mut inner = Vec::new();
+    for (t, v) in items {
+        tlv::write(&mut inner, *t, v);
+    }
+    tlv::encode(0x7C, &inner)
+}
+
+/// Mutual authentication as yubico-piv-tool does it; returns the final SW.
+fn mutual_auth(card: &mut VirtualCard, key: &ManagementKey) -> u16 {
+    let alg = key.algorithm().id();
+    let r = card.process(&apdu(0x87, alg, 0x9B, &template(&[(0x80, &[])]))).response;
+    assert_eq!(sw(&r), 0x9000);
+    let t = tlv::expect_single(&r[..r.len() - 2], 0x7C).unwrap().unwrap();
+    let witness = tlv::find(t, 0x80).unwrap().unwrap();
+    let plain = key.crypt_block(witness, true).unwrap();
+    let challenge = vec![0x42; key.block_len()];
+    let r = card.process(&apdu(0x87, alg, 0x9B, &template(&[(0x80, &plain), (0x81, &challenge)]))).response;
+    if sw(&r) == 0x9000 {
+        let t = tlv::expect_single(&r[..r.len() - 2], 0x7C).unwrap().unwrap();
+        let enc = tlv::find(t, 0x82).unwrap().unwrap();
+        assert_eq!(key.crypt_block(&challenge, false).unwrap(), enc, "card proved a different key");
+    }
+    sw(&r)
+}
+
+fn put_chuid(card: &mut VirtualCard) -> u16 {
+    let mut data = tlv::encode(0x5C, &[0x5F, 0xC1, 0x02]);
+    data.extend(tlv::encode(0x53, &tlv::encode(0x34, &[9; 16])));
+    sw(&card.process(&apdu(0xDB, 0x3F, 0xFF, &data)).response)
+}
+
+#[test]
+fn management_key_gates_put_data_and_generate() {
+    for (alg, bytes) in [(Algorithm::TripleDes, DEFAULT_MANAGEMENT_KEY.to_vec()), (Algorithm::Aes192, vec![7; 24]), (Algorithm::Aes128, vec![3; 16])] {
+        let profile = Profile::generate(&ProfileOptions::default()).unwrap();
+        let mut card = profile.card();
+        let key = ManagementKey::new(alg, &bytes).unwrap();
+        card.contents_mut().management_key = key.clone();
+        assert_eq!(put_chuid(&mut card), 0x6982, "{alg}: PUT DATA without the management key");
+        let gen = apdu(0x47, 0, 0x9C, &tlv::encode(0xAC, &tlv::encode(0x80, &[0x11])));
+        assert_eq!(sw(&card.process(&gen).response), 0x6982, "{alg}: GENERATE without the management key");
+
+        let wrong = ManagementKey::new(alg, &vec![0x55; bytes.len()]).unwrap();
+        assert_eq!(mutual_auth(&mut card, &wrong), 0x6982, "{alg}: a wrong key authenticated");
+        assert_eq!(put_chuid(&mut card), 0x6982);
+
+        assert_eq!(mutual_auth(&mut card, &key), 0x9000, "{alg}: the right key failed");
+        assert_eq!(put_chuid(&mut card), 0x9000);
+        let r = card.process(&gen).response;
+        assert_eq!(sw(&r), 0x9000);
+        assert_eq!(&r[..2], &[0x7F, 0x49]);
+        // A reset ends the authenticated state.
+        card.reset();
+        assert_eq!(put_chuid(&mut card), 0x6982);
+    }
+}
+
+#[test]
+fn single_authentication_with_a_card_challenge() {
+    let profile = Profile::generate(&ProfileOptions::default()).unwrap();
+    let mut card = profile.card();
+    let key = ManagementKey::new(Algorithm::TripleDes, &DEFAULT_MANAGEMENT_KEY).unwrap();
+    let r = card.process(&apdu(0x87, 0x03, 0x9B, &template(&[(0x81, &[])]))).response;
+    let t = tlv::expect_single(&r[..r.len() - 2], 0x7C).unwrap().unwrap();
+    let challenge = tlv::find(t, 0x81).unwrap().unwrap().to_vec();
+    // A replayed or wrong answer fails and spends the challenge.
+    let bad = card.process(&apdu(0x87, 0x03, 0x9B, &template(&[(0x82, &[0; 8])]))).response;
+    assert_eq!(sw(&bad), 0x6982);
+    let good = key.crypt_block(&challenge, false).unwrap();
+    assert_eq!(sw(&card.process(&apdu(0x87, 0x03, 0x9B, &template(&[(0x82, &good)]))).response), 0x6982, "challenge reused");
+    let r = card.process(&apdu(0x87, 0x03, 0x9B, &template(&[(0x81, &[])]))).response;
+    let t = tlv::expect_single(&r[..r.len() - 2], 0x7C).unwrap().unwrap();
+    let good = key.crypt_block(tlv::find(t, 0x81).unwrap().unwrap(), false).unwrap();
+    assert_eq!(sw(&card.process(&apdu(0x87, 0x03, 0x9B, &template(&[(0x82, &good)]))).response), 0x9000);
+    assert_eq!(put_chuid(&mut card), 0x9000);
+}
+
+#[test]
+fn pin_and_puk_rules() {
+    let profile = Profile::generate(&ProfileOptions::default()).unwrap();
+    let mut card = profile.card();
+    let change = |old: &[u8; 8], new: &[u8; 8]| [&old[..], &new[..]].concat();
+    // Wrong old PIN costs a try.
+    assert_eq!(sw(&card.process(&apdu(0x24, 0, 0x80, &change(b"000000\xFF\xFF", b"111111\xFF\xFF"))).response), 0x63C2);
+    // A new PIN that is not 6 to 8 digits is refused without a change.
+    assert_eq!(sw(&card.process(&apdu(0x24, 0, 0x80, &change(b"123456\xFF\xFF", b"12a456\xFF\xFF"))).response), 0x6A80);
+    assert_eq!(sw(&card.process(&apdu(0x24, 0, 0x80, &change(b"123456\xFF\xFF", b"222222\xFF\xFF"))).response), 0x9000);
+    // Wrong PUK counts down and blocks RESET RETRY COUNTER.
+    for left in [0x63C2, 0x63C1, 0x63C0] {
+        assert_eq!(sw(&card.process(&apdu(0x2C, 0, 0x80, &change(b"00000000", b"333333\xFF\xFF"))).response), left);
+    }
+    assert_eq!(sw(&card.process(&apdu(0x2C, 0, 0x80, &change(b"12345678", b"333333\xFF\xFF"))).response), 0x6983);
+    // VERIFY with the changed PIN still works.
+    assert_eq!(sw(&card.process(&apdu(0x20, 0, 0x80, b"222222\xFF\xFF")).response), 0x9000);
+    // The Global PIN is not supported.
+    assert_eq!(sw(&card.process(&apdu(0x20, 0, 0x00, b"222222\xFF\xFF")).response), 0x6A88);
+}
+
+/// The card behind a reader that takes extended APDUs.
+struct Extended(VirtualCard);
+
+impl pivgate_hw::Transport for Extended {
+    fn transmit(&mut self, command: &[u8]) -> pivgate_hw::Result<Vec<u8>> {
+        self.0.transmit(command)
+    }
+    fn supports_extended(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn extended_length_where_card_and_reader_take_it() {
+    use pivgate_hw::piv::{PivClient, Slot};
+    let profile = Profile::generate(&ProfileOptions { algorithm: Algorithm::Rsa2048, ..Default::default() }).unwrap();
+    let mut piv = PivClient::new(Extended(profile.card()));
+    piv.select().unwrap();
+    let before = piv.stats().apdus;
+    let cert = piv.read_certificate(Slot::Authentication).unwrap();
+    assert!(cert.len() > 256);
+    assert_eq!(piv.stats().apdus - before, 1, "an extended GET DATA needs no GET RESPONSE");
+    piv.verify_pin(&pivgate_hw::Pin::new(b"123456").unwrap()).unwrap();
+    let before = piv.stats().apdus;
+    let sig = piv.sign(Slot::Authentication, Algorithm::Rsa2048, &[5; 32]).unwrap();
+    assert_eq!(sig.len(), 256);
+    assert_eq!(piv.stats().apdus - before, 1, "an extended RSA sign needs no command chaining");
+    // The short path chains the same command.
+    let mut short = PivClient::new(profile.card());
+    short.select().unwrap();
+    short.verify_pin(&pivgate_hw::Pin::new(b"123456").unwrap()).unwrap();
+    let before = short.stats().apdus;
+    short.sign(Slot::Authentication, Algorithm::Rsa2048, &[5; 32]).unwrap();
+    assert!(short.stats().apdus - before >= 3, "short RSA sign without chaining");
+}
