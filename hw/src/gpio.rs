@@ -41,12 +41,16 @@ pub fn matrix_4x4(rows: [u8; 4], cols: [u8; 4], debounce: u8) -> Result<MatrixKe
     MatrixKeypad::new(outputs(&gpio, rows)?, inputs(&gpio, cols)?, LAYOUT_4X4, debounce)
 }
 
+/// The decoder and the (Instant, kernel timestamp) pair that anchors
+/// kernel timestamps to instants.
+type Anchored = (WiegandDecoder, Option<(Instant, Duration)>);
+
 /// A Wiegand keypad on D0 and D1: falling edges arrive as interrupts with
 /// kernel timestamps and are decoded into keys.
 pub struct WiegandKeypad {
     _d0: InputPin,
     _d1: InputPin,
-    decoder: Arc<Mutex<(WiegandDecoder, Option<(Instant, Duration)>)>>,
+    decoder: Arc<Mutex<Anchored>>,
     keys: std::sync::mpsc::Receiver<Key>,
 }
 

@@ -192,7 +192,7 @@ mod tests {
         let (t, rest) = parse_one(&[0x53, 0x02, 1, 2, 0xFF]).unwrap();
         assert_eq!((t.tag, t.value, rest), (0x53, &[1u8, 2][..], &[0xFFu8][..]));
         let mut long = vec![0x5F, 0xC1, 0x02, 0x82, 0x01, 0x00];
-        long.extend(std::iter::repeat(7).take(256));
+        long.extend(std::iter::repeat_n(7, 256));
         let (t, rest) = parse_one(&long).unwrap();
         assert_eq!((t.tag, t.value.len(), rest.len()), (0x5FC102, 256, 0));
         assert_eq!(parse_one(&[0x7F, 0x49, 0x81, 0x01, 9]).unwrap().0.tag, 0x7F49);

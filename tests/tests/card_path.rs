@@ -2,7 +2,7 @@
 //! reader behind the real pcscd, read and used by the PIV client the agent
 //! uses, watched by the reader monitor the agent uses.
 
-use std::sync::mpsc::channel;
+use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,7 +10,7 @@ use pivgate_hw::pcsc::{Monitor, ReaderEvent};
 use pivgate_hw::piv::{Algorithm, PinStatus, PivClient, Slot};
 use pivgate_hw::vcard::{vpcd, Fault, Profile, ProfileOptions, ATR};
 use pivgate_hw::{Error, Pin};
-use pivgate_tests::{connect_card, reader, verify_signature, wait_event};
+use pivgate_tests::{connect_card, reader, verify_signature, wait_event, Reader};
 use sha2::Digest;
 
 const T: Duration = Duration::from_secs(10);
@@ -20,6 +20,22 @@ fn digest_for(alg: Algorithm, msg: &[u8]) -> Vec<u8> {
         Algorithm::EccP384 => sha2::Sha384::digest(msg).to_vec(),
         _ => sha2::Sha256::digest(msg).to_vec(),
     }
+}
+
+/// Inserts `profile`'s card, waits for the monitor to see it, and reads its
+/// CHUID through pcscd.
+fn the_next_card_works(r: &Reader, rx: &Receiver<ReaderEvent>, profile: &Profile) -> Result<()> {
+    let inserted = vpcd::insert(profile.card(), r.addr)?;
+    wait_event(rx, &r.name, T, |e| matches!(e, ReaderEvent::CardInserted { .. }))?;
+    let mut card = connect_card(&r.name)?;
+    {
+        let mut piv = PivClient::new(card.transaction()?);
+        piv.select()?;
+        assert_eq!(piv.read_chuid()?, profile.chuid);
+    }
+    card.disconnect(false)?;
+    inserted.remove();
+    Ok(())
 }
 
 #[test]
@@ -168,17 +184,7 @@ fn a_card_pulled_mid_exchange_gives_an_error_and_the_next_card_works() -> Result
     let _ = card.disconnect(false);
     let _ = inserted.remove();
 
-    let inserted = vpcd::insert(profile.card(), r.addr)?;
-    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::CardInserted { .. }))?;
-    let mut card = connect_card(&r.name)?;
-    {
-        let mut piv = PivClient::new(card.transaction()?);
-        piv.select()?;
-        assert_eq!(piv.read_chuid()?, profile.chuid);
-    }
-    card.disconnect(false)?;
-    inserted.remove();
-    Ok(())
+    the_next_card_works(&r, &rx, &profile)
 }
 
 #[test]
@@ -202,17 +208,7 @@ fn pcscd_restarting_locks_out_the_old_card_and_the_next_card_works() -> Result<(
     assert!(!inserted.is_inserted(), "vpcd kept the old connection across the restart");
     inserted.remove();
 
-    let inserted = vpcd::insert(profile.card(), r.addr)?;
-    wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::CardInserted { .. }))?;
-    let mut card = connect_card(&r.name)?;
-    {
-        let mut piv = PivClient::new(card.transaction()?);
-        piv.select()?;
-        assert_eq!(piv.read_chuid()?, profile.chuid);
-    }
-    card.disconnect(false)?;
-    inserted.remove();
-    Ok(())
+    the_next_card_works(&r, &rx, &profile)
 }
 
 #[test]

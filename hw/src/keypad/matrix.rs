@@ -102,13 +102,13 @@ mod tests {
             r.push(T::set(State::High));
         }
         for p in pressed {
-            for r in 0..4 {
-                rows[r].push(T::set(State::Low));
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.push(T::set(State::Low));
                 for (c, col) in cols.iter_mut().enumerate() {
                     let low = *p == Some((r, c));
                     col.push(T::get(if low { State::Low } else { State::High }));
                 }
-                rows[r].push(T::set(State::High));
+                row.push(T::set(State::High));
             }
         }
         (rows, cols)

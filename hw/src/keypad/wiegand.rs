@@ -142,7 +142,7 @@ mod tests {
     fn decodes_eight_bit_keys_and_checks_the_nibble() {
         let mut d = WiegandDecoder::default();
         let mut t = Instant::now();
-        let mut frames = burst(&mut d, &mut t, 0xF0 | 0x0 | 0, 8); // key 0: F0
+        let mut frames = burst(&mut d, &mut t, 0xF0, 8); // key 0: F0
         frames.extend(burst(&mut d, &mut t, 0x87, 8)); // key 7: 87
         frames.extend(burst(&mut d, &mut t, 0x77, 8)); // bad check
         frames.extend(d.poll(t));

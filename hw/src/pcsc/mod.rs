@@ -177,25 +177,6 @@ pub fn atr_supports_extended(atr: &[u8]) -> bool {
     false
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_extended_length_from_the_atr() {
-        // YubiKey 5: card capabilities 73 C0 21 C0, extended Lc/Le.
-        let yubikey = hex::decode("3BFD1300008131FE158073C021C057597562694B657940").unwrap();
-        assert!(atr_supports_extended(&yubikey));
-        // The virtual card: only the PIV AID in its historical bytes.
-        assert!(!atr_supports_extended(&hex::decode("3B8B800180F9A00000030800001000C8").unwrap()));
-        assert!(!atr_supports_extended(&[0x3B]));
-        assert!(!atr_supports_extended(&[0x3B, 0xFF, 0x00]));
-        let mut no_ext = yubikey.clone();
-        no_ext[13] = 0x80; // third capability byte without bit 0x40
-        assert!(!atr_supports_extended(&no_ext));
-    }
-}
-
 /// The name of pcsc-lite's PnP notification pseudo-reader.
 pub fn pnp_reader() -> &'static CStr {
     ::pcsc::PNP_NOTIFICATION()
@@ -220,5 +201,24 @@ pub fn wait_for_card(ctx: &Context, reader: &str, present: bool, timeout: std::t
             return Ok(true);
         }
         states[0].sync_current_state();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_extended_length_from_the_atr() {
+        // YubiKey 5: card capabilities 73 C0 21 C0, extended Lc/Le.
+        let yubikey = hex::decode("3BFD1300008131FE158073C021C057597562694B657940").unwrap();
+        assert!(atr_supports_extended(&yubikey));
+        // The virtual card: only the PIV AID in its historical bytes.
+        assert!(!atr_supports_extended(&hex::decode("3B8B800180F9A00000030800001000C8").unwrap()));
+        assert!(!atr_supports_extended(&[0x3B]));
+        assert!(!atr_supports_extended(&[0x3B, 0xFF, 0x00]));
+        let mut no_ext = yubikey.clone();
+        no_ext[13] = 0x80; // third capability byte without bit 0x40
+        assert!(!atr_supports_extended(&no_ext));
     }
 }

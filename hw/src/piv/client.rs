@@ -448,7 +448,7 @@ mod tests {
     #[test]
     fn follows_get_response_chaining() {
         let mut obj = vec![0x53, 0x82, 0x01, 0x2C];
-        obj.extend(std::iter::repeat(0xAA).take(300));
+        obj.extend(std::iter::repeat_n(0xAA, 300));
         let mut first = obj[..256].to_vec();
         first.extend_from_slice(&[0x61, 48]);
         let mut second = obj[256..].to_vec();

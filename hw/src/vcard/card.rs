@@ -609,7 +609,7 @@ impl VirtualCard {
         };
         match (f.witness, f.challenge, f.response) {
             // Step 1 of mutual: send an encrypted witness.
-            (Some(w), None, None) if w.is_empty() => {
+            (Some([]), None, None) => {
                 let plain = random();
                 let enc = key.crypt_block(&plain, false).ok_or(StatusWord::UNKNOWN)?;
                 self.mgmt = MgmtState::Witness(plain);
@@ -626,7 +626,7 @@ impl VirtualCard {
                 _ => Err(StatusWord::SECURITY_STATUS_NOT_SATISFIED),
             },
             // Single authentication, step 1: a challenge for the host.
-            (None, Some(c), None) if c.is_empty() => {
+            (None, Some([]), None) => {
                 let plain = random();
                 self.mgmt = MgmtState::Challenge(plain.clone());
                 self.mgmt_authenticated = false;
