@@ -141,7 +141,7 @@ fn main() {
 fn pcscd_figures(profile: &Profile, latency: Latency, digest: &[u8]) -> (Figures, Figures) {
     use pivgate_hw::pcsc::{establish, wait_for_card, PcscCard};
     use pivgate_hw::vcard::vpcd;
-    let port: u16 = std::env::var("PIVGATE_VPCD_BASE_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(35963);
+    let port: u16 = std::env::var("PIVGATE_VPCD_BASE_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(36963);
     let reader = "pivgate vpcd 0 00 00";
     let ctx = establish().expect("pcscd");
     let go = |path: Path| {

@@ -16,7 +16,7 @@ use sha2::Digest;
 
 fn main() -> Result<()> {
     let run = std::env::var("PIVGATE_RUN_DIR").context("run me through `deploy/dev demo`")?;
-    let port: u16 = std::env::var("PIVGATE_VPCD_BASE_PORT").unwrap_or_else(|_| "35963".into()).parse()?;
+    let port: u16 = std::env::var("PIVGATE_VPCD_BASE_PORT").unwrap_or_else(|_| "36963".into()).parse()?;
     let reader = "pivgate vpcd 0 00 00".to_string();
     let dir = std::path::Path::new(&run).join("demo-card");
     let (profile, generated) = Profile::load_or_generate(&dir, &ProfileOptions::default())?;
