@@ -1,7 +1,23 @@
 //! The pivgate gRPC contract, package `pivgate.v1`.
 //!
-//! This crate will hold the `.proto` files and the tonic code generated from
-//! them, and nothing else: every other crate converts to its own types at
-//! the boundary. It is filled by the gateway issue; until then it holds only
-//! this comment so the workspace layout is real.
+//! The `.proto` files in `proto/pivgate/v1/` are the contract integrators
+//! read; this crate holds them and the tonic code generated from them (with
+//! protox, so no system protoc is needed), and nothing else. Every other
+//! crate converts to its own types at the boundary.
+//!
+//! - `pivgate.v1.AgentService`: agents (presence, begin/complete
+//!   authentication, card removal).
+//! - `pivgate.v1.AccessService`: applications (terminal state, event stream
+//!   with resume).
+//! - `pivgate.v1.AdminService`: administrators.
 #![forbid(unsafe_code)]
+
+/// Generated messages and services of `pivgate.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("pivgate.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every pivgate proto file (imports
+/// included), for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pivgate_descriptor");

@@ -1,0 +1,190 @@
+//! Challenges: at least 128 random bits from the OS CSPRNG, single use,
+//! expiring, bound to the agent's TLS identity, the terminal, the card, the
+//! mechanism and the certificate, and to this gateway.
+//!
+//! Single use is keyed on the challenge identifier, never on signature
+//! bytes (ECDSA signatures are malleable). A spent identifier is remembered
+//! until well after it would have expired, so a replay is told apart from
+//! an identifier that never existed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::model::{KeyAlgorithm, Mechanism};
+use crate::verify::{self, Deny};
+
+/// A challenge waiting for its signature.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The agent it was issued to (certificate name).
+    pub agent: String,
+    /// The terminal.
+    pub terminal: String,
+    /// The card.
+    pub card_uuid: [u8; 16],
+    /// The mechanism (and so the slot).
+    pub mechanism: Mechanism,
+    /// The key algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// The certificate whose key must have signed (DER).
+    pub certificate: Vec<u8>,
+    /// The encoded message whose hash the card signs.
+    pub message: Vec<u8>,
+    /// Expiry.
+    pub expires: Instant,
+}
+
+struct Inner {
+    pending: HashMap<[u8; 16], Pending>,
+    spent: HashMap<[u8; 16], Instant>,
+    issued: u64,
+}
+
+/// Outstanding and spent challenges.
+pub struct Challenges {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+    max_pending: usize,
+    gateway_id: Vec<u8>,
+}
+
+/// What [`Challenges::issue`] hands out.
+pub struct Issued {
+    /// Identifier.
+    pub id: [u8; 16],
+    /// Digest the card signs.
+    pub digest: Vec<u8>,
+}
+
+impl Challenges {
+    /// A store whose challenges live `ttl` (at most 30 s), with at most
+    /// `max_pending` outstanding, for the gateway identified by
+    /// `gateway_id` (its certificate fingerprint).
+    pub fn new(ttl: Duration, max_pending: usize, gateway_id: Vec<u8>) -> Challenges {
+        Challenges {
+            inner: Mutex::new(Inner { pending: HashMap::new(), spent: HashMap::new(), issued: 0 }),
+            ttl: ttl.min(Duration::from_secs(30)),
+            max_pending,
+            gateway_id,
+        }
+    }
+
+    /// The time to live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Issues a challenge.
+    #[allow(clippy::too_many_arguments)]
+    pub fn issue(
+        &self,
+        agent: &str,
+        terminal: &str,
+        card_uuid: [u8; 16],
+        mechanism: Mechanism,
+        algorithm: KeyAlgorithm,
+        certificate: Vec<u8>,
+        now: Instant,
+        unix_ms: i64,
+    ) -> Result<Issued, crate::error::Error> {
+        let mut id = [0u8; 16];
+        let mut nonce = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| crate::error::Error::Exhausted("randomness"))?;
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| crate::error::Error::Exhausted("randomness"))?;
+        let fingerprint = verify::card_digest(KeyAlgorithm::EcdsaP256, &certificate);
+        let message = verify::challenge_message(&[
+            &id,
+            &nonce,
+            &self.gateway_id,
+            agent.as_bytes(),
+            terminal.as_bytes(),
+            &card_uuid,
+            &[mechanism.code()],
+            &fingerprint,
+            &unix_ms.to_be_bytes(),
+        ]);
+        let digest = verify::card_digest(algorithm, &message);
+        let mut g = self.inner.lock().map_err(|_| crate::error::Error::Exhausted("challenge lock"))?;
+        g.issued += 1;
+        if g.issued % 1024 == 0 || g.pending.len() >= self.max_pending {
+            g.pending.retain(|_, p| p.expires > now);
+            let keep = self.ttl * 4;
+            g.spent.retain(|_, t| now.saturating_duration_since(*t) < keep);
+        }
+        if g.pending.len() >= self.max_pending {
+            return Err(crate::error::Error::Exhausted("too many outstanding challenges"));
+        }
+        g.pending.insert(
+            id,
+            Pending {
+                agent: agent.to_string(),
+                terminal: terminal.to_string(),
+                card_uuid,
+                mechanism,
+                algorithm,
+                certificate,
+                message,
+                expires: now + self.ttl,
+            },
+        );
+        Ok(Issued { id, digest })
+    }
+
+    /// Takes a challenge for checking; it can never be taken again.
+    pub fn take(&self, id: &[u8], now: Instant) -> Result<Pending, Deny> {
+        let id: [u8; 16] = id.try_into().map_err(|_| Deny::ChallengeUnknown)?;
+        let mut g = self.inner.lock().map_err(|_| Deny::ChallengeUnknown)?;
+        if g.spent.contains_key(&id) {
+            return Err(Deny::ChallengeReplayed);
+        }
+        let p = g.pending.remove(&id).ok_or(Deny::ChallengeUnknown)?;
+        g.spent.insert(id, now);
+        if now > p.expires {
+            return Err(Deny::ChallengeExpired);
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(ttl: u64) -> Challenges {
+        Challenges::new(Duration::from_secs(ttl), 10, b"gw".to_vec())
+    }
+
+    fn issue(c: &Challenges, now: Instant) -> Issued {
+        c.issue("agent-1", "t1", [1; 16], Mechanism::CardAndPin, KeyAlgorithm::EcdsaP256, vec![1, 2, 3], now, 0).unwrap()
+    }
+
+    #[test]
+    fn single_use_expiry_and_replay() {
+        let c = store(10);
+        let t0 = Instant::now();
+        let a = issue(&c, t0);
+        let b = issue(&c, t0);
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.digest, b.digest, "two challenges for the same tap must differ");
+        assert!(c.take(&a.id, t0).is_ok());
+        assert_eq!(c.take(&a.id, t0).unwrap_err(), Deny::ChallengeReplayed);
+        assert_eq!(c.take(&b.id, t0 + Duration::from_secs(11)).unwrap_err(), Deny::ChallengeExpired);
+        assert_eq!(c.take(&b.id, t0).unwrap_err(), Deny::ChallengeReplayed);
+        assert_eq!(c.take(&[9; 16], t0).unwrap_err(), Deny::ChallengeUnknown);
+        assert_eq!(c.take(&[9; 3], t0).unwrap_err(), Deny::ChallengeUnknown);
+    }
+
+    #[test]
+    fn ttl_is_capped_and_outstanding_challenges_are_bounded() {
+        assert_eq!(store(300).ttl(), Duration::from_secs(30));
+        let c = store(10);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            issue(&c, t0);
+        }
+        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], t0, 0).is_err());
+        // Once they expire, room frees up.
+        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], t0 + Duration::from_secs(11), 0).is_ok());
+    }
+}

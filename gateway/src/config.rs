@@ -1,0 +1,168 @@
+//! The gateway's configuration: a TOML file, validated at start with
+//! errors that name the field. Every field has a default, so a gateway with
+//! no file runs on its data folder alone.
+//!
+//! ```toml
+//! data_dir = "/var/lib/pivgate"
+//! listen = "0.0.0.0:7443"
+//! metrics_listen = "127.0.0.1:9464"
+//! server_names = ["gateway.site.example"]
+//! challenge_ttl_s = 30
+//! agent_grace_s = 30
+//!
+//! [cards]
+//! trust_anchors = ["/etc/pivgate/card-issuer-ca.pem"]
+//! crl_files = ["/var/lib/pivgate/issuer.crl"]
+//! crl_refresh_s = 300
+//! crl_strict = true
+//! max_crl_age_s = 86400
+//! require_crl = false
+//! eku_9a = []
+//! eku_9e = ["2.16.840.1.101.3.6.8"]
+//! policies_9a = ["2.16.840.1.101.3.2.1.3.13"]
+//! policies_9e = ["2.16.840.1.101.3.2.1.3.17"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::Slot;
+use crate::verify::CardPolicy;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Database, PKI files and generated material.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (none: off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Extra names for the server certificate (DNS names or IPs).
+    pub server_names: Vec<String>,
+    /// Challenge lifetime, seconds (1 to 30).
+    pub challenge_ttl_s: u64,
+    /// How long an agent may be silent before its terminals lock.
+    pub agent_grace_s: u64,
+    /// Card trust and revocation.
+    pub cards: CardsConfig,
+}
+
+/// Card issuers, CRLs and certificate policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CardsConfig {
+    /// PEM files of the card issuers the site trusts.
+    pub trust_anchors: Vec<PathBuf>,
+    /// DER or PEM CRL files, reloaded every `crl_refresh_s`.
+    pub crl_files: Vec<PathBuf>,
+    /// Reload interval for CRLs, seconds.
+    pub crl_refresh_s: u64,
+    /// Refuse when a CRL is past its nextUpdate.
+    pub crl_strict: bool,
+    /// Refuse when a CRL is older than this, seconds.
+    pub max_crl_age_s: Option<u64>,
+    /// Refuse cards whose issuer has no CRL loaded.
+    pub require_crl: bool,
+    /// EKUs (any of) required on 9A certificates.
+    pub eku_9a: Vec<String>,
+    /// EKUs (any of) required on 9E certificates.
+    pub eku_9e: Vec<String>,
+    /// Certificate policies (any of) required on 9A certificates.
+    pub policies_9a: Vec<String>,
+    /// Certificate policies (any of) required on 9E certificates.
+    pub policies_9e: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("pivgate-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            metrics_listen: None,
+            server_names: vec![],
+            challenge_ttl_s: 30,
+            agent_grace_s: 30,
+            cards: CardsConfig { crl_refresh_s: 300, ..CardsConfig::default() },
+        }
+    }
+}
+
+fn is_oid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() >= 2 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let c: Config = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=30).contains(&self.challenge_ttl_s) {
+            return Err(Error::Config(format!("challenge_ttl_s = {}: must be 1 to 30", self.challenge_ttl_s)));
+        }
+        if self.agent_grace_s == 0 {
+            return Err(Error::Config("agent_grace_s must be at least 1".into()));
+        }
+        if self.cards.crl_refresh_s == 0 {
+            return Err(Error::Config("cards.crl_refresh_s must be at least 1".into()));
+        }
+        let c = &self.cards;
+        for (field, list) in [("eku_9a", &c.eku_9a), ("eku_9e", &c.eku_9e), ("policies_9a", &c.policies_9a), ("policies_9e", &c.policies_9e)] {
+            if let Some(bad) = list.iter().find(|o| !is_oid(o)) {
+                return Err(Error::Config(format!("cards.{field}: {bad:?} is not a dotted OID")));
+            }
+        }
+        for p in c.trust_anchors.iter().chain(&c.crl_files) {
+            if !p.exists() {
+                return Err(Error::Config(format!("{} does not exist", p.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The card policy this configuration describes.
+    pub fn card_policy(&self) -> CardPolicy {
+        let c = &self.cards;
+        CardPolicy {
+            required_eku: BTreeMap::from([(Slot::PivAuthentication, c.eku_9a.clone()), (Slot::CardAuthentication, c.eku_9e.clone())]),
+            required_policies: BTreeMap::from([
+                (Slot::PivAuthentication, c.policies_9a.clone()),
+                (Slot::CardAuthentication, c.policies_9e.clone()),
+            ]),
+            crl_strict: c.crl_strict,
+            max_crl_age: c.max_crl_age_s.map(Duration::from_secs),
+            require_crl: c.require_crl,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_the_field() {
+        Config::default().validate().unwrap();
+        let bad: Config = toml::from_str("challenge_ttl_s = 90").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("challenge_ttl_s"));
+        let bad: Config = toml::from_str("[cards]\neku_9e = [\"cardAuth\"]").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("cards.eku_9e"));
+        let unknown = toml::from_str::<Config>("listen_port = 3");
+        assert!(unknown.unwrap_err().to_string().contains("listen_port"));
+        let wrong_type = toml::from_str::<Config>("listen = 3");
+        assert!(wrong_type.is_err());
+    }
+}

@@ -1,0 +1,583 @@
+//! The gateway's decisions: who may authenticate where, how, and what
+//! happens to terminal sessions. Transport-free: `service.rs` calls these
+//! with the caller's verified identity and converts the results.
+//!
+//! Every decision is audited. A success is returned only after its audit
+//! record, its event and the new session are durable; events reach watchers
+//! only after that too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use crate::challenge::{Challenges, Pending};
+use crate::error::{Error, Result};
+use crate::model::{uuid_text, Agent, Card, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
+use crate::pki::Caller;
+use crate::store::{AuditEntry, AuditRecord, Change, Store};
+use crate::verify::{self, CardTrust, Deny};
+
+/// A source of wall-clock and monotonic time.
+pub trait Clock: Send + Sync {
+    /// Wall clock (certificate validity, audit time).
+    fn system(&self) -> SystemTime;
+    /// Monotonic (challenge expiry).
+    fn instant(&self) -> Instant;
+}
+
+/// The operating system's clocks.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn system(&self) -> SystemTime {
+        SystemTime::now()
+    }
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// Counters for metrics.
+#[derive(Default)]
+pub struct Counters {
+    /// Outcomes: ("granted" | deny name) -> count.
+    pub outcomes: Mutex<HashMap<&'static str, u64>>,
+    /// Verification latency samples in microseconds (bounded ring).
+    pub verify_us: Mutex<Vec<u64>>,
+    /// TLS handshakes refused.
+    pub tls_rejected: std::sync::atomic::AtomicU64,
+    /// Live watchers.
+    pub watchers: std::sync::atomic::AtomicI64,
+}
+
+/// What BeginAuthentication decides.
+pub enum Begin {
+    /// Sign this.
+    Challenge {
+        /// Identifier.
+        id: [u8; 16],
+        /// Digest.
+        digest: Vec<u8>,
+        /// Mechanism (and slot).
+        mechanism: Mechanism,
+        /// Key algorithm.
+        algorithm: KeyAlgorithm,
+        /// Lifetime.
+        ttl: Duration,
+    },
+    /// Send the certificate of this slot first.
+    CertificateNeeded(Slot),
+    /// Refused.
+    Denied(Deny, String),
+}
+
+/// What CompleteAuthentication decides.
+pub enum Complete {
+    /// Unlocked.
+    Granted {
+        /// The operator.
+        operator: Operator,
+        /// Sequence of the unlock event.
+        sequence: u64,
+    },
+    /// Refused.
+    Denied(Deny, String),
+}
+
+/// The gateway's state.
+pub struct Gateway {
+    /// Storage.
+    pub store: Arc<Store>,
+    /// Card trust.
+    pub trust: CardTrust,
+    /// Challenges.
+    pub challenges: Challenges,
+    /// Clock.
+    pub clock: Box<dyn Clock>,
+    /// Agents' last presence.
+    pub presence: Mutex<HashMap<String, Instant>>,
+    /// Metrics counters.
+    pub counters: Counters,
+    /// How long an agent may be silent.
+    pub agent_grace: Duration,
+    /// The data folder (service PKI files).
+    pub data_dir: std::path::PathBuf,
+}
+
+enum BeginCheck {
+    Ready { card: Card, mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
+    NeedCertificate(Slot),
+}
+
+/// A begin-authentication request, parsed.
+pub struct BeginRequest {
+    /// Terminal.
+    pub terminal: String,
+    /// Card UUID.
+    pub card_uuid: [u8; 16],
+    /// FASC-N, if sent.
+    pub fascn: Option<Vec<u8>>,
+    /// Certificate, if sent.
+    pub certificate: Option<Vec<u8>>,
+    /// Requested mechanism, if any.
+    pub mechanism: Option<Mechanism>,
+}
+
+impl Gateway {
+    fn now_ms(&self) -> i64 {
+        self.clock.system().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    }
+
+    fn count(&self, outcome: &'static str) {
+        if let Ok(mut m) = self.counters.outcomes.lock() {
+            *m.entry(outcome).or_insert(0) += 1;
+        }
+    }
+
+    /// Appends an audit record with changes and waits until durable, then
+    /// publishes the events.
+    pub async fn commit(&self, entry: AuditEntry, changes: Vec<Change>) -> Result<(AuditRecord, Vec<Event>)> {
+        let (rec, events) = self.store.record(entry, changes, self.now_ms())?;
+        self.store.durable().await?;
+        self.store.publish(&events);
+        Ok((rec, events))
+    }
+
+    async fn deny(&self, caller: &Caller, terminal: &str, stage: &str, deny: Deny, detail: serde_json::Value) -> Result<(Deny, String)> {
+        self.count(deny.name());
+        let text = detail.get("why").and_then(|v| v.as_str()).unwrap_or(deny.name()).to_string();
+        self.commit(
+            AuditEntry {
+                kind: "auth.denied",
+                actor: caller.to_string(),
+                terminal_id: terminal.to_string(),
+                detail: json!({ "stage": stage, "reason": deny.name(), "detail": detail }),
+            },
+            vec![],
+        )
+        .await?;
+        tracing::info!(terminal, caller = %caller, reason = deny.name(), "authentication denied");
+        Ok((deny, text))
+    }
+
+    /// The terminal, if bound to this agent.
+    fn bound_terminal(&self, agent: &str, terminal: &str) -> Result<Option<Terminal>> {
+        let Some(a) = self.store.agent(agent)? else { return Ok(None) };
+        if !a.terminals.iter().any(|t| t == terminal) {
+            return Ok(None);
+        }
+        self.store.terminal(terminal)
+    }
+
+    /// Validates a card certificate and the deny list.
+    fn check_certificate(&self, card: &Card, der: &[u8], slot: Slot) -> std::result::Result<(verify::CertInfo, verify::Validation), Deny> {
+        let info = verify::inspect(der)?;
+        if info.uuid != Some(card.uuid) {
+            return Err(Deny::IdentityMismatch);
+        }
+        if let (Some(a), Some(b)) = (&info.fascn, &card.fascn) {
+            if a != b {
+                return Err(Deny::IdentityMismatch);
+            }
+        }
+        let denied = |k: String| self.store.denied(&k).unwrap_or(true);
+        if denied(hex::encode(card.uuid)) || denied(format!("sha256:{}", hex::encode(info.fingerprint))) {
+            return Err(Deny::RevokedDenyList);
+        }
+        let v = self.trust.validate(der, slot, self.clock.system())?;
+        Ok((info, v))
+    }
+
+    fn begin_check(&self, caller: &Caller, req: &BeginRequest) -> Result<std::result::Result<BeginCheck, (Deny, serde_json::Value)>> {
+        let denied = |d: Deny, why: &str| Ok(Err((d, json!({ "why": why, "card_uuid": uuid_text(&req.card_uuid) }))));
+        let Some(terminal) = self.bound_terminal(&caller.name, &req.terminal)? else {
+            return denied(Deny::TerminalNotBound, "terminal unknown or not bound to this agent");
+        };
+        let uuid = match (self.store.card(&req.card_uuid)?, &req.fascn) {
+            (Some(c), _) => Some(c.uuid),
+            (None, Some(f)) => self.store.card_by_fascn(f)?,
+            (None, None) => None,
+        };
+        let Some(card) = uuid.map(|u| self.store.card(&u)).transpose()?.flatten() else {
+            return denied(Deny::UnknownCard, "card not enrolled");
+        };
+        if card.uuid != req.card_uuid {
+            return denied(Deny::IdentityMismatch, "FASC-N belongs to another card UUID");
+        }
+        if let (Some(a), Some(b)) = (&req.fascn, &card.fascn) {
+            if a != b {
+                return denied(Deny::IdentityMismatch, "FASC-N does not match the enrolled card");
+            }
+        }
+        let Some(operator) = self.store.operator(&card.operator_id)? else {
+            return denied(Deny::UnknownCard, "card's operator no longer exists");
+        };
+        if !operator.enabled {
+            return denied(Deny::OperatorDisabled, "operator disabled");
+        }
+        let policy = &terminal.policy;
+        if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
+            return denied(Deny::NotAuthorized, "operator has no role allowed at this terminal");
+        }
+        let mechanism = match req.mechanism {
+            Some(m) if !policy.allowed_mechanisms.contains(&m) => {
+                return denied(Deny::MechanismNotAllowed, "requested mechanism not allowed at this terminal");
+            }
+            Some(m) => m,
+            None => match policy.allowed_mechanisms.first() {
+                Some(m) => *m,
+                None => return denied(Deny::MechanismNotAllowed, "terminal allows no mechanism"),
+            },
+        };
+        let slot = mechanism.slot();
+        let (der, supplied) = match (card.certificates.get(&slot), &req.certificate) {
+            (Some(d), _) => (d.clone(), false),
+            (None, Some(d)) => (d.clone(), true),
+            (None, None) => return Ok(Ok(BeginCheck::NeedCertificate(slot))),
+        };
+        match self.check_certificate(&card, &der, slot) {
+            Ok((info, _)) => Ok(Ok(BeginCheck::Ready { card, mechanism, algorithm: info.algorithm, der, supplied })),
+            Err(d) => denied(d, "certificate refused"),
+        }
+    }
+
+    /// BeginAuthentication.
+    pub async fn begin(&self, caller: &Caller, req: BeginRequest) -> Result<Begin> {
+        let t = req.terminal.as_str();
+        match self.begin_check(caller, &req)? {
+            Err((deny, detail)) => {
+                let (d, text) = self.deny(caller, t, "begin", deny, detail).await?;
+                Ok(Begin::Denied(d, text))
+            }
+            Ok(BeginCheck::NeedCertificate(slot)) => Ok(Begin::CertificateNeeded(slot)),
+            Ok(BeginCheck::Ready { mut card, mechanism, algorithm, der, supplied }) => {
+                if supplied {
+                    // A newly supplied, validated certificate is kept for
+                    // the next tap.
+                    card.certificates.insert(mechanism.slot(), der.clone());
+                    let detail = json!({ "card_uuid": uuid_text(&card.uuid), "slot": format!("{:?}", mechanism.slot()) });
+                    let entry = AuditEntry { kind: "card.certificate_added", actor: caller.to_string(), terminal_id: t.to_string(), detail };
+                    self.commit(entry, vec![Change::Card(card)]).await?;
+                }
+                let issued =
+                    self.challenges.issue(&caller.name, t, req.card_uuid, mechanism, algorithm, der, self.clock.instant(), self.now_ms())?;
+                Ok(Begin::Challenge { id: issued.id, digest: issued.digest, mechanism, algorithm, ttl: self.challenges.ttl() })
+            }
+        }
+    }
+
+    /// CompleteAuthentication.
+    pub async fn complete(&self, caller: &Caller, challenge_id: &[u8], terminal: &str, signature: &[u8]) -> Result<Complete> {
+        let started = Instant::now();
+        let decided = self.decide(caller, challenge_id, terminal, signature);
+        if let Ok(mut v) = self.counters.verify_us.lock() {
+            if v.len() >= 4096 {
+                v.remove(0);
+            }
+            v.push(started.elapsed().as_micros() as u64);
+        }
+        match decided? {
+            Err((deny, detail)) => {
+                let (d, text) = self.deny(caller, terminal, "complete", deny, detail).await?;
+                Ok(Complete::Denied(d, text))
+            }
+            Ok((p, operator, validation)) => {
+                let term = self.store.terminal(&p.terminal)?.ok_or_else(|| Error::NotFound(p.terminal.clone()))?;
+                let now = self.now_ms();
+                let mut changes = Vec::new();
+                if let Session::Unlocked { .. } = term.session {
+                    changes.push(Change::Session {
+                        terminal: Terminal {
+                            session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 },
+                            ..term.clone()
+                        },
+                    });
+                }
+                changes.push(Change::Session {
+                    terminal: Terminal {
+                        session: Session::Unlocked {
+                            operator_id: operator.id.clone(),
+                            operator_name: operator.name.clone(),
+                            roles: operator.roles.clone(),
+                            mechanism: p.mechanism,
+                            card_uuid: p.card_uuid,
+                            agent: caller.name.clone(),
+                            since_ms: now,
+                            sequence: 0,
+                        },
+                        ..term
+                    },
+                });
+                let (_, events) = self
+                    .commit(
+                        AuditEntry {
+                            kind: "auth.granted",
+                            actor: caller.to_string(),
+                            terminal_id: p.terminal.clone(),
+                            detail: json!({
+                                "operator": operator.id,
+                                "card_uuid": uuid_text(&p.card_uuid),
+                                "mechanism": format!("{:?}", p.mechanism),
+                                "revocation_source": validation.revocation_source,
+                                "crl_age_s": validation.crl_age_s,
+                            }),
+                        },
+                        changes,
+                    )
+                    .await?;
+                self.count("granted");
+                let sequence = events.last().map(|e| e.sequence).unwrap_or(0);
+                tracing::info!(terminal = %p.terminal, operator = %operator.id, sequence, "terminal unlocked");
+                Ok(Complete::Granted { operator, sequence })
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn decide(
+        &self,
+        caller: &Caller,
+        challenge_id: &[u8],
+        terminal: &str,
+        signature: &[u8],
+    ) -> Result<std::result::Result<(Pending, Operator, verify::Validation), (Deny, serde_json::Value)>> {
+        let d = |deny: Deny, why: &str| Ok(Err((deny, json!({ "why": why }))));
+        let p = match self.challenges.take(challenge_id, self.clock.instant()) {
+            Ok(p) => p,
+            Err(deny) => return d(deny, "challenge refused"),
+        };
+        if p.agent != caller.name || p.terminal != terminal {
+            return d(Deny::ChallengeMismatch, "challenge was issued to another agent or terminal");
+        }
+        if self.bound_terminal(&caller.name, terminal)?.is_none() {
+            return d(Deny::TerminalNotBound, "terminal no longer bound to this agent");
+        }
+        let Some(card) = self.store.card(&p.card_uuid)? else {
+            return d(Deny::UnknownCard, "card no longer enrolled");
+        };
+        let Some(operator) = self.store.operator(&card.operator_id)? else {
+            return d(Deny::UnknownCard, "operator no longer exists");
+        };
+        if !operator.enabled {
+            return d(Deny::OperatorDisabled, "operator disabled");
+        }
+        let (info, validation) = match self.check_certificate(&card, &p.certificate, p.mechanism.slot()) {
+            Ok(x) => x,
+            Err(deny) => return d(deny, "certificate refused at completion"),
+        };
+        if let Err(deny) = verify::verify_signature(info.algorithm, &info.spki, &p.message, signature) {
+            // A 9E (card-only) signature offered where 9A (card and PIN)
+            // was asked for is a policy violation, not just a bad signature.
+            if deny == Deny::BadSignature && p.mechanism == Mechanism::CardAndPin {
+                if let Some(other) = card.certificates.get(&Slot::CardAuthentication) {
+                    if let Ok(o) = verify::inspect(other) {
+                        if verify::verify_signature(o.algorithm, &o.spki, &p.message, signature).is_ok() {
+                            return d(Deny::MechanismNotAllowed, "signed with the card authentication key where the PIN was required");
+                        }
+                    }
+                }
+            }
+            return d(deny, "signature refused");
+        }
+        Ok(Ok((p, operator, validation)))
+    }
+
+    /// Locks `terminal` if `pred` holds for its session; returns whether it
+    /// locked.
+    pub async fn lock_if(&self, actor: &str, terminal: &str, reason: LockReason, pred: impl Fn(&Session) -> bool) -> Result<bool> {
+        let Some(t) = self.store.terminal(terminal)? else { return Ok(false) };
+        if !matches!(t.session, Session::Unlocked { .. }) || !pred(&t.session) {
+            return Ok(false);
+        }
+        let operator = match &t.session {
+            Session::Unlocked { operator_id, .. } => operator_id.clone(),
+            Session::Locked { .. } => String::new(),
+        };
+        let now = self.now_ms();
+        self.commit(
+            AuditEntry {
+                kind: "session.locked",
+                actor: actor.to_string(),
+                terminal_id: terminal.to_string(),
+                detail: json!({ "reason": format!("{reason:?}"), "operator": operator }),
+            },
+            vec![Change::Session { terminal: Terminal { session: Session::Locked { reason, since_ms: now, sequence: 0 }, ..t } }],
+        )
+        .await?;
+        tracing::info!(terminal, ?reason, "terminal locked");
+        Ok(true)
+    }
+
+    /// The card at a terminal was removed.
+    pub async fn card_removed(&self, caller: &Caller, terminal: &str, card: Option<[u8; 16]>) -> Result<bool> {
+        if self.bound_terminal(&caller.name, terminal)?.is_none() {
+            return Err(Error::PermissionDenied(format!("terminal {terminal} is not bound to this agent")));
+        }
+        self.lock_if(&caller.to_string(), terminal, LockReason::CardRemoved, |s| match (s, card) {
+            (Session::Unlocked { card_uuid, .. }, Some(c)) => *card_uuid == c,
+            _ => true,
+        })
+        .await
+    }
+
+    /// A presence report: remembers the agent and locks terminals whose
+    /// reported card no longer matches their session (a card pulled while
+    /// the link was down).
+    pub async fn presence(&self, caller: &Caller, reports: &[(String, bool, Option<[u8; 16]>)]) -> Result<Vec<String>> {
+        if let Ok(mut p) = self.presence.lock() {
+            p.insert(caller.name.clone(), self.clock.instant());
+        }
+        let mut locked = Vec::new();
+        for (terminal, card_present, card) in reports {
+            if self.bound_terminal(&caller.name, terminal)?.is_none() {
+                continue;
+            }
+            let gone = |s: &Session| match s {
+                Session::Unlocked { card_uuid, .. } => !*card_present || card.is_some_and(|c| c != *card_uuid),
+                Session::Locked { .. } => false,
+            };
+            if self.lock_if(&caller.to_string(), terminal, LockReason::CardRemoved, gone).await? {
+                locked.push(terminal.clone());
+            }
+        }
+        Ok(locked)
+    }
+
+    /// Locks the terminals of agents silent past their grace period, and
+    /// sessions past their maximum length. Called periodically.
+    pub async fn sweep(&self) -> Result<()> {
+        let now = self.clock.instant();
+        let silent: Vec<String> = self
+            .presence
+            .lock()
+            .map(|p| p.iter().filter(|(_, t)| now.saturating_duration_since(**t) > self.agent_grace).map(|(a, _)| a.clone()).collect())
+            .unwrap_or_default();
+        for agent in silent {
+            if let Some(a) = self.store.agent(&agent)? {
+                for t in &a.terminals {
+                    self.lock_if("gateway", t, LockReason::AgentSilent, |s| matches!(s, Session::Unlocked { agent: ag, .. } if *ag == agent)).await?;
+                }
+            }
+            if let Ok(mut p) = self.presence.lock() {
+                p.remove(&agent);
+            }
+        }
+        let now_ms = self.now_ms();
+        for t in self.store.terminals()? {
+            if t.policy.max_session_s > 0 {
+                let limit = i64::from(t.policy.max_session_s) * 1000;
+                self.lock_if("gateway", &t.id, LockReason::MaxSession, |s| matches!(s, Session::Unlocked { since_ms, .. } if now_ms - since_ms >= limit)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- administration ----
+
+    fn admin_entry(caller: &Caller, kind: &'static str, detail: serde_json::Value) -> AuditEntry {
+        AuditEntry { kind, actor: caller.to_string(), terminal_id: String::new(), detail }
+    }
+
+    /// Adds or replaces an operator.
+    pub async fn add_operator(&self, caller: &Caller, op: Operator) -> Result<()> {
+        if op.id.is_empty() {
+            return Err(Error::InvalidRequest("operator_id is empty".into()));
+        }
+        let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled });
+        self.commit(Self::admin_entry(caller, "admin.add_operator", detail), vec![Change::Operator(op)]).await?;
+        Ok(())
+    }
+
+    /// Enrols a card from a certificate, after validating it.
+    pub async fn enrol_card(&self, caller: &Caller, operator_id: &str, der: &[u8], slot: Slot) -> Result<Card> {
+        if self.store.operator(operator_id)?.is_none() {
+            return Err(Error::NotFound(format!("operator {operator_id}")));
+        }
+        let info = verify::inspect(der).map_err(|d| Error::InvalidRequest(format!("certificate: {}", d.name())))?;
+        let uuid = info.uuid.ok_or_else(|| Error::InvalidRequest("certificate has no urn:uuid: card UUID".into()))?;
+        if self.store.denied(&hex::encode(uuid))? {
+            return Err(Error::InvalidRequest("card is on the deny list".into()));
+        }
+        self.trust
+            .validate(der, slot, self.clock.system())
+            .map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
+        let mut card = self.store.card(&uuid)?.unwrap_or(Card {
+            uuid,
+            fascn: info.fascn.clone(),
+            operator_id: operator_id.to_string(),
+            certificates: Default::default(),
+        });
+        if card.operator_id != operator_id {
+            return Err(Error::AlreadyExists(format!("card {} belongs to operator {}", uuid_text(&uuid), card.operator_id)));
+        }
+        card.certificates.insert(slot, der.to_vec());
+        let detail = json!({ "operator": operator_id, "card_uuid": uuid_text(&uuid), "slot": format!("{slot:?}"),
+            "certificate_sha256": hex::encode(info.fingerprint) });
+        self.commit(Self::admin_entry(caller, "admin.enrol_card", detail), vec![Change::Card(card.clone())]).await?;
+        Ok(card)
+    }
+
+    /// Revokes a card: deny-lists its UUID and certificates, locks any
+    /// terminal it holds.
+    pub async fn revoke_card(&self, caller: &Caller, uuid: [u8; 16], reason: &str) -> Result<Vec<String>> {
+        let card = self.store.card(&uuid)?;
+        let mut keys = vec![hex::encode(uuid)];
+        if let Some(c) = &card {
+            for der in c.certificates.values() {
+                if let Ok(i) = verify::inspect(der) {
+                    keys.push(format!("sha256:{}", hex::encode(i.fingerprint)));
+                }
+            }
+        }
+        let detail = json!({ "card_uuid": uuid_text(&uuid), "reason": reason });
+        self.commit(Self::admin_entry(caller, "admin.revoke_card", detail), vec![Change::Deny(keys)]).await?;
+        let mut locked = Vec::new();
+        for t in self.store.terminals()? {
+            if self
+                .lock_if(&caller.to_string(), &t.id, LockReason::Revoked, |s| matches!(s, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))
+                .await?
+            {
+                locked.push(t.id);
+            }
+        }
+        Ok(locked)
+    }
+
+    /// Binds an agent to terminals (creating unknown terminals locked with
+    /// the default policy).
+    pub async fn bind_agent(&self, caller: &Caller, name: &str, terminals: Vec<String>) -> Result<()> {
+        let mut changes = vec![Change::Agent(Agent { name: name.to_string(), terminals: terminals.clone() })];
+        for t in &terminals {
+            if self.store.terminal(t)?.is_none() {
+                changes.push(Change::Terminal(Terminal {
+                    id: t.clone(),
+                    policy: TerminalPolicy::default(),
+                    session: Session::Locked { reason: LockReason::Initial, since_ms: self.now_ms(), sequence: 0 },
+                }));
+            }
+        }
+        let detail = json!({ "agent": name, "terminals": terminals });
+        self.commit(Self::admin_entry(caller, "admin.bind_agent", detail), changes).await?;
+        Ok(())
+    }
+
+    /// Sets a terminal's policy.
+    pub async fn set_policy(&self, caller: &Caller, id: &str, policy: TerminalPolicy) -> Result<()> {
+        if id.is_empty() {
+            return Err(Error::InvalidRequest("terminal_id is empty".into()));
+        }
+        let t = match self.store.terminal(id)? {
+            Some(t) => Terminal { policy: policy.clone(), ..t },
+            None => Terminal {
+                id: id.to_string(),
+                policy: policy.clone(),
+                session: Session::Locked { reason: LockReason::Initial, since_ms: self.now_ms(), sequence: 0 },
+            },
+        };
+        let detail = json!({ "terminal": id, "policy": policy });
+        self.commit(Self::admin_entry(caller, "admin.set_terminal_policy", detail), vec![Change::Terminal(t)]).await?;
+        Ok(())
+    }
+}

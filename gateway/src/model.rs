@@ -1,0 +1,198 @@
+//! The gateway's own types: what it stores and decides about. The gRPC
+//! types of `pivgate-proto` are converted to and from these at the service
+//! boundary (`service.rs`), and nowhere else.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A card key slot the gateway asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Slot {
+    /// 9A, PIV Authentication: the card signs only after the PIN.
+    PivAuthentication,
+    /// 9E, Card Authentication: no PIN.
+    CardAuthentication,
+}
+
+/// How an operator proved themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mechanism {
+    /// 9A after the PIN: card and PIN.
+    CardAndPin,
+    /// 9E: card only.
+    CardOnly,
+}
+
+impl Mechanism {
+    /// The slot that proves this mechanism.
+    pub fn slot(self) -> Slot {
+        match self {
+            Mechanism::CardAndPin => Slot::PivAuthentication,
+            Mechanism::CardOnly => Slot::CardAuthentication,
+        }
+    }
+
+    /// A stable byte for the signed encoding.
+    pub fn code(self) -> u8 {
+        match self {
+            Mechanism::CardAndPin => 1,
+            Mechanism::CardOnly => 2,
+        }
+    }
+}
+
+/// Key algorithms pivgate accepts on cards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyAlgorithm {
+    /// ECDSA P-256 with SHA-256.
+    EcdsaP256,
+    /// ECDSA P-384 with SHA-384.
+    EcdsaP384,
+    /// RSA 2048 PKCS#1 v1.5 with SHA-256.
+    Rsa2048,
+}
+
+/// An enrolled operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// Identifier.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// May authenticate.
+    pub enabled: bool,
+}
+
+/// An enrolled card: its strong identifiers, its operator, and the
+/// certificates the gateway holds for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Card {
+    /// Card UUID (CHUID GUID), 16 bytes.
+    pub uuid: [u8; 16],
+    /// FASC-N, 25 bytes, when the card has one.
+    pub fascn: Option<Vec<u8>>,
+    /// The operator.
+    pub operator_id: String,
+    /// Certificates (DER) by slot.
+    pub certificates: BTreeMap<Slot, Vec<u8>>,
+}
+
+/// Why a terminal locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockReason {
+    /// Never unlocked.
+    Initial,
+    /// The card left the reader.
+    CardRemoved,
+    /// Idle timeout.
+    IdleTimeout,
+    /// Maximum session length.
+    MaxSession,
+    /// An administrator.
+    Administrator,
+    /// The operator or card was revoked.
+    Revoked,
+    /// The agent went silent.
+    AgentSilent,
+    /// Another operator unlocked it.
+    Replaced,
+}
+
+/// A terminal's session state: locked, or unlocked by one operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Session {
+    /// Locked.
+    Locked {
+        /// Why.
+        reason: LockReason,
+        /// Since, Unix ms.
+        since_ms: i64,
+        /// Sequence of the event.
+        sequence: u64,
+    },
+    /// Unlocked by an operator.
+    Unlocked {
+        /// Who.
+        operator_id: String,
+        /// Display name.
+        operator_name: String,
+        /// Roles.
+        roles: Vec<String>,
+        /// How.
+        mechanism: Mechanism,
+        /// With which card.
+        card_uuid: [u8; 16],
+        /// Through which agent.
+        agent: String,
+        /// Since, Unix ms.
+        since_ms: i64,
+        /// Sequence of the event.
+        sequence: u64,
+    },
+}
+
+/// A terminal's policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalPolicy {
+    /// Mechanisms accepted, in order of preference.
+    pub allowed_mechanisms: Vec<Mechanism>,
+    /// Roles allowed (empty: any).
+    pub allowed_roles: Vec<String>,
+    /// Idle timeout, seconds (0: none).
+    pub idle_timeout_s: u32,
+    /// Maximum session, seconds (0: none).
+    pub max_session_s: u32,
+}
+
+impl Default for TerminalPolicy {
+    fn default() -> Self {
+        TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardAndPin], allowed_roles: vec![], idle_timeout_s: 0, max_session_s: 0 }
+    }
+}
+
+/// A terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Terminal {
+    /// Identifier.
+    pub id: String,
+    /// Policy.
+    pub policy: TerminalPolicy,
+    /// Session.
+    pub session: Session,
+}
+
+/// A lock or unlock event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Gateway-wide sequence.
+    pub sequence: u64,
+    /// Unix ms.
+    pub unix_ms: i64,
+    /// Terminal.
+    pub terminal_id: String,
+    /// The resulting session.
+    pub session: Session,
+}
+
+/// Formats a card UUID canonically.
+pub fn uuid_text(u: &[u8; 16]) -> String {
+    let h = hex::encode(u);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Parses a canonical (or bare hex) UUID.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    hex::decode(s.replace('-', "")).ok()?.try_into().ok()
+}
+
+/// An agent and the terminals it may act for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    /// Name, as in its certificate.
+    pub name: String,
+    /// Terminals bound to it.
+    pub terminals: Vec<String>,
+}

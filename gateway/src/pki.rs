@@ -1,0 +1,241 @@
+//! The site's service PKI: the service CA that issues the gateway's server
+//! certificate and the client certificates of agents, applications and
+//! administrators. (Card issuers are a separate PKI: see `verify.rs`.)
+//!
+//! A client's role and name live in its certificate as a subject
+//! alternative name URI `urn:pivgate:ROLE:NAME`, ROLE one of `agent`,
+//! `application`, `admin`. Only the service CA issues them, and the TLS
+//! layer accepts only certificates that chain to it.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{PublicKeyData, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::error::{Error, Result};
+
+/// What a client certificate lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// An agent on a Pi: the Agent API, for its bound terminals.
+    Agent,
+    /// An application: the Access API.
+    Application,
+    /// An administrator: the Admin and Access APIs.
+    Admin,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Application => "application",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "agent" => Role::Agent,
+            "application" => Role::Application,
+            "admin" => Role::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// A verified caller: role and name from its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Caller {
+    /// Role.
+    pub role: Role,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.role.as_str(), self.name)
+    }
+}
+
+/// Reads the role URI from a (TLS-verified) client certificate.
+pub fn caller_from_cert(der: &[u8]) -> Option<Caller> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => {
+            let rest = u.strip_prefix("urn:pivgate:")?;
+            let (role, name) = rest.split_once(':')?;
+            Some(Caller { role: Role::parse(role)?, name: name.to_string() })
+        }
+        _ => None,
+    })
+}
+
+/// Names of the files in the data folder.
+pub struct Files {
+    /// Service CA certificate.
+    pub ca: PathBuf,
+    /// Service CA key.
+    pub ca_key: PathBuf,
+    /// Gateway server certificate.
+    pub server: PathBuf,
+    /// Gateway server key.
+    pub server_key: PathBuf,
+    /// First administrator's certificate.
+    pub admin: PathBuf,
+    /// First administrator's key.
+    pub admin_key: PathBuf,
+}
+
+impl Files {
+    /// The files in `dir`.
+    pub fn in_dir(dir: &Path) -> Files {
+        Files {
+            ca: dir.join("service-ca.pem"),
+            ca_key: dir.join("service-ca-key.pem"),
+            server: dir.join("gateway.pem"),
+            server_key: dir.join("gateway-key.pem"),
+            admin: dir.join("admin.pem"),
+            admin_key: dir.join("admin-key.pem"),
+        }
+    }
+}
+
+/// The service CA, able to issue certificates.
+pub struct ServiceCa {
+    /// CA certificate, PEM.
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+fn pki(e: impl fmt::Display) -> Error {
+    Error::Pki(e.to_string())
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+fn serial() -> Result<rcgen::SerialNumber> {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| Error::Pki("no randomness".into()))?;
+    b[0] &= 0x7F;
+    Ok(rcgen::SerialNumber::from_slice(&b))
+}
+
+fn write_file(path: &Path, data: &str, secret: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(if secret { 0o600 } else { 0o644 }).open(path)?;
+    f.write_all(data.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+impl ServiceCa {
+    /// Generates a new service CA.
+    pub fn generate(site: &str) -> Result<ServiceCa> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(pki)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, format!("pivgate service CA ({site})"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params, 365 * 10);
+        params.serial_number = Some(serial()?);
+        let cert = params.self_signed(&key).map_err(pki)?;
+        Ok(ServiceCa { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Loads the CA from its files.
+    pub fn load(files: &Files) -> Result<ServiceCa> {
+        Ok(ServiceCa { cert_pem: std::fs::read_to_string(&files.ca)?, key_pem: std::fs::read_to_string(&files.ca_key)? })
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(pki)?;
+        Issuer::from_ca_cert_pem(&self.cert_pem, key).map_err(pki)
+    }
+
+    /// Issues the gateway's server certificate for `names` (DNS names or IP
+    /// addresses). Returns (certificate PEM, key PEM).
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(pki)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "pivgate gateway");
+        for n in names {
+            params.subject_alt_names.push(match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.as_str().try_into().map_err(pki)?),
+            });
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut params, 365 * 2);
+        params.serial_number = Some(serial()?);
+        let cert = params.signed_by(&key, &self.issuer()?).map_err(pki)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues a client certificate for `role`/`name` over a public key
+    /// (DER SubjectPublicKeyInfo).
+    pub fn issue_client(&self, role: Role, name: &str, spki_der: &[u8], days: u32) -> Result<String> {
+        if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+            return Err(Error::InvalidRequest("a service name is 1 to 128 of A-Z a-z 0-9 - _ . @".into()));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, format!("{} {name}", role.as_str()));
+        params.subject_alt_names.push(SanType::URI(format!("urn:pivgate:{}:{name}", role.as_str()).try_into().map_err(pki)?));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params, i64::from(if days == 0 { 365 } else { days.min(3650) }));
+        params.serial_number = Some(serial()?);
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der).map_err(|e| Error::InvalidRequest(format!("public key: {e}")))?;
+        let cert = params.signed_by(&spki, &self.issuer()?).map_err(pki)?;
+        Ok(cert.pem())
+    }
+
+    /// Generates a key and issues a client certificate for it. Returns
+    /// (certificate PEM, key PEM).
+    pub fn issue_client_with_key(&self, role: Role, name: &str, days: u32) -> Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(pki)?;
+        let cert = self.issue_client(role, name, &key.subject_public_key_info(), days)?;
+        Ok((cert, key.serialize_pem()))
+    }
+}
+
+/// Creates the service CA, server certificate and first administrator in
+/// `dir` when they are missing. Returns whether anything was created.
+pub fn bootstrap(dir: &Path, server_names: &[String]) -> Result<bool> {
+    let files = Files::in_dir(dir);
+    if files.ca.exists() {
+        if !files.server.exists() {
+            let ca = ServiceCa::load(&files)?;
+            let (cert, key) = ca.issue_server(server_names)?;
+            write_file(&files.server_key, &key, true)?;
+            write_file(&files.server, &cert, false)?;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir)?;
+    let ca = ServiceCa::generate(&hostname())?;
+    write_file(&files.ca_key, &ca.key_pem, true)?;
+    write_file(&files.ca, &ca.cert_pem, false)?;
+    let (cert, key) = ca.issue_server(server_names)?;
+    write_file(&files.server_key, &key, true)?;
+    write_file(&files.server, &cert, false)?;
+    let (cert, key) = ca.issue_client_with_key(Role::Admin, "admin", 365)?;
+    write_file(&files.admin_key, &key, true)?;
+    write_file(&files.admin, &cert, false)?;
+    Ok(true)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "pivgate".into())
+}

@@ -1,0 +1,528 @@
+//! The gRPC services: conversion between `pivgate.v1` messages and the
+//! gateway's own types, and the role check at the door of every call.
+//!
+//! The caller's role comes from its TLS-verified client certificate (see
+//! `pki.rs`). A caller using an API its role does not allow is refused with
+//! PERMISSION_DENIED and an audit record.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use pivgate_proto::v1 as pb;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::core::{Begin, BeginRequest, Complete, Gateway};
+use crate::error::Error;
+use crate::model::{self, uuid_text, KeyAlgorithm, LockReason, Mechanism, Session, Slot, TerminalPolicy};
+use crate::pki::{self, Caller, Role};
+use crate::store::{AuditEntry, AuditRecord};
+use crate::verify::Deny;
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Reads the caller from the request's verified client certificate and
+/// checks its role, auditing refusals.
+async fn authorize<T>(gw: &Gateway, req: &Request<T>, allowed: &[Role], api: &str) -> Result<Caller, Status> {
+    let certs = req.peer_certs().ok_or(Error::Unauthenticated("no client certificate"))?;
+    let first = certs.first().ok_or(Error::Unauthenticated("no client certificate"))?;
+    let caller = pki::caller_from_cert(first.as_ref()).ok_or(Error::Unauthenticated("client certificate carries no pivgate role"))?;
+    if !allowed.contains(&caller.role) {
+        gw.commit(
+            AuditEntry { kind: "rpc.refused", actor: caller.to_string(), terminal_id: String::new(), detail: json!({ "api": api }) },
+            vec![],
+        )
+        .await?;
+        return Err(Error::PermissionDenied(format!("{caller} may not call {api}")).into());
+    }
+    Ok(caller)
+}
+
+fn deny_reason(d: Deny) -> pb::DenyReason {
+    use pb::DenyReason as R;
+    match d {
+        Deny::UnknownCard => R::UnknownCard,
+        Deny::UntrustedIssuer => R::UntrustedIssuer,
+        Deny::CertExpired => R::CertExpired,
+        Deny::CertNotYetValid => R::CertNotYetValid,
+        Deny::RevokedDenyList => R::RevokedDenyList,
+        Deny::RevokedCrl => R::RevokedCrl,
+        Deny::CrlStale => R::CrlStale,
+        Deny::WrongKeyUsage => R::WrongKeyUsage,
+        Deny::WrongEku => R::WrongEku,
+        Deny::WrongPolicy => R::WrongPolicy,
+        Deny::MechanismNotAllowed => R::MechanismNotAllowed,
+        Deny::BadSignature => R::BadSignature,
+        Deny::ChallengeUnknown => R::ChallengeUnknown,
+        Deny::ChallengeExpired => R::ChallengeExpired,
+        Deny::ChallengeMismatch => R::ChallengeMismatch,
+        Deny::MalformedSignature => R::MalformedSignature,
+        Deny::UnsupportedAlgorithm => R::UnsupportedAlgorithm,
+        Deny::IdentityMismatch => R::IdentityMismatch,
+        Deny::OperatorDisabled => R::OperatorDisabled,
+        Deny::TerminalNotBound => R::TerminalNotBound,
+        Deny::NotAuthorized => R::NotAuthorized,
+        Deny::MalformedCertificate => R::MalformedCertificate,
+        Deny::NotEndEntity => R::NotEndEntity,
+        Deny::SelfSigned => R::SelfSigned,
+        Deny::ChallengeReplayed => R::ChallengeReplayed,
+        Deny::AlgorithmMismatch => R::AlgorithmMismatch,
+    }
+}
+
+fn mechanism_pb(m: Mechanism) -> pb::Mechanism {
+    match m {
+        Mechanism::CardAndPin => pb::Mechanism::CardAndPin,
+        Mechanism::CardOnly => pb::Mechanism::CardOnly,
+    }
+}
+
+fn mechanism_from(m: i32) -> Result<Option<Mechanism>, Status> {
+    match pb::Mechanism::try_from(m) {
+        Ok(pb::Mechanism::Unspecified) => Ok(None),
+        Ok(pb::Mechanism::CardAndPin) => Ok(Some(Mechanism::CardAndPin)),
+        Ok(pb::Mechanism::CardOnly) => Ok(Some(Mechanism::CardOnly)),
+        Err(_) => Err(Status::invalid_argument("unknown mechanism")),
+    }
+}
+
+fn slot_pb(s: Slot) -> pb::KeySlot {
+    match s {
+        Slot::PivAuthentication => pb::KeySlot::PivAuthentication,
+        Slot::CardAuthentication => pb::KeySlot::CardAuthentication,
+    }
+}
+
+fn slot_from(s: i32) -> Result<Slot, Status> {
+    match pb::KeySlot::try_from(s) {
+        Ok(pb::KeySlot::PivAuthentication) => Ok(Slot::PivAuthentication),
+        Ok(pb::KeySlot::CardAuthentication) => Ok(Slot::CardAuthentication),
+        _ => Err(Status::invalid_argument("slot must be PIV_AUTHENTICATION or CARD_AUTHENTICATION")),
+    }
+}
+
+fn algorithm_pb(a: KeyAlgorithm) -> pb::SignatureAlgorithm {
+    match a {
+        KeyAlgorithm::EcdsaP256 => pb::SignatureAlgorithm::EcdsaP256Sha256,
+        KeyAlgorithm::EcdsaP384 => pb::SignatureAlgorithm::EcdsaP384Sha384,
+        KeyAlgorithm::Rsa2048 => pb::SignatureAlgorithm::Rsa2048Pkcs1Sha256,
+    }
+}
+
+fn lock_reason_pb(r: LockReason) -> pb::LockReason {
+    match r {
+        LockReason::Initial => pb::LockReason::Unspecified,
+        LockReason::CardRemoved => pb::LockReason::CardRemoved,
+        LockReason::IdleTimeout => pb::LockReason::IdleTimeout,
+        LockReason::MaxSession => pb::LockReason::MaxSession,
+        LockReason::Administrator => pb::LockReason::Administrator,
+        LockReason::Revoked => pb::LockReason::Revoked,
+        LockReason::AgentSilent => pb::LockReason::AgentSilent,
+        LockReason::Replaced => pb::LockReason::Replaced,
+    }
+}
+
+fn card_uuid(b: &[u8]) -> Result<[u8; 16], Status> {
+    b.try_into().map_err(|_| Status::invalid_argument("card_uuid must be 16 bytes"))
+}
+
+/// A terminal's state as the Access API shows it.
+pub fn terminal_state(t: &model::Terminal) -> pb::TerminalState {
+    match &t.session {
+        Session::Locked { reason, since_ms, sequence } => pb::TerminalState {
+            terminal_id: t.id.clone(),
+            unlocked: false,
+            since_unix_ms: *since_ms,
+            lock_reason: lock_reason_pb(*reason) as i32,
+            sequence: *sequence,
+            ..Default::default()
+        },
+        Session::Unlocked { operator_id, operator_name, roles, mechanism, since_ms, sequence, .. } => pb::TerminalState {
+            terminal_id: t.id.clone(),
+            unlocked: true,
+            operator_id: operator_id.clone(),
+            operator_name: operator_name.clone(),
+            roles: roles.clone(),
+            mechanism: mechanism_pb(*mechanism) as i32,
+            since_unix_ms: *since_ms,
+            lock_reason: 0,
+            sequence: *sequence,
+        },
+    }
+}
+
+/// An event as the Access API streams it.
+pub fn event_pb(e: &model::Event) -> pb::Event {
+    let kind = match &e.session {
+        Session::Unlocked { operator_id, operator_name, roles, mechanism, card_uuid, .. } => pb::event::Kind::Unlocked(pb::Unlocked {
+            operator_id: operator_id.clone(),
+            operator_name: operator_name.clone(),
+            roles: roles.clone(),
+            mechanism: mechanism_pb(*mechanism) as i32,
+            card_uuid: uuid_text(card_uuid),
+        }),
+        Session::Locked { reason, .. } => pb::event::Kind::Locked(pb::Locked { reason: lock_reason_pb(*reason) as i32, operator_id: String::new() }),
+    };
+    pb::Event { sequence: e.sequence, unix_ms: e.unix_ms, terminal_id: e.terminal_id.clone(), kind: Some(kind) }
+}
+
+fn denial(d: Deny, detail: String) -> pb::Denial {
+    pb::Denial { reason: deny_reason(d) as i32, detail }
+}
+
+/// The Agent API.
+pub struct AgentApi(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    type PresenceStream = Stream2<pb::PresenceResponse>;
+
+    async fn presence(&self, req: Request<Streaming<pb::PresenceRequest>>) -> Result<Response<Self::PresenceStream>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.Presence").await?;
+        let mut input = req.into_inner();
+        let gw = self.0.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = input.next().await {
+                let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
+                    .terminals
+                    .iter()
+                    .take(1024)
+                    .map(|t| (t.terminal_id.clone(), t.card_present, t.card_uuid.as_slice().try_into().ok()))
+                    .collect();
+                let reply = match gw.presence(&caller, &reports).await {
+                    Ok(locked) => Ok(pb::PresenceResponse {
+                        heartbeat_interval_ms: (gw.agent_grace.as_millis() / 3).min(u128::from(u32::MAX)) as u32,
+                        lock_terminals: locked,
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn begin_authentication(&self, req: Request<pb::BeginAuthenticationRequest>) -> Result<Response<pb::BeginAuthenticationResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.BeginAuthentication").await?;
+        let r = req.into_inner();
+        let begin = BeginRequest {
+            terminal: r.terminal_id,
+            card_uuid: card_uuid(&r.card_uuid)?,
+            fascn: (!r.fascn.is_empty()).then_some(r.fascn),
+            certificate: (!r.certificate.is_empty()).then_some(r.certificate),
+            mechanism: mechanism_from(r.requested_mechanism)?,
+        };
+        use pb::begin_authentication_response::Outcome;
+        let outcome = match self.0.begin(&caller, begin).await? {
+            Begin::Challenge { id, digest, mechanism, algorithm, ttl } => Outcome::Challenge(pb::Challenge {
+                challenge_id: id.to_vec(),
+                digest,
+                slot: slot_pb(mechanism.slot()) as i32,
+                algorithm: algorithm_pb(algorithm) as i32,
+                pin_required: mechanism == Mechanism::CardAndPin,
+                expires_in_ms: ttl.as_millis() as u32,
+            }),
+            Begin::CertificateNeeded(slot) => Outcome::CertificateNeeded(slot_pb(slot) as i32),
+            Begin::Denied(d, detail) => Outcome::Denied(denial(d, detail)),
+        };
+        Ok(Response::new(pb::BeginAuthenticationResponse { outcome: Some(outcome) }))
+    }
+
+    async fn complete_authentication(
+        &self,
+        req: Request<pb::CompleteAuthenticationRequest>,
+    ) -> Result<Response<pb::CompleteAuthenticationResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.CompleteAuthentication").await?;
+        let r = req.into_inner();
+        if r.signature.len() > 1024 {
+            return Err(Status::invalid_argument("signature longer than any card signature"));
+        }
+        use pb::complete_authentication_response::Outcome;
+        let outcome = match self.0.complete(&caller, &r.challenge_id, &r.terminal_id, &r.signature).await? {
+            Complete::Granted { operator, sequence } => {
+                Outcome::Granted(pb::Grant { operator_id: operator.id, operator_name: operator.name, roles: operator.roles, sequence })
+            }
+            Complete::Denied(d, detail) => Outcome::Denied(denial(d, detail)),
+        };
+        Ok(Response::new(pb::CompleteAuthenticationResponse { outcome: Some(outcome) }))
+    }
+
+    async fn report_card_removed(&self, req: Request<pb::ReportCardRemovedRequest>) -> Result<Response<pb::ReportCardRemovedResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.ReportCardRemoved").await?;
+        let r = req.into_inner();
+        let card = if r.card_uuid.is_empty() { None } else { Some(card_uuid(&r.card_uuid)?) };
+        let locked = self.0.card_removed(&caller, &r.terminal_id, card).await?;
+        Ok(Response::new(pb::ReportCardRemovedResponse { locked }))
+    }
+}
+
+/// The Access API.
+pub struct AccessApi(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl pb::access_service_server::AccessService for AccessApi {
+    type WatchEventsStream = Stream2<pb::WatchEventsResponse>;
+
+    async fn get_terminal_state(&self, req: Request<pb::GetTerminalStateRequest>) -> Result<Response<pb::GetTerminalStateResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.GetTerminalState").await?;
+        let id = req.into_inner().terminal_id;
+        let t = self.0.store.terminal(&id).map_err(Status::from)?.ok_or_else(|| Status::not_found(format!("terminal {id}")))?;
+        Ok(Response::new(pb::GetTerminalStateResponse { state: Some(terminal_state(&t)) }))
+    }
+
+    async fn list_terminal_states(&self, req: Request<pb::ListTerminalStatesRequest>) -> Result<Response<pb::ListTerminalStatesResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.ListTerminalStates").await?;
+        let states = self.0.store.terminals().map_err(Status::from)?.iter().map(terminal_state).collect();
+        Ok(Response::new(pb::ListTerminalStatesResponse { states }))
+    }
+
+    async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
+        authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.WatchEvents").await?;
+        let r = req.into_inner();
+        let gw = self.0.clone();
+        let filter: Vec<String> = r.terminal_ids;
+        let (tx, rx) = mpsc::channel(256);
+        // Subscribe before reading the stored log, so nothing falls between.
+        let mut live = gw.store.subscribe();
+        gw.counters.watchers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut last = r.after_sequence;
+            let wanted = |e: &model::Event| filter.is_empty() || filter.contains(&e.terminal_id);
+            'outer: loop {
+                // Catch up from storage.
+                loop {
+                    let batch = match gw.store.events_after(last, 512) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            break 'outer;
+                        }
+                    };
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for e in batch {
+                        last = e.sequence;
+                        if wanted(&e) && tx.send(Ok(pb::WatchEventsResponse { event: Some(event_pb(&e)) })).await.is_err() {
+                            break 'outer;
+                        }
+                    }
+                }
+                // Then live, skipping what storage already gave.
+                loop {
+                    match live.recv().await {
+                        Ok(e) if e.sequence <= last => continue,
+                        Ok(e) if e.sequence == last + 1 => {
+                            last = e.sequence;
+                            if wanted(&e) && tx.send(Ok(pb::WatchEventsResponse { event: Some(event_pb(&e)) })).await.is_err() {
+                                break 'outer;
+                            }
+                        }
+                        // A gap (lagged or out of order): read storage again.
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue 'outer,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break 'outer,
+                    }
+                }
+            }
+            gw.counters.watchers.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The Admin API.
+pub struct AdminApi(pub Arc<Gateway>);
+
+fn operator_pb(o: &model::Operator) -> pb::Operator {
+    pb::Operator { operator_id: o.id.clone(), name: o.name.clone(), roles: o.roles.clone(), enabled: o.enabled }
+}
+
+fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
+    let (slot, der) = c.certificates.iter().next().map(|(s, d)| (*s, d.clone())).unwrap_or((Slot::PivAuthentication, vec![]));
+    let fp = crate::verify::inspect(&der).map(|i| hex::encode(i.fingerprint)).unwrap_or_default();
+    pb::Card {
+        card_uuid: uuid_text(&c.uuid),
+        fascn: c.fascn.as_ref().map(hex::encode).unwrap_or_default(),
+        operator_id: c.operator_id.clone(),
+        certificate_sha256: fp,
+        slot: slot_pb(slot) as i32,
+        revoked: gw.store.denied(&hex::encode(c.uuid)).unwrap_or(false),
+    }
+}
+
+fn audit_pb(r: &AuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        index: r.index,
+        unix_ms: r.unix_ms,
+        kind: r.kind.clone(),
+        actor: r.actor.clone(),
+        terminal_id: r.terminal_id.clone(),
+        detail_json: r.detail.to_string(),
+        hash: r.hash.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    type ExportAuditStream = Stream2<pb::ExportAuditResponse>;
+
+    async fn add_operator(&self, req: Request<pb::AddOperatorRequest>) -> Result<Response<pb::AddOperatorResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.AddOperator").await?;
+        let o = req.into_inner().operator.ok_or_else(|| Status::invalid_argument("operator missing"))?;
+        let op = model::Operator { id: o.operator_id, name: o.name, roles: o.roles, enabled: o.enabled };
+        self.0.add_operator(&caller, op).await?;
+        Ok(Response::new(pb::AddOperatorResponse {}))
+    }
+
+    async fn list_operators(&self, req: Request<pb::ListOperatorsRequest>) -> Result<Response<pb::ListOperatorsResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.ListOperators").await?;
+        let operators = self.0.store.operators().map_err(Status::from)?.iter().map(operator_pb).collect();
+        Ok(Response::new(pb::ListOperatorsResponse { operators }))
+    }
+
+    async fn get_operator(&self, req: Request<pb::GetOperatorRequest>) -> Result<Response<pb::GetOperatorResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.GetOperator").await?;
+        let id = req.into_inner().operator_id;
+        let o = self.0.store.operator(&id).map_err(Status::from)?.ok_or_else(|| Status::not_found(format!("operator {id}")))?;
+        let cards = self.0.store.cards().map_err(Status::from)?.iter().filter(|c| c.operator_id == id).map(|c| card_pb(&self.0, c)).collect();
+        Ok(Response::new(pb::GetOperatorResponse { operator: Some(operator_pb(&o)), cards }))
+    }
+
+    async fn enrol_card(&self, req: Request<pb::EnrolCardRequest>) -> Result<Response<pb::EnrolCardResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.EnrolCard").await?;
+        let r = req.into_inner();
+        let card = self.0.enrol_card(&caller, &r.operator_id, &r.certificate, slot_from(r.slot)?).await?;
+        Ok(Response::new(pb::EnrolCardResponse { card: Some(card_pb(&self.0, &card)) }))
+    }
+
+    async fn revoke_card(&self, req: Request<pb::RevokeCardRequest>) -> Result<Response<pb::RevokeCardResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.RevokeCard").await?;
+        let r = req.into_inner();
+        let uuid = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
+        let locked_terminals = self.0.revoke_card(&caller, uuid, &r.reason).await?;
+        Ok(Response::new(pb::RevokeCardResponse { locked_terminals }))
+    }
+
+    async fn bind_agent(&self, req: Request<pb::BindAgentRequest>) -> Result<Response<pb::BindAgentResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.BindAgent").await?;
+        let r = req.into_inner();
+        self.0.bind_agent(&caller, &r.agent_name, r.terminal_ids).await?;
+        Ok(Response::new(pb::BindAgentResponse {}))
+    }
+
+    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.ListAgents").await?;
+        let live = self.0.presence.lock().map(|p| p.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        let agents = self
+            .0
+            .store
+            .agents()
+            .map_err(Status::from)?
+            .into_iter()
+            .map(|a| pb::AgentBinding { connected: live.contains(&a.name), agent_name: a.name, terminal_ids: a.terminals })
+            .collect();
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn set_terminal_policy(&self, req: Request<pb::SetTerminalPolicyRequest>) -> Result<Response<pb::SetTerminalPolicyResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.SetTerminalPolicy").await?;
+        let r = req.into_inner();
+        let mut allowed = Vec::new();
+        for m in r.allowed_mechanisms {
+            if let Some(m) = mechanism_from(m)? {
+                if !allowed.contains(&m) {
+                    allowed.push(m);
+                }
+            }
+        }
+        if allowed.is_empty() {
+            return Err(Status::invalid_argument("allowed_mechanisms is empty"));
+        }
+        let policy = TerminalPolicy { allowed_mechanisms: allowed, allowed_roles: r.allowed_roles, idle_timeout_s: r.idle_timeout_s, max_session_s: r.max_session_s };
+        self.0.set_policy(&caller, &r.terminal_id, policy).await?;
+        Ok(Response::new(pb::SetTerminalPolicyResponse {}))
+    }
+
+    async fn lock_terminal(&self, req: Request<pb::LockTerminalRequest>) -> Result<Response<pb::LockTerminalResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.LockTerminal").await?;
+        let id = req.into_inner().terminal_id;
+        if self.0.store.terminal(&id).map_err(Status::from)?.is_none() {
+            return Err(Status::not_found(format!("terminal {id}")));
+        }
+        let was_unlocked = self.0.lock_if(&caller.to_string(), &id, LockReason::Administrator, |_| true).await?;
+        Ok(Response::new(pb::LockTerminalResponse { was_unlocked }))
+    }
+
+    async fn query_audit(&self, req: Request<pb::QueryAuditRequest>) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.QueryAudit").await?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) } as usize;
+        let records = self.0.store.audit_after(r.after_index, limit).map_err(Status::from)?.iter().map(audit_pb).collect();
+        Ok(Response::new(pb::QueryAuditResponse { records }))
+    }
+
+    async fn export_audit(&self, req: Request<pb::ExportAuditRequest>) -> Result<Response<Self::ExportAuditStream>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.ExportAudit").await?;
+        let gw = self.0.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut after = 0;
+            loop {
+                let batch = match gw.store.audit_after(after, 512) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                if batch.is_empty() {
+                    return;
+                }
+                for r in batch {
+                    after = r.index;
+                    if tx.send(Ok(pb::ExportAuditResponse { record: Some(audit_pb(&r)) })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn verify_audit(&self, req: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.VerifyAudit").await?;
+        let (records, bad) = self.0.store.verify_audit().map_err(Status::from)?;
+        Ok(Response::new(pb::VerifyAuditResponse { intact: bad.is_none(), records, first_bad_index: bad.unwrap_or(0) }))
+    }
+
+    async fn issue_certificate(&self, req: Request<pb::IssueCertificateRequest>) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.IssueCertificate").await?;
+        let r = req.into_inner();
+        let role = match pb::ServiceRole::try_from(r.role) {
+            Ok(pb::ServiceRole::Agent) => Role::Agent,
+            Ok(pb::ServiceRole::Application) => Role::Application,
+            Ok(pb::ServiceRole::Admin) => Role::Admin,
+            _ => return Err(Status::invalid_argument("role must be AGENT, APPLICATION or ADMIN")),
+        };
+        let ca = pki::ServiceCa::load(&pki::Files::in_dir(&self.0.data_dir)).map_err(Status::from)?;
+        let certificate_pem = ca.issue_client(role, &r.name, &r.public_key, r.validity_days).map_err(Status::from)?;
+        self.0
+            .commit(
+                AuditEntry {
+                    kind: "admin.issue_certificate",
+                    actor: caller.to_string(),
+                    terminal_id: String::new(),
+                    detail: json!({ "role": format!("{role:?}"), "name": r.name }),
+                },
+                vec![],
+            )
+            .await?;
+        Ok(Response::new(pb::IssueCertificateResponse { certificate_pem, ca_pem: ca.cert_pem }))
+    }
+}

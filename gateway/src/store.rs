@@ -1,0 +1,470 @@
+//! Storage in sled: operators, cards, the deny list, agents, terminals with
+//! their sessions, the event log and the hash-chained audit log.
+//!
+//! Every change goes through [`Store::record`]: one sled transaction that
+//! appends an audit record and applies the change (a new session and its
+//! event, an enrolment, a revocation) together, so no change exists without
+//! its audit record. Appends are serialised by one lock, which is what makes
+//! sequence numbers gap-free and the audit chain linear.
+//!
+//! Durability: sled 0.34's `flush()` ends in `sync_file_range`, which
+//! survives a killed process but not a power cut (sled issue #1452). The
+//! [`Committer`] therefore follows each flush with `fdatasync` of sled's
+//! `db` file. Callers that acknowledge anything wait for
+//! [`Store::durable`], which batches concurrent waiters into one flush and
+//! one fdatasync (group commit).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::error::{Error, Result};
+use crate::model::{Agent, Card, Event, Operator, Session, Terminal};
+
+/// The schema this code reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// One audit record, as stored and exported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position, from 1.
+    pub index: u64,
+    /// Unix ms.
+    pub unix_ms: i64,
+    /// What happened ("auth.granted", "auth.denied", "session.locked", ...).
+    pub kind: String,
+    /// Who did it.
+    pub actor: String,
+    /// The terminal, if any.
+    pub terminal_id: String,
+    /// Details.
+    pub detail: serde_json::Value,
+    /// The previous record's hash (hex), or 64 zeros for the first.
+    pub prev_hash: String,
+    /// SHA-256 over the previous hash and this record without its hash.
+    pub hash: String,
+}
+
+#[derive(Serialize)]
+struct AuditBody<'a> {
+    index: u64,
+    unix_ms: i64,
+    kind: &'a str,
+    actor: &'a str,
+    terminal_id: &'a str,
+    detail: &'a serde_json::Value,
+    prev_hash: &'a str,
+}
+
+impl AuditRecord {
+    fn compute_hash(&self) -> String {
+        let body = AuditBody {
+            index: self.index,
+            unix_ms: self.unix_ms,
+            kind: &self.kind,
+            actor: &self.actor,
+            terminal_id: &self.terminal_id,
+            detail: &self.detail,
+            prev_hash: &self.prev_hash,
+        };
+        // serde_json writes struct fields in order and maps sorted, so the
+        // bytes are canonical.
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(self.prev_hash.as_bytes());
+        h.update(&bytes);
+        hex::encode(h.finalize())
+    }
+}
+
+/// What an audit record says, before it is numbered and chained.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// Kind.
+    pub kind: &'static str,
+    /// Actor.
+    pub actor: String,
+    /// Terminal.
+    pub terminal_id: String,
+    /// Details.
+    pub detail: serde_json::Value,
+}
+
+/// A change applied together with an audit record.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A terminal's new session (emits an event).
+    Session {
+        /// The terminal (must exist or be created with `policy`).
+        terminal: Terminal,
+    },
+    /// Creates or replaces a terminal without a session change.
+    Terminal(Terminal),
+    /// Creates or replaces an operator.
+    Operator(Operator),
+    /// Creates or replaces a card.
+    Card(Card),
+    /// Adds deny-list entries (card UUID hex, or "sha256:" + fingerprint).
+    Deny(Vec<String>),
+    /// Creates or replaces an agent binding.
+    Agent(Agent),
+}
+
+struct Ledger {
+    next_audit: u64,
+    next_sequence: u64,
+    last_hash: String,
+}
+
+/// Batches durability waiters into one flush + fdatasync.
+struct Committer {
+    tx: Mutex<mpsc::Sender<oneshot::Sender<std::result::Result<(), String>>>>,
+    flushes: Arc<AtomicU64>,
+}
+
+impl Committer {
+    fn start(db: sled::Db, data_file: File) -> std::io::Result<Committer> {
+        let (tx, rx) = mpsc::channel::<oneshot::Sender<std::result::Result<(), String>>>();
+        let flushes = Arc::new(AtomicU64::new(0));
+        let count = flushes.clone();
+        std::thread::Builder::new().name("group commit".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    batch.push(w);
+                }
+                let r = db
+                    .flush()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
+                count.fetch_add(1, Ordering::Relaxed);
+                for w in batch {
+                    let _ = w.send(r.clone());
+                }
+            }
+        })?;
+        Ok(Committer { tx: Mutex::new(tx), flushes })
+    }
+}
+
+/// The gateway's database.
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    operators: sled::Tree,
+    cards: sled::Tree,
+    fascn_index: sled::Tree,
+    deny: sled::Tree,
+    agents: sled::Tree,
+    terminals: sled::Tree,
+    events: sled::Tree,
+    audit: sled::Tree,
+    ledger: Mutex<Ledger>,
+    committer: Committer,
+    live: broadcast::Sender<Event>,
+    path: PathBuf,
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+fn last_key(tree: &sled::Tree) -> Result<u64> {
+    Ok(match tree.last()? {
+        Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Corrupt("bad key".into()))?),
+        None => 0,
+    })
+}
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Store>> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new().path(dir).open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema_version")? {
+            None => {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            Some(v) => {
+                let v = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt("schema_version".into()))?);
+                if v != SCHEMA_VERSION {
+                    return Err(Error::Corrupt(format!("database schema {v}, this gateway reads {SCHEMA_VERSION}")));
+                }
+            }
+        }
+        let audit = db.open_tree("audit")?;
+        let events = db.open_tree("events")?;
+        let last_hash = match audit.last()? {
+            Some((_, v)) => dec::<AuditRecord>(&v)?.hash,
+            None => "0".repeat(64),
+        };
+        let ledger = Ledger { next_audit: last_key(&audit)? + 1, next_sequence: last_key(&events)? + 1, last_hash };
+        db.flush()?;
+        // sled keeps its log and heap in the file `db` in its folder.
+        let data_file = File::open(dir.join("db"))?;
+        data_file.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        let committer = Committer::start(db.clone(), data_file)?;
+        let (live, _) = broadcast::channel(4096);
+        Ok(Arc::new(Store {
+            meta,
+            operators: db.open_tree("operators")?,
+            cards: db.open_tree("cards")?,
+            fascn_index: db.open_tree("fascn_index")?,
+            deny: db.open_tree("deny")?,
+            agents: db.open_tree("agents")?,
+            terminals: db.open_tree("terminals")?,
+            events,
+            audit,
+            db,
+            ledger: Mutex::new(ledger),
+            committer,
+            live,
+            path: dir.to_path_buf(),
+        }))
+    }
+
+    /// The database folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many flush + fdatasync rounds have run (for metrics and the
+    /// group-commit benchmark).
+    pub fn flushes(&self) -> u64 {
+        self.committer.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything written before this call is on disk (flushed
+    /// and fdatasync'ed).
+    pub async fn durable(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.committer
+            .tx
+            .lock()
+            .map_err(|_| Error::Transaction("committer lock poisoned".into()))?
+            .send(tx)
+            .map_err(|_| Error::Transaction("committer stopped".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Durability(std::io::Error::other(e))),
+            Err(_) => Err(Error::Transaction("committer stopped".into())),
+        }
+    }
+
+    /// Appends an audit record and applies `changes`, atomically. Returns
+    /// the record and the events it produced. Not yet durable: await
+    /// [`Store::durable`] before acknowledging, then [`Store::publish`].
+    pub fn record(&self, entry: AuditEntry, changes: Vec<Change>, now_ms: i64) -> Result<(AuditRecord, Vec<Event>)> {
+        let mut ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
+        let mut record = AuditRecord {
+            index: ledger.next_audit,
+            unix_ms: now_ms,
+            kind: entry.kind.to_string(),
+            actor: entry.actor,
+            terminal_id: entry.terminal_id,
+            detail: entry.detail,
+            prev_hash: ledger.last_hash.clone(),
+            hash: String::new(),
+        };
+        record.hash = record.compute_hash();
+        let mut events = Vec::new();
+        let mut seq = ledger.next_sequence;
+        let mut writes: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
+        for c in &changes {
+            match c {
+                Change::Session { terminal } => {
+                    let mut t = terminal.clone();
+                    set_sequence(&mut t.session, seq);
+                    let ev = Event { sequence: seq, unix_ms: now_ms, terminal_id: t.id.clone(), session: t.session.clone() };
+                    writes.push((T_EVENTS, seq.to_be_bytes().to_vec(), enc(&ev)?));
+                    writes.push((T_TERMINALS, t.id.as_bytes().to_vec(), enc(&t)?));
+                    events.push(ev);
+                    seq += 1;
+                }
+                Change::Terminal(t) => writes.push((T_TERMINALS, t.id.as_bytes().to_vec(), enc(t)?)),
+                Change::Operator(o) => writes.push((T_OPERATORS, o.id.as_bytes().to_vec(), enc(o)?)),
+                Change::Card(card) => {
+                    writes.push((T_CARDS, card.uuid.to_vec(), enc(card)?));
+                    if let Some(f) = &card.fascn {
+                        writes.push((T_FASCN, f.clone(), card.uuid.to_vec()));
+                    }
+                }
+                Change::Deny(keys) => {
+                    for k in keys {
+                        writes.push((T_DENY, k.as_bytes().to_vec(), now_ms.to_be_bytes().to_vec()));
+                    }
+                }
+                Change::Agent(a) => writes.push((T_AGENTS, a.name.as_bytes().to_vec(), enc(a)?)),
+            }
+        }
+        let audit_value = enc(&record)?;
+        let index_key = record.index.to_be_bytes();
+        (&self.audit, &self.events, &self.terminals, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents)
+            .transaction(|(audit, ev, term, ops, cards, fascn, deny, agents)| {
+                audit.insert(&index_key, audit_value.as_slice())?;
+                for (tree, k, v) in &writes {
+                    let t: &TransactionalTree = match *tree {
+                        T_EVENTS => ev,
+                        T_TERMINALS => term,
+                        T_OPERATORS => ops,
+                        T_CARDS => cards,
+                        T_FASCN => fascn,
+                        T_DENY => deny,
+                        T_AGENTS => agents,
+                        _ => return Err(abort(Error::Corrupt("unknown tree".into()))),
+                    };
+                    t.insert(k.as_slice(), v.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(Error::from)?;
+        ledger.next_audit += 1;
+        ledger.last_hash = record.hash.clone();
+        ledger.next_sequence = seq;
+        Ok((record, events))
+    }
+
+    /// Sends durable events to live watchers.
+    pub fn publish(&self, events: &[Event]) {
+        for e in events {
+            let _ = self.live.send(e.clone());
+        }
+    }
+
+    /// Subscribes to live events (subscribe before reading stored ones).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+
+    /// Stored events with sequence greater than `after`, at most `limit`.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let start = after.saturating_add(1).to_be_bytes();
+        self.events.range(start..).take(limit).map(|r| dec(&r?.1)).collect()
+    }
+
+    /// The last event sequence number (0 if none).
+    pub fn last_sequence(&self) -> Result<u64> {
+        last_key(&self.events)
+    }
+
+    /// Audit records with index greater than `after`, at most `limit`.
+    pub fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>> {
+        let start = after.saturating_add(1).to_be_bytes();
+        self.audit.range(start..).take(limit).map(|r| dec(&r?.1)).collect()
+    }
+
+    /// Checks the whole audit chain. Returns (records checked, first bad
+    /// index).
+    pub fn verify_audit(&self) -> Result<(u64, Option<u64>)> {
+        let mut prev = "0".repeat(64);
+        let mut n = 0;
+        let mut expected_index = 1;
+        for r in self.audit.iter() {
+            let (_, v) = r?;
+            let rec: AuditRecord = match dec(&v) {
+                Ok(r) => r,
+                Err(_) => return Ok((n, Some(expected_index))),
+            };
+            if rec.index != expected_index || rec.prev_hash != prev || rec.compute_hash() != rec.hash {
+                return Ok((n, Some(rec.index)));
+            }
+            prev = rec.hash;
+            n += 1;
+            expected_index += 1;
+        }
+        Ok((n, None))
+    }
+
+    /// An operator.
+    pub fn operator(&self, id: &str) -> Result<Option<Operator>> {
+        self.operators.get(id)?.map(|v| dec(&v)).transpose()
+    }
+
+    /// All operators.
+    pub fn operators(&self) -> Result<Vec<Operator>> {
+        self.operators.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// A card by UUID.
+    pub fn card(&self, uuid: &[u8; 16]) -> Result<Option<Card>> {
+        self.cards.get(uuid)?.map(|v| dec(&v)).transpose()
+    }
+
+    /// A card UUID by FASC-N.
+    pub fn card_by_fascn(&self, fascn: &[u8]) -> Result<Option<[u8; 16]>> {
+        Ok(self.fascn_index.get(fascn)?.and_then(|v| v.as_ref().try_into().ok()))
+    }
+
+    /// All cards.
+    pub fn cards(&self) -> Result<Vec<Card>> {
+        self.cards.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// Whether a deny-list key is present.
+    pub fn denied(&self, key: &str) -> Result<bool> {
+        Ok(self.deny.contains_key(key)?)
+    }
+
+    /// An agent.
+    pub fn agent(&self, name: &str) -> Result<Option<Agent>> {
+        self.agents.get(name)?.map(|v| dec(&v)).transpose()
+    }
+
+    /// All agents.
+    pub fn agents(&self) -> Result<Vec<Agent>> {
+        self.agents.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// A terminal.
+    pub fn terminal(&self, id: &str) -> Result<Option<Terminal>> {
+        self.terminals.get(id)?.map(|v| dec(&v)).transpose()
+    }
+
+    /// All terminals.
+    pub fn terminals(&self) -> Result<Vec<Terminal>> {
+        self.terminals.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// The underlying database (for the crash tests' inspection).
+    pub fn meta_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Flushes and syncs now (shutdown).
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush()?;
+        File::open(self.path.join("db"))?.sync_data()?;
+        Ok(())
+    }
+}
+
+const T_EVENTS: u8 = 1;
+const T_TERMINALS: u8 = 2;
+const T_OPERATORS: u8 = 3;
+const T_CARDS: u8 = 4;
+const T_FASCN: u8 = 5;
+const T_DENY: u8 = 6;
+const T_AGENTS: u8 = 7;
+
+fn set_sequence(s: &mut Session, seq: u64) {
+    match s {
+        Session::Locked { sequence, .. } | Session::Unlocked { sequence, .. } => *sequence = seq,
+    }
+}
