@@ -55,7 +55,7 @@ pub struct Config {
 }
 
 /// Card issuers, CRLs and certificate policy.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CardsConfig {
     /// PEM files of the card issuers the site trusts.
@@ -89,7 +89,24 @@ impl Default for Config {
             server_names: vec![],
             challenge_ttl_s: 30,
             agent_grace_s: 30,
-            cards: CardsConfig { crl_refresh_s: 300, ..CardsConfig::default() },
+            cards: CardsConfig::default(),
+        }
+    }
+}
+
+impl Default for CardsConfig {
+    fn default() -> Self {
+        CardsConfig {
+            trust_anchors: vec![],
+            crl_files: vec![],
+            crl_refresh_s: 300,
+            crl_strict: false,
+            max_crl_age_s: None,
+            require_crl: false,
+            eku_9a: vec![],
+            eku_9e: vec![],
+            policies_9a: vec![],
+            policies_9e: vec![],
         }
     }
 }
