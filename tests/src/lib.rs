@@ -161,3 +161,5 @@ pub fn restart_pcscd(reader: &Reader) -> Result<()> {
     }
     Ok(())
 }
+
+pub mod site;

@@ -384,7 +384,7 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
 
 /// The subjectAltName of a PIV certificate: the card UUID as a URI and the
 /// FASC-N as an otherName (FIPS 201-3 §4.2.2).
-fn piv_san(chuid: &Chuid) -> Vec<u8> {
+pub fn piv_san(chuid: &Chuid) -> Vec<u8> {
     let mut names = Vec::new();
     if let Some(f) = &chuid.fascn {
         let mut other = tlv::encode(0x06, &oid_der(OID_PIV_FASCN));
@@ -395,7 +395,8 @@ fn piv_san(chuid: &Chuid) -> Vec<u8> {
     tlv::encode(0x30, &names)
 }
 
-fn certificate_policies(policy: &[u64]) -> Vec<u8> {
+/// The DER value of a certificatePolicies extension naming one policy.
+pub fn certificate_policies(policy: &[u64]) -> Vec<u8> {
     tlv::encode(0x30, &tlv::encode(0x30, &tlv::encode(0x06, &oid_der(policy))))
 }
 
