@@ -105,6 +105,20 @@ impl IssuingCa {
     /// Issues a PIV certificate for `slot` over a public key given as a DER
     /// SubjectPublicKeyInfo (a key generated on a card).
     pub fn issue_for_spki(&self, slot: Slot, spki_der: &[u8], chuid: &Chuid, holder: &str, validity: Validity) -> Result<Vec<u8>> {
+        self.issue_with(slot, spki_der, chuid, holder, validity, |_| {})
+    }
+
+    /// Like [`IssuingCa::issue_for_spki`], with a last word on the
+    /// certificate's parameters (tests make wrong certificates this way).
+    pub fn issue_with(
+        &self,
+        slot: Slot,
+        spki_der: &[u8],
+        chuid: &Chuid,
+        holder: &str,
+        validity: Validity,
+        tweak: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> Result<Vec<u8>> {
         let ca_key = rcgen::KeyPair::from_pem(&self.key_pem).map_err(rc)?;
         let issuer = rcgen::Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(rc)?;
         let mut params = rcgen::CertificateParams::default();
@@ -130,9 +144,37 @@ impl IssuingCa {
         params.not_after = validity.not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
+        tweak(&mut params);
         let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der).map_err(rc)?;
         let cert = params.signed_by(&spki, &issuer).map_err(rc)?;
         Ok(cert.der().to_vec())
+    }
+}
+
+impl IssuingCa {
+    /// A CRL from this issuer revoking the certificates with these serial
+    /// numbers (big-endian bytes), valid from `this_update` to
+    /// `next_update`. Returns DER.
+    pub fn crl(&self, revoked: &[Vec<u8>], this_update: time::OffsetDateTime, next_update: time::OffsetDateTime, number: u64) -> Result<Vec<u8>> {
+        let ca_key = rcgen::KeyPair::from_pem(&self.key_pem).map_err(rc)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(rc)?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: rcgen::SerialNumber::from(number.to_be_bytes().to_vec()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: this_update,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&issuer).map_err(rc)?.der().to_vec())
     }
 }
 
