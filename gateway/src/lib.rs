@@ -179,7 +179,7 @@ pub async fn run(
             });
         }
     });
-    let incoming = tls::incoming(listener, tls_config, on_reject);
+    let (incoming, acceptor) = tls::incoming(listener, tls_config, on_reject);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::agent_service_server::AgentServiceServer<service::AgentApi>>().await;
     health_reporter.set_serving::<pb::access_service_server::AccessServiceServer<service::AccessApi>>().await;
@@ -199,6 +199,7 @@ pub async fn run(
         .await;
     sweeper.abort();
     crl_reloader.abort();
+    acceptor.abort();
     gateway.store.sync()?;
     result.map_err(|e| Error::Tls(e.to_string()))
 }

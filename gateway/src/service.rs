@@ -316,7 +316,12 @@ impl pb::access_service_server::AccessService for AccessApi {
                 }
                 // Then live, skipping what storage already gave.
                 loop {
-                    match live.recv().await {
+                    let next = tokio::select! {
+                        r = live.recv() => r,
+                        // The console went away (or the server is stopping).
+                        _ = tx.closed() => break 'outer,
+                    };
+                    match next {
                         Ok(e) if e.sequence <= last => continue,
                         Ok(e) if e.sequence == last + 1 => {
                             last = e.sequence;

@@ -56,14 +56,15 @@ pub type OnReject = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
 
 /// Accepts TCP connections and completes TLS handshakes, yielding
 /// established streams for tonic.
+/// Also returns the accept task, to abort at shutdown.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     on_reject: OnReject,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+) -> (ReceiverStream<std::io::Result<TlsStream<TcpStream>>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -91,5 +92,5 @@ pub fn incoming(
             }
         }
     });
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(rx), task)
 }

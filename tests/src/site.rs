@@ -81,7 +81,18 @@ impl Site {
     }
 
     async fn launch(mut self) -> Result<Site> {
-        let (gateway, tls, _) = pivgate_gateway::open(&self.config)?;
+        // A stopped gateway releases its database as its last tasks end.
+        let mut attempts = 0;
+        let (gateway, tls, _) = loop {
+            match pivgate_gateway::open(&self.config) {
+                Ok(x) => break x,
+                Err(pivgate_gateway::Error::Storage(e)) if attempts < 40 => {
+                    attempts += 1;
+                    pause_before_retry(e).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let listener = tokio::net::TcpListener::bind(self.config.listen).await?;
         self.addr = listener.local_addr()?.to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -319,4 +330,8 @@ pub async fn eventually<F: std::future::Future<Output = Result<bool>>>(timeout: 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn pause_before_retry(_e: impl std::fmt::Display) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
