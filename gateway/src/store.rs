@@ -64,7 +64,8 @@ struct AuditBody<'a> {
 }
 
 impl AuditRecord {
-    fn compute_hash(&self) -> String {
+    /// The hash this record must carry, given its fields and `prev_hash`.
+    pub fn compute_hash(&self) -> String {
         let body = AuditBody {
             index: self.index,
             unix_ms: self.unix_ms,
@@ -273,6 +274,16 @@ impl Store {
     /// [`Store::durable`] before acknowledging, then [`Store::publish`].
     pub fn record(&self, entry: AuditEntry, changes: Vec<Change>, now_ms: i64) -> Result<(AuditRecord, Vec<Event>)> {
         let mut ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
+        // The record names the events it comes with, so an acknowledged
+        // unlock can be matched to its audit record.
+        let mut entry = entry;
+        let sessions = changes.iter().filter(|c| matches!(c, Change::Session { .. })).count() as u64;
+        if sessions > 0 {
+            let seqs: Vec<u64> = (ledger.next_sequence..ledger.next_sequence + sessions).collect();
+            if let serde_json::Value::Object(m) = &mut entry.detail {
+                m.insert("events".into(), serde_json::json!(seqs));
+            }
+        }
         let mut record = AuditRecord {
             index: ledger.next_audit,
             unix_ms: now_ms,
@@ -373,23 +384,8 @@ impl Store {
     /// Checks the whole audit chain. Returns (records checked, first bad
     /// index).
     pub fn verify_audit(&self) -> Result<(u64, Option<u64>)> {
-        let mut prev = "0".repeat(64);
-        let mut n = 0;
-        let mut expected_index = 1;
-        for r in self.audit.iter() {
-            let (_, v) = r?;
-            let rec: AuditRecord = match dec(&v) {
-                Ok(r) => r,
-                Err(_) => return Ok((n, Some(expected_index))),
-            };
-            if rec.index != expected_index || rec.prev_hash != prev || rec.compute_hash() != rec.hash {
-                return Ok((n, Some(rec.index)));
-            }
-            prev = rec.hash;
-            n += 1;
-            expected_index += 1;
-        }
-        Ok((n, None))
+        let records = self.audit.iter().map(|r| r.map_err(Error::from).and_then(|(_, v)| dec::<AuditRecord>(&v)));
+        verify_chain(records)
     }
 
     /// An operator.
@@ -467,4 +463,22 @@ fn set_sequence(s: &mut Session, seq: u64) {
     match s {
         Session::Locked { sequence, .. } | Session::Unlocked { sequence, .. } => *sequence = seq,
     }
+}
+
+/// Checks a sequence of audit records (from the database or an export):
+/// indexes from 1 without gaps, each linked to the previous hash, each hash
+/// right. Returns (records checked, first bad index).
+pub fn verify_chain(records: impl Iterator<Item = Result<AuditRecord>>) -> Result<(u64, Option<u64>)> {
+    let mut prev = "0".repeat(64);
+    let mut n = 0;
+    for (i, rec) in records.enumerate() {
+        let expected_index = i as u64 + 1;
+        let Ok(rec) = rec else { return Ok((n, Some(expected_index))) };
+        if rec.index != expected_index || rec.prev_hash != prev || rec.compute_hash() != rec.hash {
+            return Ok((n, Some(expected_index)));
+        }
+        prev = rec.hash;
+        n += 1;
+    }
+    Ok((n, None))
 }

@@ -163,3 +163,15 @@ pub fn restart_pcscd(reader: &Reader) -> Result<()> {
 }
 
 pub mod site;
+
+/// The path of one of the workspace's binaries, next to the test
+/// executable (test executables live in target/<profile>/deps).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(std::path::Path::parent).context("no target folder")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} is not built; run `cargo build --workspace --all-targets`", path.display());
+    }
+    Ok(path)
+}

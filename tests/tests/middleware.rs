@@ -12,16 +12,7 @@ use pivgate_hw::vcard::profile::pem_decode;
 use pivgate_tests::{reader, run_dir, verify_signature};
 use sha2::Digest;
 
-fn bin(name: &str) -> Result<PathBuf> {
-    // Test executables live in target/<profile>/deps; binaries one up.
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("no target folder")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!("{} is not built; run `cargo build --workspace --all-targets`", path.display());
-    }
-    Ok(path)
-}
+use pivgate_tests::binary as bin;
 
 fn opensc_module() -> Result<PathBuf> {
     for p in ["/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so", "/usr/lib/opensc-pkcs11.so"] {

@@ -1,0 +1,397 @@
+//! `pivgatectl`: administer a pivgate gateway.
+//!
+//! Connects with an administrator certificate (by default the first
+//! administrator's, from the gateway's data folder) over mutual TLS.
+//!
+//! ```text
+//! pivgatectl --data-dir DIR operator add op-17 --name "Ana Silva" --role dispatcher
+//! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9a.pem
+//! pivgatectl --data-dir DIR agent bind pi-dispatch-03 --terminal dispatch-03
+//! pivgatectl --data-dir DIR cert issue --role agent --name pi-dispatch-03 --out-dir ./pi3
+//! pivgatectl --data-dir DIR audit export --out audit.jsonl
+//! pivgatectl audit verify --file audit.jsonl
+//! ```
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use pivgate_gateway::client::{connect, Credentials};
+use pivgate_gateway::store::{verify_chain, AuditRecord};
+use pivgate_proto::v1 as pb;
+use pb::access_service_client::AccessServiceClient;
+use pb::admin_service_client::AdminServiceClient;
+
+/// Administer a pivgate gateway.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Gateway address (host:port).
+    #[arg(long, env = "PIVGATE_GATEWAY", default_value = "127.0.0.1:7443")]
+    gateway: String,
+    /// Name in the gateway's server certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Gateway data folder: use its service CA and first administrator.
+    #[arg(long, env = "PIVGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Service CA certificate (PEM), instead of --data-dir.
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// Administrator certificate (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Administrator key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Operators.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    /// Cards.
+    #[command(subcommand)]
+    Card(CardCmd),
+    /// Agents and the terminals they serve.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Terminals.
+    #[command(subcommand)]
+    Terminal(TerminalCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Service certificates.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Print lock and unlock events as they happen.
+    Watch {
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Only these terminals.
+        #[arg(long)]
+        terminal: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Add (or replace) an operator.
+    Add {
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        role: Vec<String>,
+        /// Add disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List operators.
+    List,
+    /// Show an operator and their cards.
+    Show { id: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SlotArg {
+    #[value(name = "9a")]
+    A,
+    #[value(name = "9e")]
+    E,
+}
+
+#[derive(Subcommand)]
+enum CardCmd {
+    /// Enrol a card from its 9A or 9E certificate (PEM or DER).
+    Enrol {
+        #[arg(long)]
+        operator: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long, value_enum, default_value = "9a")]
+        slot: SlotArg,
+    },
+    /// Revoke a card at once (lost, stolen, left the company).
+    Revoke {
+        uuid: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Bind an agent to the terminals it serves.
+    Bind {
+        name: String,
+        #[arg(long, required = true)]
+        terminal: Vec<String>,
+    },
+    /// List agents.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MechArg {
+    CardAndPin,
+    CardOnly,
+}
+
+#[derive(Subcommand)]
+enum TerminalCmd {
+    /// Set a terminal's policy.
+    Policy {
+        id: String,
+        #[arg(long, value_enum, required = true)]
+        mechanism: Vec<MechArg>,
+        #[arg(long)]
+        role: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        max_session_s: u32,
+    },
+    /// Lock a terminal now.
+    Lock { id: String },
+    /// List terminals and their state.
+    List,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Show recent records.
+    Tail {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Export the whole log as JSON lines.
+    Export {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify the chain: at the gateway, or of an exported file.
+    Verify {
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Agent,
+    Application,
+    Admin,
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Generate a key here and have the service CA certify it.
+    Issue {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn record_from_pb(r: pb::AuditRecord, prev: &str) -> Result<AuditRecord> {
+    Ok(AuditRecord {
+        index: r.index,
+        unix_ms: r.unix_ms,
+        kind: r.kind,
+        actor: r.actor,
+        terminal_id: r.terminal_id,
+        detail: serde_json::from_str(&r.detail_json).context("record detail")?,
+        prev_hash: prev.to_string(),
+        hash: r.hash,
+    })
+}
+
+fn credentials(a: &Args) -> Result<Credentials> {
+    match (&a.ca, &a.cert, &a.key, &a.data_dir) {
+        (Some(ca), Some(cert), Some(key), _) => Ok(Credentials::from_files(ca, cert, key)?),
+        (_, _, _, Some(dir)) => Ok(Credentials::admin_in(dir)?),
+        _ => bail!("give --data-dir (the gateway's data folder) or --ca, --cert and --key"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Command::Audit(AuditCmd::Verify { file: Some(f) }) = &args.command {
+        return verify_file(f);
+    }
+    let creds = credentials(&args)?;
+    let channel = connect(&args.gateway, &args.server_name, &creds).await?;
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    match args.command {
+        Command::Operator(OperatorCmd::Add { id, name, role, disabled }) => {
+            admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name, roles: role, enabled: !disabled }) }).await?;
+            writeln!(out, "operator {id} added")?;
+        }
+        Command::Operator(OperatorCmd::List) => {
+            for o in admin.list_operators(pb::ListOperatorsRequest {}).await?.into_inner().operators {
+                writeln!(out, "{}\t{}\t{}\t{}", o.operator_id, o.name, o.roles.join(","), if o.enabled { "enabled" } else { "disabled" })?;
+            }
+        }
+        Command::Operator(OperatorCmd::Show { id }) => {
+            let r = admin.get_operator(pb::GetOperatorRequest { operator_id: id }).await?.into_inner();
+            let o = r.operator.unwrap_or_default();
+            writeln!(out, "{} ({}) roles: {} {}", o.operator_id, o.name, o.roles.join(","), if o.enabled { "enabled" } else { "disabled" })?;
+            for c in r.cards {
+                writeln!(out, "  card {} fascn {} cert sha256 {}{}", c.card_uuid, c.fascn, c.certificate_sha256, if c.revoked { " REVOKED" } else { "" })?;
+            }
+        }
+        Command::Card(CardCmd::Enrol { operator, cert, slot }) => {
+            let bytes = std::fs::read(&cert).with_context(|| cert.display().to_string())?;
+            let der = if bytes.starts_with(b"-----BEGIN") {
+                x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?.1.contents
+            } else {
+                bytes
+            };
+            let slot = match slot {
+                SlotArg::A => pb::KeySlot::PivAuthentication,
+                SlotArg::E => pb::KeySlot::CardAuthentication,
+            };
+            let c = admin.enrol_card(pb::EnrolCardRequest { operator_id: operator, certificate: der, slot: slot as i32 }).await?.into_inner().card.unwrap_or_default();
+            writeln!(out, "card {} enrolled for {}", c.card_uuid, c.operator_id)?;
+        }
+        Command::Card(CardCmd::Revoke { uuid, reason }) => {
+            let r = admin.revoke_card(pb::RevokeCardRequest { card_uuid: uuid.clone(), reason }).await?.into_inner();
+            writeln!(out, "card {uuid} revoked; locked terminals: {}", r.locked_terminals.join(", "))?;
+        }
+        Command::Agent(AgentCmd::Bind { name, terminal }) => {
+            admin.bind_agent(pb::BindAgentRequest { agent_name: name.clone(), terminal_ids: terminal.clone() }).await?;
+            writeln!(out, "agent {name} serves {}", terminal.join(", "))?;
+        }
+        Command::Agent(AgentCmd::List) => {
+            for a in admin.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents {
+                writeln!(out, "{}\t{}\t{}", a.agent_name, a.terminal_ids.join(","), if a.connected { "connected" } else { "-" })?;
+            }
+        }
+        Command::Terminal(TerminalCmd::Policy { id, mechanism, role, max_session_s }) => {
+            let mechs = mechanism
+                .iter()
+                .map(|m| match m {
+                    MechArg::CardAndPin => pb::Mechanism::CardAndPin as i32,
+                    MechArg::CardOnly => pb::Mechanism::CardOnly as i32,
+                })
+                .collect();
+            admin
+                .set_terminal_policy(pb::SetTerminalPolicyRequest { terminal_id: id.clone(), allowed_mechanisms: mechs, allowed_roles: role, idle_timeout_s: 0, max_session_s })
+                .await?;
+            writeln!(out, "terminal {id} policy set")?;
+        }
+        Command::Terminal(TerminalCmd::Lock { id }) => {
+            let r = admin.lock_terminal(pb::LockTerminalRequest { terminal_id: id.clone() }).await?.into_inner();
+            writeln!(out, "terminal {id} {}", if r.was_unlocked { "locked" } else { "was already locked" })?;
+        }
+        Command::Terminal(TerminalCmd::List) => {
+            let mut access = AccessServiceClient::new(channel);
+            for s in access.list_terminal_states(pb::ListTerminalStatesRequest {}).await?.into_inner().states {
+                if s.unlocked {
+                    writeln!(out, "{}\tunlocked by {} ({})\tseq {}", s.terminal_id, s.operator_id, s.operator_name, s.sequence)?;
+                } else {
+                    writeln!(out, "{}\tlocked\tseq {}", s.terminal_id, s.sequence)?;
+                }
+            }
+        }
+        Command::Audit(AuditCmd::Tail { after, limit }) => {
+            for r in admin.query_audit(pb::QueryAuditRequest { after_index: after, limit }).await?.into_inner().records {
+                writeln!(out, "{}\t{}\t{}\t{}\t{}\t{}", r.index, r.unix_ms, r.kind, r.actor, r.terminal_id, r.detail_json)?;
+            }
+        }
+        Command::Audit(AuditCmd::Export { out: file }) => {
+            let mut sink: Box<dyn Write> = match file {
+                Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| p.display().to_string())?)),
+                None => Box::new(std::io::stdout()),
+            };
+            let mut stream = admin.export_audit(pb::ExportAuditRequest {}).await?.into_inner();
+            let mut prev = "0".repeat(64);
+            while let Some(m) = stream.message().await? {
+                let rec = record_from_pb(m.record.unwrap_or_default(), &prev)?;
+                prev = rec.hash.clone();
+                serde_json::to_writer(&mut sink, &rec)?;
+                sink.write_all(b"\n")?;
+            }
+            sink.flush()?;
+        }
+        Command::Audit(AuditCmd::Verify { file: _ }) => {
+            let r = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
+            if r.intact {
+                writeln!(out, "audit chain intact: {} records", r.records)?;
+            } else {
+                bail!("audit chain broken at record {} ({} records good)", r.first_bad_index, r.records);
+            }
+        }
+        Command::Cert(CertCmd::Issue { role, name, out_dir, days }) => {
+            use rcgen::PublicKeyData;
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let role = match role {
+                RoleArg::Agent => pb::ServiceRole::Agent,
+                RoleArg::Application => pb::ServiceRole::Application,
+                RoleArg::Admin => pb::ServiceRole::Admin,
+            };
+            let r = admin
+                .issue_certificate(pb::IssueCertificateRequest { role: role as i32, name: name.clone(), public_key: key.subject_public_key_info(), validity_days: days })
+                .await?
+                .into_inner();
+            std::fs::create_dir_all(&out_dir)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut k = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(out_dir.join(format!("{name}-key.pem")))?;
+            k.write_all(key.serialize_pem().as_bytes())?;
+            std::fs::write(out_dir.join(format!("{name}.pem")), r.certificate_pem)?;
+            std::fs::write(out_dir.join("service-ca.pem"), r.ca_pem)?;
+            writeln!(out, "wrote {0}/{name}.pem, {0}/{name}-key.pem and {0}/service-ca.pem", out_dir.display())?;
+        }
+        Command::Watch { after, terminal } => {
+            let mut access = AccessServiceClient::new(channel);
+            let mut s = access.watch_events(pb::WatchEventsRequest { after_sequence: after, terminal_ids: terminal }).await?.into_inner();
+            while let Some(m) = s.message().await? {
+                let e = m.event.unwrap_or_default();
+                match e.kind {
+                    Some(pb::event::Kind::Unlocked(u)) => writeln!(out, "{}\t{}\tunlocked by {} ({})", e.sequence, e.terminal_id, u.operator_id, u.operator_name)?,
+                    Some(pb::event::Kind::Locked(l)) => writeln!(
+                        out,
+                        "{}\t{}\tlocked ({})",
+                        e.sequence,
+                        e.terminal_id,
+                        pb::LockReason::try_from(l.reason).map(|r| r.as_str_name()).unwrap_or("?")
+                    )?,
+                    None => {}
+                }
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn verify_file(path: &PathBuf) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let records = std::io::BufReader::new(f).lines().map(|l| {
+        l.map_err(pivgate_gateway::Error::from)
+            .and_then(|l| serde_json::from_str::<AuditRecord>(&l).map_err(|e| pivgate_gateway::Error::Corrupt(e.to_string())))
+    });
+    let (n, bad) = verify_chain(records)?;
+    match bad {
+        None => {
+            println!("audit chain intact: {n} records");
+            Ok(())
+        }
+        Some(i) => bail!("audit chain broken at record {i} ({n} records good)"),
+    }
+}
