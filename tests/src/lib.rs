@@ -162,6 +162,7 @@ pub fn restart_pcscd(reader: &Reader) -> Result<()> {
     Ok(())
 }
 
+pub mod process;
 pub mod site;
 
 /// The path of one of the workspace's binaries, next to the test

@@ -3,45 +3,13 @@
 //! the admin CLI against it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use pivgate_tests::process::GatewayProcess;
 use pivgate_hw::piv::Algorithm;
 use pivgate_hw::vcard::{Profile, ProfileOptions};
 use pivgate_tests::{binary, site::scratch};
-
-pub struct Gateway(pub Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn start_gateway(dir: &Path, port: u16, extra: &[&str]) -> Result<Gateway> {
-    let child = Command::new(binary("pivgate-gateway")?)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("the gateway did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(Gateway(child))
-}
 
 fn ctl(dir: &Path, port: u16, args: &[&str]) -> Result<String> {
     let out = Command::new(binary("pivgatectl")?)
@@ -60,13 +28,13 @@ fn ctl(dir: &Path, port: u16, args: &[&str]) -> Result<String> {
 fn an_administrator_sets_up_a_site_with_pivgatectl() -> Result<()> {
     let dir = scratch("cli");
     let data = dir.join("data");
-    let port = free_port()?;
     // The card issuer's CA must be trusted: a config file names it.
     let profile = Profile::generate(&ProfileOptions { algorithm: Algorithm::EccP256, ..Default::default() })?;
     profile.save(&dir.join("card"))?;
     let config = dir.join("gateway.toml");
     std::fs::write(&config, format!("[cards]\ntrust_anchors = [{:?}]\n", dir.join("card/issuing-ca.pem")))?;
-    let _gw = start_gateway(&data, port, &["--config", config.to_str().context("path")?])?;
+    let gw = GatewayProcess::start(&data, &["--config", config.to_str().context("path")?])?;
+    let port = gw.port;
 
     // Embedded defaults: the PKI is generated, file names say what they are.
     for f in ["service-ca.pem", "service-ca-key.pem", "admin.pem", "admin-key.pem", "gateway.pem", "gateway-key.pem"] {
