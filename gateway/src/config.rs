@@ -13,6 +13,7 @@
 //! [cards]
 //! trust_anchors = ["/etc/pivgate/card-issuer-ca.pem"]
 //! crl_files = ["/var/lib/pivgate/issuer.crl"]
+//! crl_urls = ["http://crl.issuer.example/issuer.crl"]
 //! crl_refresh_s = 300
 //! crl_strict = true
 //! max_crl_age_s = 86400
@@ -62,6 +63,10 @@ pub struct CardsConfig {
     pub trust_anchors: Vec<PathBuf>,
     /// DER or PEM CRL files, reloaded every `crl_refresh_s`.
     pub crl_files: Vec<PathBuf>,
+    /// http:// CRL locations, fetched every `crl_refresh_s`.
+    pub crl_urls: Vec<String>,
+    /// Time limit for one CRL fetch, seconds.
+    pub crl_fetch_timeout_s: u64,
     /// Reload interval for CRLs, seconds.
     pub crl_refresh_s: u64,
     /// Refuse when a CRL is past its nextUpdate.
@@ -99,6 +104,8 @@ impl Default for CardsConfig {
         CardsConfig {
             trust_anchors: vec![],
             crl_files: vec![],
+            crl_urls: vec![],
+            crl_fetch_timeout_s: 10,
             crl_refresh_s: 300,
             crl_strict: false,
             max_crl_age_s: None,
@@ -137,6 +144,12 @@ impl Config {
             return Err(Error::Config("cards.crl_refresh_s must be at least 1".into()));
         }
         let c = &self.cards;
+        if let Some(bad) = c.crl_urls.iter().find(|u| !u.starts_with("http://")) {
+            return Err(Error::Config(format!("cards.crl_urls: {bad:?} is not an http:// URL")));
+        }
+        if !(1..=120).contains(&c.crl_fetch_timeout_s) {
+            return Err(Error::Config("cards.crl_fetch_timeout_s must be 1 to 120".into()));
+        }
         for (field, list) in [("eku_9a", &c.eku_9a), ("eku_9e", &c.eku_9e), ("policies_9a", &c.policies_9a), ("policies_9e", &c.policies_9e)] {
             if let Some(bad) = list.iter().find(|o| !is_oid(o)) {
                 return Err(Error::Config(format!("cards.{field}: {bad:?} is not a dotted OID")));

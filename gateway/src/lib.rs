@@ -20,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod model;
+pub mod net;
 pub mod pki;
 pub mod service;
 pub mod store;
@@ -63,18 +64,78 @@ fn read_der_or_pem(path: &std::path::Path, label: &str) -> Result<Vec<Vec<u8>>> 
     }
 }
 
-/// Loads the CRL files named in the configuration.
-pub fn load_crls(config: &Config) -> Result<Vec<verify::LoadedCrl>> {
+/// Loads the CRL files and fetches the CRL URLs named in the
+/// configuration. Returns the CRLs read and the sources that failed (their
+/// previous CRLs are kept by [`verify::CardTrust::set_crls`]).
+pub async fn refresh_crls(config: &Config) -> (Vec<verify::LoadedCrl>, Vec<String>) {
     let mut out = Vec::new();
+    let mut failed = Vec::new();
     for path in &config.cards.crl_files {
-        for der in read_der_or_pem(path, "X509 CRL")? {
-            out.push(
-                verify::LoadedCrl::from_der(&der, path.display().to_string())
-                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
-            );
+        let source = path.display().to_string();
+        match read_der_or_pem(path, "X509 CRL").and_then(|ders| {
+            ders.iter().map(|d| verify::LoadedCrl::from_der(d, source.clone()).map_err(Error::Config)).collect::<Result<Vec<_>>>()
+        }) {
+            Ok(c) => out.extend(c),
+            Err(e) => {
+                tracing::warn!(source, error = %e, "CRL not loaded");
+                failed.push(source);
+            }
         }
     }
-    Ok(out)
+    let timeout = Duration::from_secs(config.cards.crl_fetch_timeout_s);
+    for url in &config.cards.crl_urls {
+        match net::fetch(url, timeout, net::MAX_CRL_BYTES).await.and_then(|der| verify::LoadedCrl::from_der(&der, url.clone())) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                tracing::warn!(url, error = %e, "CRL not fetched");
+                failed.push(url.clone());
+            }
+        }
+    }
+    (out, failed)
+}
+
+/// Renders the Prometheus metrics.
+pub fn metrics_text(gw: &Gateway) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering;
+    let mut s = String::new();
+    let _ = writeln!(s, "# HELP pivgate_authentications_total Completed authentications by outcome and reason.");
+    let _ = writeln!(s, "# TYPE pivgate_authentications_total counter");
+    if let Ok(m) = gw.counters.outcomes.lock() {
+        let mut v: Vec<_> = m.iter().collect();
+        v.sort();
+        for (k, n) in v {
+            if *k == "granted" {
+                let _ = writeln!(s, "pivgate_authentications_total{{outcome=\"granted\"}} {n}");
+            } else {
+                let _ = writeln!(s, "pivgate_authentications_total{{outcome=\"denied\",reason=\"{k}\"}} {n}");
+            }
+        }
+    }
+    if let Ok(v) = gw.counters.verify_us.lock() {
+        let mut sorted = v.clone();
+        sorted.sort_unstable();
+        let q = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1e6;
+        let _ = writeln!(s, "# HELP pivgate_verification_seconds Time to verify a proof (challenge, certificate, revocation, signature), recent samples.");
+        let _ = writeln!(s, "# TYPE pivgate_verification_seconds summary");
+        for p in [0.5, 0.9, 0.99] {
+            let _ = writeln!(s, "pivgate_verification_seconds{{quantile=\"{p}\"}} {}", q(p));
+        }
+        let _ = writeln!(s, "pivgate_verification_seconds_count {}", sorted.len());
+    }
+    let agents = gw.presence.lock().map(|p| p.len()).unwrap_or(0);
+    let _ = writeln!(s, "# TYPE pivgate_connected_agents gauge\npivgate_connected_agents {agents}");
+    let _ = writeln!(s, "# TYPE pivgate_watchers gauge\npivgate_watchers {}", gw.counters.watchers.load(Ordering::Relaxed));
+    let unlocked = gw.store.terminals().map(|t| t.iter().filter(|t| matches!(t.session, model::Session::Unlocked { .. })).count()).unwrap_or(0);
+    let _ = writeln!(s, "# TYPE pivgate_unlocked_terminals gauge\npivgate_unlocked_terminals {unlocked}");
+    let _ = writeln!(s, "# TYPE pivgate_crl_age_seconds gauge");
+    for (source, age) in gw.trust.crl_ages(SystemTime::now()) {
+        let _ = writeln!(s, "pivgate_crl_age_seconds{{source={source:?}}} {age}");
+    }
+    let _ = writeln!(s, "# TYPE pivgate_tls_handshakes_refused_total counter\npivgate_tls_handshakes_refused_total {}", gw.counters.tls_rejected.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# TYPE pivgate_group_commits_total counter\npivgate_group_commits_total {}", gw.store.flushes());
+    s
 }
 
 /// Opens everything a gateway needs from its configuration: the service
@@ -98,7 +159,6 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         anchors.extend(read_der_or_pem(p, "CERTIFICATE")?);
     }
     let trust = verify::CardTrust::new(&anchors, config.card_policy()).map_err(Error::Config)?;
-    trust.set_crls(load_crls(config)?);
     let store = store::Store::open(&config.data_dir.join("db"))?;
     let gateway = Gateway {
         store,
@@ -133,6 +193,9 @@ pub async fn run(
             }
         }
     });
+    // CRLs before serving, then on schedule.
+    let (crls, failed) = refresh_crls(&config).await;
+    gateway.trust.set_crls(crls, &failed);
     let gw = gateway.clone();
     let crl_config = config.clone();
     let crl_reloader = tokio::spawn(async move {
@@ -140,12 +203,18 @@ pub async fn run(
         tick.tick().await;
         loop {
             tick.tick().await;
-            match load_crls(&crl_config) {
-                Ok(c) => gw.trust.set_crls(c),
-                Err(e) => tracing::warn!(error = %e, "CRL reload failed; keeping the previous CRLs"),
-            }
+            let (crls, failed) = refresh_crls(&crl_config).await;
+            gw.trust.set_crls(crls, &failed);
         }
     });
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("metrics_listen {addr}: {e}")))?;
+            let gw = gateway.clone();
+            Some(tokio::spawn(net::serve_metrics(listener, Arc::new(move || metrics_text(&gw)))))
+        }
+        None => None,
+    };
     let gw = gateway.clone();
     let limiter = Arc::new(std::sync::Mutex::new((0u32, SystemTime::UNIX_EPOCH)));
     let on_reject: tls::OnReject = Arc::new(move |peer: SocketAddr, why: String| {
@@ -200,6 +269,9 @@ pub async fn run(
     sweeper.abort();
     crl_reloader.abort();
     acceptor.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     gateway.store.sync()?;
     result.map_err(|e| Error::Tls(e.to_string()))
 }

@@ -266,10 +266,13 @@ impl CardTrust {
         Ok(CardTrust { anchors, anchor_subjects, crls: RwLock::new(Vec::new()), policy })
     }
 
-    /// Replaces the loaded CRLs.
-    pub fn set_crls(&self, crls: Vec<LoadedCrl>) {
+    /// Replaces the loaded CRLs, keeping the previous CRL of every source
+    /// in `failed` (a failed refresh must not drop revocation data).
+    pub fn set_crls(&self, fresh: Vec<LoadedCrl>, failed: &[String]) {
         if let Ok(mut g) = self.crls.write() {
-            *g = crls;
+            let kept: Vec<LoadedCrl> = std::mem::take(&mut *g).into_iter().filter(|c| failed.contains(&c.source)).collect();
+            *g = fresh;
+            g.extend(kept);
         }
     }
 

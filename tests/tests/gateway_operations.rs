@@ -53,3 +53,67 @@ async fn a_restarted_gateway_keeps_sessions_enrolments_sequence_and_audit_chain(
     assert_eq!(state.into_inner().state.unwrap().sequence, g.sequence + 1);
     Ok(())
 }
+
+/// Serves `body` to every HTTP request on a loopback port; returns the port.
+async fn serve_once_forever(body: Vec<u8>) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/pkix-crl\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+async fn http_get(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn metrics_and_crls_fetched_over_http() -> Result<()> {
+    let issuer = pivgate_hw::vcard::IssuingCa::generate("issuer")?;
+    let now = time::OffsetDateTime::now_utc();
+    let crl = issuer.crl(&[], now - time::Duration::minutes(10), now + time::Duration::days(1), 7)?;
+    let crl_port = serve_once_forever(crl).await?;
+    let metrics_port = pivgate_tests::process::free_port()?;
+    let site = Site::start_with_issuer(issuer, move |c, _| {
+        c.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+        c.cards.crl_urls = vec![format!("http://127.0.0.1:{crl_port}/issuer.crl"), "http://127.0.0.1:9/dead.crl".into()];
+        c.cards.crl_fetch_timeout_s = 2;
+    })
+    .await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["t1"]).await?;
+    let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    let Tap::Denied(_) = tap(&mut agent, "t1", &mut site.card(Algorithm::EccP256)?.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+
+    let text = http_get(metrics_port).await?;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for want in [
+        "pivgate_authentications_total{outcome=\"granted\"} 1",
+        "pivgate_authentications_total{outcome=\"denied\",reason=\"unknown_card\"} 1",
+        "pivgate_unlocked_terminals 1",
+        &format!("pivgate_crl_age_seconds{{source=\"http://127.0.0.1:{crl_port}/issuer.crl\"}} 6"),
+        "pivgate_verification_seconds_count 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    // The grant names the CRL it relied on.
+    let granted = site.audit_after(0).await?.into_iter().find(|r| r.kind == "auth.granted").unwrap();
+    assert!(granted.detail_json.contains(&format!("crl:http://127.0.0.1:{crl_port}/issuer.crl")), "{}", granted.detail_json);
+    Ok(())
+}
