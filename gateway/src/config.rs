@@ -195,4 +195,12 @@ mod tests {
         let wrong_type = toml::from_str::<Config>("listen = 3");
         assert!(wrong_type.is_err());
     }
+
+    #[test]
+    fn the_shipped_example_configuration_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.challenge_ttl_s, Config::default().challenge_ttl_s);
+        assert_eq!(c.cards.crl_refresh_s, CardsConfig::default().crl_refresh_s);
+    }
 }

@@ -185,20 +185,38 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mut input = req.into_inner();
         let gw = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
+        // Locks of this agent's terminals are pushed as they happen (an
+        // administrator's lock, a revocation), not only with heartbeats.
+        let mut live = gw.store.subscribe();
+        let heartbeat = (gw.agent_grace.as_millis() / 3).min(u128::from(u32::MAX)) as u32;
         tokio::spawn(async move {
-            while let Some(Ok(msg)) = input.next().await {
-                let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
-                    .terminals
-                    .iter()
-                    .take(1024)
-                    .map(|t| (t.terminal_id.clone(), t.card_present, t.card_uuid.as_slice().try_into().ok()))
-                    .collect();
-                let reply = match gw.presence(&caller, &reports).await {
-                    Ok(locked) => Ok(pb::PresenceResponse {
-                        heartbeat_interval_ms: (gw.agent_grace.as_millis() / 3).min(u128::from(u32::MAX)) as u32,
-                        lock_terminals: locked,
-                    }),
-                    Err(e) => Err(Status::from(e)),
+            loop {
+                let reply = tokio::select! {
+                    msg = input.next() => {
+                        let Some(Ok(msg)) = msg else { break };
+                        let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
+                            .terminals
+                            .iter()
+                            .take(1024)
+                            .map(|t| (t.terminal_id.clone(), t.card_present, t.card_uuid.as_slice().try_into().ok()))
+                            .collect();
+                        match gw.presence(&caller, &reports).await {
+                            Ok(locked) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked }),
+                            Err(e) => Err(Status::from(e)),
+                        }
+                    }
+                    ev = live.recv() => match ev {
+                        Ok(e) if matches!(e.session, Session::Locked { .. }) => {
+                            let serves = gw.store.agent(&caller.name).ok().flatten().is_some_and(|a| a.terminals.contains(&e.terminal_id));
+                            if !serves {
+                                continue;
+                            }
+                            Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: vec![e.terminal_id] })
+                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = tx.closed() => break,
                 };
                 if tx.send(reply).await.is_err() {
                     break;

@@ -131,3 +131,97 @@ async fn a_console_that_reconnects_gets_every_missed_event_once_in_order() -> Re
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
+
+async fn presence(
+    agent: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+) -> Result<(tokio::sync::mpsc::Sender<pb::PresenceRequest>, tonic::Streaming<pb::PresenceResponse>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stream = agent.presence(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, stream))
+}
+
+async fn next_presence(s: &mut tonic::Streaming<pb::PresenceResponse>) -> Result<pb::PresenceResponse> {
+    Ok(tokio::time::timeout(Duration::from_secs(3), s.message()).await??.expect("presence reply"))
+}
+
+fn report(terminal: &str, card: Option<&[u8]>) -> pb::PresenceRequest {
+    pb::PresenceRequest {
+        agent_version: "test".into(),
+        terminals: vec![pb::TerminalReport {
+            terminal_id: terminal.into(),
+            reader_present: true,
+            card_present: card.is_some(),
+            card_uuid: card.map(|c| c.to_vec()).unwrap_or_default(),
+        }],
+    }
+}
+
+async fn state(site: &Site, t: &str) -> Result<pb::TerminalState> {
+    Ok(site.application("c").await?.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: t.into() }).await?.into_inner().state.unwrap())
+}
+
+#[tokio::test]
+async fn a_card_pulled_while_the_link_was_down_locks_when_the_agent_reports() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["t1"]).await?;
+    let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    // The agent reconnects and reports what it sees: the card is still in ...
+    let (tx, mut replies) = presence(&mut agent).await?;
+    tx.send(report("t1", Some(&profile.chuid.guid))).await?;
+    assert!(next_presence(&mut replies).await?.lock_terminals.is_empty());
+    assert!(state(&site, "t1").await?.unlocked);
+    // ... then it is gone.
+    tx.send(report("t1", None)).await?;
+    assert_eq!(next_presence(&mut replies).await?.lock_terminals, vec!["t1".to_string()]);
+    let s = state(&site, "t1").await?;
+    assert!(!s.unlocked && s.lock_reason == pb::LockReason::CardRemoved as i32);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_administrators_lock_is_pushed_to_the_agent() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["t1"]).await?;
+    let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    let (tx, mut replies) = presence(&mut agent).await?;
+    tx.send(report("t1", Some(&profile.chuid.guid))).await?;
+    next_presence(&mut replies).await?;
+    site.admin().await?.lock_terminal(pb::LockTerminalRequest { terminal_id: "t1".into() }).await?;
+    assert_eq!(next_presence(&mut replies).await?.lock_terminals, vec!["t1".to_string()]);
+    assert_eq!(state(&site, "t1").await?.lock_reason, pb::LockReason::Administrator as i32);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_agent_and_a_long_session_lock_their_terminals() -> Result<()> {
+    let site = Site::start(|c, _| c.agent_grace_s = 1).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["t1"]).await?;
+    // t2's agent has never opened a presence stream, so only its session
+    // length can lock it.
+    let mut other = site.agent("pi-2", &["t2"]).await?;
+    site.admin()
+        .await?
+        .set_terminal_policy(pb::SetTerminalPolicyRequest {
+            terminal_id: "t2".into(),
+            allowed_mechanisms: vec![pb::Mechanism::CardAndPin as i32],
+            max_session_s: 1,
+            ..Default::default()
+        })
+        .await?;
+    let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    let Tap::Granted(_) = tap(&mut other, "t2", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    // One heartbeat, then silence.
+    let (tx, mut replies) = presence(&mut agent).await?;
+    tx.send(report("t1", Some(&profile.chuid.guid))).await?;
+    next_presence(&mut replies).await?;
+    pivgate_tests::site::eventually(Duration::from_secs(5), || async {
+        Ok(state(&site, "t1").await?.lock_reason == pb::LockReason::AgentSilent as i32
+            && state(&site, "t2").await?.lock_reason == pb::LockReason::MaxSession as i32)
+    })
+    .await?;
+    drop(tx);
+    Ok(())
+}
