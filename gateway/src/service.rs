@@ -22,6 +22,9 @@ use crate::pki::{self, Caller, Role};
 use crate::store::{AuditEntry, AuditRecord};
 use crate::verify::Deny;
 
+/// Most concurrent event watchers (each holds a task and a buffer).
+const MAX_WATCHERS: i64 = 4096;
+
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Reads the caller from the request's verified client certificate and
@@ -229,6 +232,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
     async fn begin_authentication(&self, req: Request<pb::BeginAuthenticationRequest>) -> Result<Response<pb::BeginAuthenticationResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.BeginAuthentication").await?;
         let r = req.into_inner();
+        if r.certificate.len() > 16 * 1024 || r.terminal_id.len() > 256 || r.fascn.len() > 64 {
+            return Err(Status::invalid_argument("certificate, terminal or FASC-N too long"));
+        }
         let begin = BeginRequest {
             terminal: r.terminal_id,
             card_uuid: card_uuid(&r.card_uuid)?,
@@ -302,6 +308,9 @@ impl pb::access_service_server::AccessService for AccessApi {
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
         authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.WatchEvents").await?;
+        if self.0.counters.watchers.load(std::sync::atomic::Ordering::Relaxed) >= MAX_WATCHERS {
+            return Err(Error::Exhausted("too many watchers").into());
+        }
         let r = req.into_inner();
         let gw = self.0.clone();
         let filter: Vec<String> = r.terminal_ids;
