@@ -31,6 +31,7 @@ pub mod transport;
 #[cfg(feature = "vcard")]
 pub mod vcard;
 
+pub use embedded_hal;
 pub use error::{Error, Result};
 pub use pin::Pin;
 pub use transport::{Clock, SystemClock, Transport};

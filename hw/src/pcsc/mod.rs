@@ -111,6 +111,27 @@ pub struct PcscTransaction<'a> {
     extended: bool,
 }
 
+/// Something that takes reader control codes (SCardControl).
+pub trait ReaderControl {
+    /// Sends a control code with input; returns the output.
+    fn control(&self, code: u32, input: &[u8]) -> Result<Vec<u8>>;
+}
+
+impl ReaderControl for PcscCard {
+    fn control(&self, code: u32, input: &[u8]) -> Result<Vec<u8>> {
+        PcscCard::control(self, code, input)
+    }
+}
+
+impl ReaderControl for PcscTransaction<'_> {
+    fn control(&self, code: u32, input: &[u8]) -> Result<Vec<u8>> {
+        let tx = self.tx.as_ref().ok_or(Error::CardRemoved)?;
+        let mut buf = vec![0u8; ::pcsc::MAX_BUFFER_SIZE];
+        let out = tx.control(code as _, input, &mut buf).map_err(map_err)?;
+        Ok(out.to_vec())
+    }
+}
+
 impl PcscTransaction<'_> {
     /// Ends the transaction, resetting the card when `reset`.
     pub fn end(mut self, reset: bool) -> Result<()> {

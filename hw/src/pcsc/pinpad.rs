@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 
-use super::PcscCard;
+use super::ReaderControl;
 
 /// CM_IOCTL_GET_FEATURE_REQUEST, SCARD_CTL_CODE(3400) (PC/SC Part 10, §2.2).
 pub fn get_feature_request() -> u32 {
@@ -53,7 +53,7 @@ impl Features {
 
 /// Asks the reader for its features. A reader that does not understand the
 /// request (vpcd, most plain readers) has none.
-pub fn features(card: &PcscCard) -> Result<Features> {
+pub fn features(card: &impl ReaderControl) -> Result<Features> {
     match card.control(get_feature_request(), &[]) {
         Ok(data) => Features::parse(&data),
         Err(Error::Pcsc(_)) => Ok(Features::default()),
@@ -100,7 +100,7 @@ pub fn verify_result(sw: &[u8]) -> Result<()> {
 }
 
 /// VERIFY with the PIN typed on the reader's own keys.
-pub fn verify_pin_direct(card: &PcscCard, features: &Features, timeout_secs: u8) -> Result<()> {
+pub fn verify_pin_direct(card: &impl ReaderControl, features: &Features, timeout_secs: u8) -> Result<()> {
     let code = features.get(FEATURE_VERIFY_PIN_DIRECT).ok_or(Error::NoPinPad)?;
     let out = card.control(code, &piv_verify_structure(timeout_secs))?;
     verify_result(&out)

@@ -122,6 +122,11 @@ impl<T: Transport> PivClient<T> {
         self.stats
     }
 
+    /// The transport, for reader control codes (PIN pads).
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
     /// The transport back.
     pub fn into_inner(self) -> T {
         self.transport

@@ -1,0 +1,221 @@
+//! The link to the gateway: mutual TLS, the calls of one badge tap, and the
+//! presence stream that reports every terminal's reader and card.
+//!
+//! The presence stream reconnects with exponential backoff and jitter, and
+//! every (re)connection starts with a full report of every terminal, so a
+//! card pulled while the link was down still locks its terminal. Locks the
+//! gateway pushes (an administrator's, a revocation) reach the terminal's
+//! worker through [`Link::locks`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pivgate_proto::v1 as pb;
+use pb::agent_service_client::AgentServiceClient;
+use tokio::sync::{broadcast, Notify};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::GatewayConfig;
+use crate::Error;
+
+/// What one terminal looks like to the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TerminalReport {
+    /// The reader is there.
+    pub reader_present: bool,
+    /// A card is in it.
+    pub card_present: bool,
+    /// The card's UUID, once read.
+    pub card_uuid: Option<[u8; 16]>,
+}
+
+/// The gateway link.
+pub struct Link {
+    client: AgentServiceClient<Channel>,
+    timeout: Duration,
+    state: Mutex<BTreeMap<String, TerminalReport>>,
+    changed: Notify,
+    connected: AtomicBool,
+    locks: broadcast::Sender<String>,
+    link_changes: broadcast::Sender<bool>,
+}
+
+fn jitter(d: Duration) -> Duration {
+    // Spread reconnects of fifty boxes after a gateway restart: 50% to
+    // 150% of the backoff, from the clock's low bits (no need for a CSPRNG).
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    d.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+}
+
+impl Link {
+    /// A link to the configured gateway. Connects lazily: a gateway that is
+    /// down does not stop the agent from starting.
+    pub fn new(cfg: &GatewayConfig, terminals: &[String]) -> Result<Arc<Link>, Error> {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())));
+        let tls = ClientTlsConfig::new()
+            .domain_name(cfg.server_name.clone())
+            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
+            .identity(Identity::from_pem(read(&cfg.certificate)?, read(&cfg.key)?));
+        let channel = Endpoint::from_shared(format!("https://{}", cfg.address))
+            .map_err(|e| Error::Config(format!("gateway.address: {e}")))?
+            .tls_config(tls)
+            .map_err(|e| Error::Config(format!("gateway TLS: {e}")))?
+            .connect_timeout(Duration::from_secs(cfg.call_timeout_s))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let state = terminals.iter().map(|t| (t.clone(), TerminalReport::default())).collect();
+        Ok(Arc::new(Link {
+            client: AgentServiceClient::new(channel),
+            timeout: Duration::from_secs(cfg.call_timeout_s),
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            connected: AtomicBool::new(false),
+            locks: broadcast::channel(64).0,
+            link_changes: broadcast::channel(16).0,
+        }))
+    }
+
+    /// Whether the presence stream is up.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Terminals the gateway locked (pushed over the presence stream).
+    pub fn locks(&self) -> broadcast::Receiver<String> {
+        self.locks.subscribe()
+    }
+
+    /// The presence stream going up (true) or down (false).
+    pub fn link_changes(&self) -> broadcast::Receiver<bool> {
+        self.link_changes.subscribe()
+    }
+
+    /// Updates a terminal's report; the presence stream sends it at once.
+    pub fn report(&self, terminal: &str, update: impl FnOnce(&mut TerminalReport)) {
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(r) = s.get_mut(terminal) {
+                update(r);
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    fn snapshot(&self) -> pb::PresenceRequest {
+        let terminals = self
+            .state
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .map(|(id, r)| pb::TerminalReport {
+                        terminal_id: id.clone(),
+                        reader_present: r.reader_present,
+                        card_present: r.card_present,
+                        card_uuid: r.card_uuid.map(|u| u.to_vec()).unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::PresenceRequest { agent_version: env!("CARGO_PKG_VERSION").into(), terminals }
+    }
+
+    async fn call<T>(&self, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, Error> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) => {
+                Err(Error::GatewayUnreachable(s.message().to_string()))
+            }
+            Ok(Err(s)) => Err(Error::Gateway(s.to_string())),
+            Err(_) => Err(Error::GatewayUnreachable("call timed out".into())),
+        }
+    }
+
+    /// BeginAuthentication.
+    pub async fn begin(&self, req: pb::BeginAuthenticationRequest) -> Result<pb::begin_authentication_response::Outcome, Error> {
+        let mut c = self.client.clone();
+        self.call(c.begin_authentication(req)).await?.outcome.ok_or_else(|| Error::Gateway("empty answer".into()))
+    }
+
+    /// CompleteAuthentication.
+    pub async fn complete(&self, req: pb::CompleteAuthenticationRequest) -> Result<pb::complete_authentication_response::Outcome, Error> {
+        let mut c = self.client.clone();
+        self.call(c.complete_authentication(req)).await?.outcome.ok_or_else(|| Error::Gateway("empty answer".into()))
+    }
+
+    /// ReportCardRemoved. A failure is not fatal: the next presence report
+    /// after a reconnect says the card is gone.
+    pub async fn card_removed(&self, terminal: &str, uuid: Option<[u8; 16]>) -> Result<bool, Error> {
+        let mut c = self.client.clone();
+        let req = pb::ReportCardRemovedRequest { terminal_id: terminal.into(), card_uuid: uuid.map(|u| u.to_vec()).unwrap_or_default() };
+        Ok(self.call(c.report_card_removed(req)).await?.locked)
+    }
+
+    fn set_connected(&self, up: bool) {
+        if self.connected.swap(up, Ordering::SeqCst) != up {
+            let _ = self.link_changes.send(up);
+            if up {
+                tracing::info!("gateway link up");
+            } else {
+                tracing::warn!("gateway link down; nothing will unlock until it is back");
+            }
+        }
+    }
+
+    /// Keeps the presence stream up until `shutdown`.
+    pub async fn presence_loop(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut heartbeat = Duration::from_secs(10);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let _ = tx.try_send(self.snapshot());
+            let mut client = self.client.clone();
+            let opened = tokio::time::timeout(self.timeout, client.presence(tokio_stream::wrappers::ReceiverStream::new(rx))).await;
+            let mut stream = match opened {
+                Ok(Ok(s)) => s.into_inner(),
+                _ => {
+                    self.set_connected(false);
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter(backoff)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            loop {
+                tokio::select! {
+                    msg = stream.message() => match msg {
+                        Ok(Some(r)) => {
+                            self.set_connected(true);
+                            backoff = Duration::from_millis(200);
+                            if r.heartbeat_interval_ms > 0 {
+                                heartbeat = Duration::from_millis(u64::from(r.heartbeat_interval_ms)).max(Duration::from_millis(200));
+                            }
+                            for t in r.lock_terminals {
+                                let _ = self.locks.send(t);
+                            }
+                        }
+                        _ => break,
+                    },
+                    _ = self.changed.notified() => {
+                        if tx.send(self.snapshot()).await.is_err() { break; }
+                    }
+                    _ = tokio::time::sleep(heartbeat) => {
+                        if tx.send(self.snapshot()).await.is_err() { break; }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+            self.set_connected(false);
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(backoff)) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+}
