@@ -30,7 +30,7 @@ use pivgate_hw::keypad::entry::EntryRules;
 use pivgate_hw::pcsc::{Monitor, ReaderEvent};
 
 use crate::config::Config;
-use crate::terminal::{Input, PinSource, SharedIndicator, TapResult, Worker};
+use crate::terminal::{Input, PinSource, SharedIndicator, Worker};
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ pub struct Io {
     /// Indicators by terminal id (otherwise from the configuration).
     pub indicators: HashMap<String, Box<dyn Indicator>>,
     /// Called with every tap's result.
-    pub on_result: Option<Arc<dyn Fn(&str, &TapResult) + Send + Sync>>,
+    pub on_result: Option<terminal::OnResult>,
 }
 
 /// Writes patterns to the log.
@@ -148,7 +148,7 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
             indicator: ind.clone(),
             inputs: rx,
             rules,
-            on_result: on_result.map(|f| Box::new(move |t: &str, r: &TapResult| f(t, r)) as Box<dyn Fn(&str, &TapResult) + Send>),
+            on_result,
         };
         threads.push(std::thread::Builder::new().name(format!("terminal {}", t.id)).spawn(move || worker.run())?);
         senders.push((t.clone(), tx, ind));

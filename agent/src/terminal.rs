@@ -27,6 +27,9 @@ use crate::keys::KeySource;
 use crate::link::Link;
 use crate::Error;
 
+/// Called with each tap's result (tests, metrics).
+pub type OnResult = Arc<dyn Fn(&str, &TapResult) + Send + Sync>;
+
 /// An indicator shared between the worker and the link watcher.
 pub type SharedIndicator = Arc<Mutex<Box<dyn Indicator>>>;
 
@@ -93,7 +96,7 @@ pub struct Worker {
     /// PIN entry rules.
     pub rules: EntryRules,
     /// Called with every tap's result (tests, metrics).
-    pub on_result: Option<Box<dyn Fn(&str, &TapResult) + Send>>,
+    pub on_result: Option<OnResult>,
 }
 
 enum PinRead {

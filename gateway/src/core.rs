@@ -104,6 +104,9 @@ pub struct Gateway {
     pub agent_grace: Duration,
     /// The data folder (service PKI files).
     pub data_dir: std::path::PathBuf,
+    /// Set when the gateway is stopping: long-lived streams end, so a
+    /// graceful shutdown does not wait for them forever.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 enum BeginCheck {

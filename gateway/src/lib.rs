@@ -169,6 +169,7 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         counters: Default::default(),
         agent_grace: Duration::from_secs(config.agent_grace_s),
         data_dir: config.data_dir.clone(),
+        stopping: tokio::sync::watch::channel(false).0,
     };
     Ok((Arc::new(gateway), tls_config, created))
 }
@@ -264,7 +265,13 @@ pub async fn run(
         .add_service(pb::agent_service_server::AgentServiceServer::new(service::AgentApi(gateway.clone())))
         .add_service(pb::access_service_server::AccessServiceServer::new(service::AccessApi(gateway.clone())))
         .add_service(pb::admin_service_server::AdminServiceServer::new(service::AdminApi(gateway.clone())))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, {
+            let gw = gateway.clone();
+            async move {
+                shutdown.await;
+                let _ = gw.stopping.send(true);
+            }
+        })
         .await;
     sweeper.abort();
     crl_reloader.abort();

@@ -192,9 +192,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // administrator's lock, a revocation), not only with heartbeats.
         let mut live = gw.store.subscribe();
         let heartbeat = (gw.agent_grace.as_millis() / 3).min(u128::from(u32::MAX)) as u32;
+        let mut stopping = gw.stopping.subscribe();
         tokio::spawn(async move {
             loop {
                 let reply = tokio::select! {
+                    _ = stopping.changed() => break,
                     msg = input.next() => {
                         let Some(Ok(msg)) = msg else { break };
                         let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
@@ -318,6 +320,7 @@ impl pb::access_service_server::AccessService for AccessApi {
         // Subscribe before reading the stored log, so nothing falls between.
         let mut live = gw.store.subscribe();
         gw.counters.watchers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut stopping = gw.stopping.subscribe();
         tokio::spawn(async move {
             let mut last = r.after_sequence;
             let wanted = |e: &model::Event| filter.is_empty() || filter.contains(&e.terminal_id);
@@ -345,6 +348,7 @@ impl pb::access_service_server::AccessService for AccessApi {
                 loop {
                     let next = tokio::select! {
                         r = live.recv() => r,
+                        _ = stopping.changed() => break 'outer,
                         // The console went away (or the server is stopping).
                         _ = tx.closed() => break 'outer,
                     };

@@ -38,6 +38,16 @@ pub fn run_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(env("PIVGATE_RUN_DIR")?))
 }
 
+impl Reader {
+    /// The instance's second vpcd slot (name, address), for scenarios with
+    /// two terminals on one agent. The lease covers it.
+    pub fn second_slot(&self) -> (String, SocketAddr) {
+        let mut addr = self.addr;
+        addr.set_port(addr.port() + 1);
+        (format!("pivgate vpcd {} 00 01", self.instance), addr)
+    }
+}
+
 /// Leases a free vpcd reader, waiting up to a minute for one.
 pub fn reader() -> Result<Reader> {
     env("PIVGATE_RIG")?;
@@ -162,6 +172,7 @@ pub fn restart_pcscd(reader: &Reader) -> Result<()> {
     Ok(())
 }
 
+pub mod agent;
 pub mod process;
 pub mod site;
 

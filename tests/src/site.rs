@@ -105,10 +105,16 @@ impl Site {
     }
 
     /// Stops the gateway (graceful) and starts it again on the same folder
-    /// and a new port.
+    /// and port.
     pub async fn restart(mut self) -> Result<Site> {
         self.stop().await?;
-        self.config.listen = "127.0.0.1:0".parse()?;
+        self.config.listen = self.addr.parse()?;
+        self.launch().await
+    }
+
+    /// Starts a stopped gateway again on the same folder and port.
+    pub async fn resume(mut self) -> Result<Site> {
+        self.config.listen = self.addr.parse()?;
         self.launch().await
     }
 
