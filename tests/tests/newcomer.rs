@@ -118,6 +118,16 @@ async fn the_example_console_resumes_where_it_stopped() -> Result<()> {
     let mut seen = vec![];
     let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("refused") };
     wait_for(&lines, &mut seen, "#1 t1 UNLOCKED by op-1", t)?;
+    // It records an event as handled right after acting on it; stop it
+    // once it has (a kill in between means the event comes again: at least
+    // once, never lost).
+    let deadline = Instant::now() + t;
+    while std::fs::read_to_string(dir.join("seq")).unwrap_or_default().trim() != "1" {
+        if Instant::now() > deadline {
+            bail!("the console never recorded sequence 1");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     console.kill()?;
     console.wait()?;
     // While it is away: a lock and another unlock.
