@@ -208,3 +208,24 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses_and_errors_name_the_field() {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml")).unwrap();
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(c.terminals.len(), 2);
+        assert!(matches!(c.terminals[1].keypad, KeypadConfig::Pinpad));
+        assert!(c.terminals[0].matches_reader("Identiv uTrust 3700 F CL Reader [CCID Interface] 00 00"));
+        assert!(!c.terminals[0].matches_reader("Other Reader 00 00"));
+        // Validation fails on the missing certificate files, naming them.
+        assert!(c.validate().unwrap_err().to_string().contains("/etc/pivgate/service-ca.pem"));
+        let bad = text.replace("layout = \"3x4\"", "layout = \"4x4\"");
+        let c: Config = toml::from_str(&bad).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("terminal[0].keypad"));
+        assert!(toml::from_str::<Config>(&text.replace("idle_timeout_s", "idle_timout_s")).unwrap_err().to_string().contains("idle_timout_s"));
+    }
+}

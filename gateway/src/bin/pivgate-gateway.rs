@@ -68,6 +68,22 @@ async fn main() -> anyhow::Result<()> {
         }
         tracing::info!("shutting down; finishing in-flight requests");
     };
-    pivgate_gateway::run(listener, gateway, tls, config, shutdown).await?;
+    // systemd (Type=notify): ready once listening; watchdog while alive.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = std::time::Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    pivgate_gateway::run(listener, gateway, tls, config, async move {
+        shutdown.await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    })
+    .await?;
     Ok(())
 }
