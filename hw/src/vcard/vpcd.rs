@@ -51,8 +51,26 @@ pub fn connect(addr: SocketAddr, patience: Duration) -> io::Result<TcpStream> {
     }
 }
 
+/// What happened during one session in the reader (for benchmarks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionStats {
+    /// When the first command APDU arrived.
+    pub first_apdu: Option<Instant>,
+    /// When the last response left.
+    pub last_response: Option<Instant>,
+    /// Command APDUs answered.
+    pub apdus: usize,
+    /// The card time the latency model added.
+    pub modelled: Duration,
+}
+
 /// Serves `card` over an established vpcd connection until it ends.
-pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool) -> io::Result<Ended> {
+pub fn serve(card: &mut VirtualCard, stream: TcpStream, removed: &AtomicBool) -> io::Result<Ended> {
+    serve_with_stats(card, stream, removed, &std::sync::Mutex::new(SessionStats::default()))
+}
+
+/// [`serve`], recording [`SessionStats`].
+pub fn serve_with_stats(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool, stats: &std::sync::Mutex<SessionStats>) -> io::Result<Ended> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let mut len = [0u8; 2];
@@ -84,6 +102,9 @@ pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool
             [4] => card.atr().to_vec(),
             [_] => continue,
             apdu => {
+                if let Ok(mut st) = stats.lock() {
+                    st.first_apdu.get_or_insert_with(Instant::now);
+                }
                 let answer = card.process(apdu);
                 if answer.disconnect {
                     let _ = stream.shutdown(Shutdown::Both);
@@ -92,6 +113,10 @@ pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool
                 if !answer.delay.is_zero() {
                     std::thread::sleep(answer.delay);
                 }
+                if let Ok(mut st) = stats.lock() {
+                    st.apdus += 1;
+                    st.modelled += answer.delay;
+                }
                 answer.response
             }
         };
@@ -99,6 +124,9 @@ pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool
         msg.extend_from_slice(&(reply.len() as u16).to_be_bytes());
         msg.extend_from_slice(&reply);
         stream.write_all(&msg)?;
+        if let Ok(mut st) = stats.lock() {
+            st.last_response = Some(Instant::now());
+        }
     }
 }
 
@@ -106,6 +134,7 @@ pub fn serve(card: &mut VirtualCard, mut stream: TcpStream, removed: &AtomicBool
 pub struct Inserted {
     stream: TcpStream,
     removed: Arc<AtomicBool>,
+    stats: Arc<std::sync::Mutex<SessionStats>>,
     thread: JoinHandle<(VirtualCard, io::Result<Ended>)>,
 }
 
@@ -115,11 +144,13 @@ pub fn insert(mut card: VirtualCard, addr: SocketAddr) -> io::Result<Inserted> {
     let removed = Arc::new(AtomicBool::new(false));
     let theirs = stream.try_clone()?;
     let flag = removed.clone();
+    let stats = Arc::new(std::sync::Mutex::new(SessionStats::default()));
+    let st = stats.clone();
     let thread = std::thread::Builder::new().name(format!("vcard {addr}")).spawn(move || {
-        let r = serve(&mut card, theirs, &flag);
+        let r = serve_with_stats(&mut card, theirs, &flag, &st);
         (card, r)
     })?;
-    Ok(Inserted { stream, removed, thread })
+    Ok(Inserted { stream, removed, stats, thread })
 }
 
 impl Inserted {
@@ -127,6 +158,11 @@ impl Inserted {
     /// fault pulled it).
     pub fn is_inserted(&self) -> bool {
         !self.thread.is_finished()
+    }
+
+    /// What the session has seen so far.
+    pub fn stats(&self) -> SessionStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// Pulls the card out of the reader and hands it back with its state

@@ -88,7 +88,7 @@ async fn main() -> Result<()> {
 
     // The card and its issuer.
     let (profile, generated) = Profile::load_or_generate(&site.join("card"), &ProfileOptions::default())?;
-    println!("card: {} virtual PIV card, UUID {}, PIN 123456 ({})", "P-256", profile.chuid.uuid_string(), if generated { "new" } else { "loaded" });
+    println!("card: P-256 virtual PIV card, UUID {}, PIN 123456 ({})", profile.chuid.uuid_string(), if generated { "new" } else { "loaded" });
 
     // The gateway, on its defaults, trusting the card issuer.
     let mut gcfg = pivgate_gateway::Config { data_dir: site.join("gateway"), listen: format!("127.0.0.1:{port}").parse()?, ..Default::default() };
