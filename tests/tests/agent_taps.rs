@@ -209,3 +209,29 @@ async fn after_pcscd_restarts_the_next_tap_still_works() -> Result<()> {
     inserted.remove();
     agent.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_pulled_in_the_middle_of_a_tap_unlocks_nothing_and_the_next_tap_works() -> Result<()> {
+    let r = reader()?;
+    let site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let agent = start_agent(&site, "pi-1", &[TerminalSpec { id: "t1", reader: &r.name, keypad: true }]).await?;
+    // The card leaves after the PIN is verified, before it signs.
+    let mut card = profile.card();
+    // SELECT, CHUID, PIN status, VERIFY, then GENERAL AUTHENTICATE: gone.
+    card.add_fault(pivgate_hw::vcard::Fault::DropAt(card.apdu_count() + 5));
+    let inserted = vpcd::insert(card, r.addr)?;
+    let seen = agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
+    agent.type_keys("t1", "123456#");
+    let result = agent.next_result("t1", T).await?;
+    assert!(matches!(result, TapResult::CardRemoved | TapResult::CardError(_)), "{result:?}");
+    inserted.remove();
+    assert!(!state(&site, "t1").await?.unlocked);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let inserted = vpcd::insert(profile.card(), r.addr)?;
+    agent.wait_pattern("t1", Pattern::EnterPin, seen, T).await?;
+    agent.type_keys("t1", "123456#");
+    assert_eq!(agent.next_result("t1", T).await?, TapResult::Granted { operator: "op-1".into() });
+    inserted.remove();
+    agent.stop().await
+}
