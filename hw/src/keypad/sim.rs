@@ -51,10 +51,14 @@ impl SimulatedKeypad {
 /// Feeds lines from `input` (a terminal) to the keypad: each legend
 /// character is a key and the end of a line is Enter. Runs until the input
 /// ends.
+/// A line may be a PIN, so it is zeroized once its keys are sent.
 pub fn feed_lines(input: impl BufRead, keys: &KeySender) {
+    use zeroize::Zeroize;
     for line in input.lines() {
-        let Ok(line) = line else { return };
-        if !keys.type_legends(line.trim()) || !keys.press(Key::Enter) {
+        let Ok(mut line) = line else { return };
+        let sent = keys.type_legends(line.trim()) && keys.press(Key::Enter);
+        line.zeroize();
+        if !sent {
             return;
         }
     }

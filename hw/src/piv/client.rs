@@ -14,8 +14,6 @@
 
 use std::time::{Duration, Instant};
 
-use zeroize::Zeroizing;
-
 use crate::apdu::{Command, Ins, Response, StatusWord};
 use crate::error::{Error, Result};
 use crate::pin::Pin;
@@ -422,11 +420,6 @@ fn check_ecdsa_der(sig: &[u8], coord: usize) -> Result<()> {
     }
     Ok(())
 }
-
-/// Keeps the PIN-bearing APDU buffers zeroized; the compiler proves the
-/// type is used where VERIFY data is built.
-#[allow(dead_code)]
-type SecretBuf = Zeroizing<Vec<u8>>;
 
 #[cfg(test)]
 mod tests {

@@ -202,7 +202,7 @@ async fn main() -> Result<()> {
         }
         let _ = line_tx.blocking_send(None);
     });
-    while let Some(Some(line)) = line_rx.recv().await {
+    while let Some(Some(mut line)) = line_rx.recv().await {
         match line.trim() {
             "q" | "quit" => break,
             "r" | "remove" | "insert" => {
@@ -225,6 +225,8 @@ async fn main() -> Result<()> {
                 keys.press(pivgate_hw::keypad::Key::Enter);
             }
         }
+        // The line may have been a PIN.
+        zeroize::Zeroize::zeroize(&mut line);
     }
     println!(">>> stopping");
     if let Some(i) = inserted.lock().unwrap().take() {
