@@ -86,15 +86,13 @@ fn main() {
                 .await
                 .expect("bind");
             let dir = scratch("bench-agent");
-            for (f, s) in [("ca.pem", &creds.ca_pem), ("a.pem", &creds.cert_pem), ("k.pem", &creds.key_pem)] {
-                std::fs::write(dir.join(f), s).expect("write");
-            }
+            let files = pivgate_tests::site::write_credentials(&creds, &dir).expect("write");
             let config = format!(
                 "[gateway]\naddress = {:?}\nca = {:?}\ncertificate = {:?}\nkey = {:?}\n\n[[terminal]]\nid = {terminal:?}\nreader = {:?}\nkeypad = {{ kind = {keypad:?} }}\n",
                 site.addr,
-                dir.join("ca.pem"),
-                dir.join("a.pem"),
-                dir.join("k.pem"),
+                files.ca,
+                files.cert,
+                files.key,
                 r.name
             );
             std::fs::write(dir.join("agent.toml"), config).expect("config");

@@ -14,7 +14,7 @@ use pivgate_hw::indicator::{Pattern, SimulatedIndicator};
 use pivgate_hw::keypad::sim::{simulated, KeySender};
 use pivgate_proto::v1 as pb;
 
-use crate::site::{scratch, Site};
+use crate::site::{scratch, write_credentials, Site};
 
 /// One terminal for the agent: id, reader name, and whether it has a keypad.
 pub struct TerminalSpec<'a> {
@@ -42,19 +42,14 @@ pub async fn start_agent(site: &Site, name: &str, terminals: &[TerminalSpec<'_>]
         .await?
         .bind_agent(pb::BindAgentRequest { agent_name: name.into(), terminal_ids: terminals.iter().map(|t| t.id.to_string()).collect() })
         .await?;
-    let dir = scratch("agent");
-    let write = |f: &str, s: &str| -> Result<std::path::PathBuf> {
-        let p = dir.join(f);
-        std::fs::write(&p, s)?;
-        Ok(p)
-    };
+    let files = write_credentials(&creds, &scratch("agent"))?;
     let config = Config {
         gateway: GatewayConfig {
             address: site.addr.clone(),
             server_name: "localhost".into(),
-            ca: write("ca.pem", &creds.ca_pem)?,
-            certificate: write("agent.pem", &creds.cert_pem)?,
-            key: write("agent-key.pem", &creds.key_pem)?,
+            ca: files.ca,
+            certificate: files.cert,
+            key: files.key,
             call_timeout_s: 3,
         },
         pin: PinConfig { idle_timeout_s: 10, total_timeout_s: 30 },

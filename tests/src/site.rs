@@ -36,6 +36,26 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Where [`write_credentials`] put the three PEM files.
+pub struct CredentialFiles {
+    /// Service CA.
+    pub ca: PathBuf,
+    /// Certificate.
+    pub cert: PathBuf,
+    /// Key.
+    pub key: PathBuf,
+}
+
+/// Writes service credentials as `ca.pem`, `cert.pem`, `key.pem` in `dir`.
+pub fn write_credentials(creds: &Credentials, dir: &Path) -> Result<CredentialFiles> {
+    std::fs::create_dir_all(dir)?;
+    let files = CredentialFiles { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+    std::fs::write(&files.ca, &creds.ca_pem)?;
+    std::fs::write(&files.cert, &creds.cert_pem)?;
+    std::fs::write(&files.key, &creds.key_pem)?;
+    Ok(files)
+}
+
 /// A running gateway.
 pub struct Site {
     /// Its address.

@@ -89,17 +89,15 @@ async fn the_example_console_resumes_where_it_stopped() -> Result<()> {
     let mut agent = site.agent("pi", &["t1"]).await?;
     let creds = site.issue(pb::ServiceRole::Application, "console").await?;
     let dir = scratch("console");
-    for (f, s) in [("ca.pem", &creds.ca_pem), ("c.pem", &creds.cert_pem), ("k.pem", &creds.key_pem)] {
-        std::fs::write(dir.join(f), s)?;
-    }
+    let files = pivgate_tests::site::write_credentials(&creds, &dir)?;
     let start = || -> Result<(std::process::Child, Receiver<String>)> {
         let mut c = Command::new(pivgate_tests::binary("pivgate-console")?)
             .args(["--gateway", &site.addr, "--terminal", "t1", "--ca"])
-            .arg(dir.join("ca.pem"))
+            .arg(&files.ca)
             .arg("--cert")
-            .arg(dir.join("c.pem"))
+            .arg(&files.cert)
             .arg("--key")
-            .arg(dir.join("k.pem"))
+            .arg(&files.key)
             .arg("--state")
             .arg(dir.join("seq"))
             .stdout(Stdio::piped())

@@ -34,20 +34,18 @@ async fn the_python_console_sees_unlocks_and_locks() -> Result<()> {
     let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
     let mut agent = site.agent("pi", &["t1"]).await?;
     let creds = site.issue(pb::ServiceRole::Application, "py-console").await?;
-    for (f, s) in [("ca.pem", &creds.ca_pem), ("c.pem", &creds.cert_pem), ("k.pem", &creds.key_pem)] {
-        std::fs::write(dir.join(f), s)?;
-    }
+    let files = pivgate_tests::site::write_credentials(&creds, &dir)?;
     let console = Command::new("python3")
         .env("PYTHONPATH", &pythonpath)
         .arg(root.join("examples/python/console.py"))
         .arg("--gen")
         .arg(&gen)
         .args(["--gateway", &site.addr, "--terminal", "t1", "--exit-after", "2", "--ca"])
-        .arg(dir.join("ca.pem"))
+        .arg(&files.ca)
         .arg("--cert")
-        .arg(dir.join("c.pem"))
+        .arg(&files.cert)
         .arg("--key")
-        .arg(dir.join("k.pem"))
+        .arg(&files.key)
         .arg("--state")
         .arg(dir.join("seq"))
         .stdout(Stdio::piped())
