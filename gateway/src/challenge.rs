@@ -31,6 +31,8 @@ pub struct Pending {
     pub certificate: Vec<u8>,
     /// The encoded message whose hash the card signs.
     pub message: Vec<u8>,
+    /// The agent supplied the certificate (kept only if the proof succeeds).
+    pub supplied: bool,
     /// Expiry.
     pub expires: Instant,
 }
@@ -40,6 +42,9 @@ struct Inner {
     spent: HashMap<[u8; 16], Instant>,
     issued: u64,
 }
+
+/// Most outstanding challenges per agent.
+pub const PER_AGENT: usize = 64;
 
 /// Outstanding and spent challenges.
 pub struct Challenges {
@@ -85,6 +90,7 @@ impl Challenges {
         mechanism: Mechanism,
         algorithm: KeyAlgorithm,
         certificate: Vec<u8>,
+        supplied: bool,
         now: Instant,
         unix_ms: i64,
     ) -> Result<Issued, crate::error::Error> {
@@ -115,6 +121,11 @@ impl Challenges {
         if g.pending.len() >= self.max_pending {
             return Err(crate::error::Error::Exhausted("too many outstanding challenges"));
         }
+        // One agent cannot starve the others: a terminal has one tap at a
+        // time, so a few dozen outstanding challenges is already generous.
+        if g.pending.len() >= PER_AGENT && g.pending.values().filter(|p| p.agent == agent && p.expires > now).count() >= PER_AGENT {
+            return Err(crate::error::Error::Exhausted("too many outstanding challenges for this agent"));
+        }
         g.pending.insert(
             id,
             Pending {
@@ -125,6 +136,7 @@ impl Challenges {
                 algorithm,
                 certificate,
                 message,
+                supplied,
                 expires: now + self.ttl,
             },
         );
@@ -156,7 +168,7 @@ mod tests {
     }
 
     fn issue(c: &Challenges, now: Instant) -> Issued {
-        c.issue("agent-1", "t1", [1; 16], Mechanism::CardAndPin, KeyAlgorithm::EcdsaP256, vec![1, 2, 3], now, 0).unwrap()
+        c.issue("agent-1", "t1", [1; 16], Mechanism::CardAndPin, KeyAlgorithm::EcdsaP256, vec![1, 2, 3], false, now, 0).unwrap()
     }
 
     #[test]
@@ -183,8 +195,20 @@ mod tests {
         for _ in 0..10 {
             issue(&c, t0);
         }
-        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], t0, 0).is_err());
+        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, t0, 0).is_err());
         // Once they expire, room frees up.
-        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], t0 + Duration::from_secs(11), 0).is_ok());
+        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, t0 + Duration::from_secs(11), 0).is_ok());
+    }
+
+    #[test]
+    fn one_agent_cannot_hold_every_challenge() {
+        let c = Challenges::new(Duration::from_secs(10), 10_000, b"gw".to_vec());
+        let t0 = Instant::now();
+        let issue = |agent: &str| c.issue(agent, "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::EcdsaP256, vec![], false, t0, 0);
+        for _ in 0..PER_AGENT {
+            issue("greedy").unwrap();
+        }
+        assert!(issue("greedy").is_err());
+        assert!(issue("polite").is_ok());
     }
 }

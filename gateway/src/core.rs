@@ -110,7 +110,7 @@ pub struct Gateway {
 }
 
 enum BeginCheck {
-    Ready { card: Card, mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
+    Ready { mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
     NeedCertificate(Slot),
 }
 
@@ -146,6 +146,20 @@ impl Gateway {
         self.store.durable().await?;
         self.store.publish(&events);
         Ok((rec, events))
+    }
+
+    /// Like [`Gateway::commit`], deciding under the ledger lock (see
+    /// [`Store::record_with`]). Returns `None` when `decide` recorded nothing.
+    pub async fn commit_with(
+        &self,
+        decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>,
+    ) -> Result<Option<(AuditRecord, Vec<Event>)>> {
+        let r = self.store.record_with(self.now_ms(), decide)?;
+        if let Some((_, events)) = &r {
+            self.store.durable().await?;
+            self.store.publish(events);
+        }
+        Ok(r)
     }
 
     async fn deny(&self, caller: &Caller, terminal: &str, stage: &str, deny: Deny, detail: serde_json::Value) -> Result<(Deny, String)> {
@@ -190,6 +204,16 @@ impl Gateway {
             return Err(Deny::RevokedDenyList);
         }
         let v = self.trust.validate(der, slot, self.clock.system())?;
+        // One key for both slots would make the no-PIN key a PIN key.
+        let other = match slot {
+            Slot::PivAuthentication => Slot::CardAuthentication,
+            Slot::CardAuthentication => Slot::PivAuthentication,
+        };
+        if let Some(o) = card.certificates.get(&other).and_then(|d| verify::inspect(d).ok()) {
+            if o.spki == info.spki {
+                return Err(Deny::MechanismNotAllowed);
+            }
+        }
         Ok((info, v))
     }
 
@@ -241,7 +265,7 @@ impl Gateway {
             (None, None) => return Ok(Ok(BeginCheck::NeedCertificate(slot))),
         };
         match self.check_certificate(&card, &der, slot) {
-            Ok((info, _)) => Ok(Ok(BeginCheck::Ready { card, mechanism, algorithm: info.algorithm, der, supplied })),
+            Ok((info, _)) => Ok(Ok(BeginCheck::Ready { mechanism, algorithm: info.algorithm, der, supplied })),
             Err(d) => denied(d, "certificate refused"),
         }
     }
@@ -255,17 +279,20 @@ impl Gateway {
                 Ok(Begin::Denied(d, text))
             }
             Ok(BeginCheck::NeedCertificate(slot)) => Ok(Begin::CertificateNeeded(slot)),
-            Ok(BeginCheck::Ready { mut card, mechanism, algorithm, der, supplied }) => {
-                if supplied {
-                    // A newly supplied, validated certificate is kept for
-                    // the next tap.
-                    card.certificates.insert(mechanism.slot(), der.clone());
-                    let detail = json!({ "card_uuid": uuid_text(&card.uuid), "slot": format!("{:?}", mechanism.slot()) });
-                    let entry = AuditEntry { kind: "card.certificate_added", actor: caller.to_string(), terminal_id: t.to_string(), detail };
-                    self.commit(entry, vec![Change::Card(card)]).await?;
-                }
-                let issued =
-                    self.challenges.issue(&caller.name, t, req.card_uuid, mechanism, algorithm, der, self.clock.instant(), self.now_ms())?;
+            Ok(BeginCheck::Ready { mechanism, algorithm, der, supplied }) => {
+                // A supplied certificate is kept only once a proof with its
+                // key succeeds (see `complete`).
+                let issued = self.challenges.issue(
+                    &caller.name,
+                    t,
+                    req.card_uuid,
+                    mechanism,
+                    algorithm,
+                    der,
+                    supplied,
+                    self.clock.instant(),
+                    self.now_ms(),
+                )?;
                 Ok(Begin::Challenge { id: issued.id, digest: issued.digest, mechanism, algorithm, ttl: self.challenges.ttl() })
             }
         }
@@ -287,50 +314,96 @@ impl Gateway {
                 Ok(Complete::Denied(d, text))
             }
             Ok((p, operator, validation)) => {
-                let term = self.store.terminal(&p.terminal)?.ok_or_else(|| Error::NotFound(p.terminal.clone()))?;
+                // Re-check, under the ledger lock, everything an
+                // administrator may have changed since the checks above: a
+                // revocation or unbinding either lands before this grant
+                // (and refuses it) or after (and finds the session to lock).
+                let mut refused: Option<(Deny, &'static str)> = None;
                 let now = self.now_ms();
-                let mut changes = Vec::new();
-                if let Session::Unlocked { .. } = term.session {
-                    changes.push(Change::Session {
-                        terminal: Terminal {
-                            session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 },
-                            ..term.clone()
-                        },
-                    });
-                }
-                changes.push(Change::Session {
-                    terminal: Terminal {
-                        session: Session::Unlocked {
-                            operator_id: operator.id.clone(),
-                            operator_name: operator.name.clone(),
-                            roles: operator.roles.clone(),
-                            mechanism: p.mechanism,
-                            card_uuid: p.card_uuid,
-                            agent: caller.name.clone(),
-                            since_ms: now,
-                            sequence: 0,
-                        },
-                        ..term
-                    },
-                });
-                let (_, events) = self
-                    .commit(
-                        AuditEntry {
-                            kind: "auth.granted",
-                            actor: caller.to_string(),
-                            terminal_id: p.terminal.clone(),
-                            detail: json!({
-                                "operator": operator.id,
-                                "card_uuid": uuid_text(&p.card_uuid),
-                                "mechanism": format!("{:?}", p.mechanism),
-                                "revocation_source": validation.revocation_source,
-                                "crl_age_s": validation.crl_age_s,
-                            }),
-                        },
-                        changes,
-                    )
+                let (fingerprint, caller_name) = (verify::inspect(&p.certificate).map(|i| i.fingerprint).ok(), caller.name.clone());
+                let granted = self
+                    .commit_with(|| {
+                        let Some(term) = self.bound_terminal(&caller_name, &p.terminal)? else {
+                            refused = Some((Deny::TerminalNotBound, "terminal no longer bound to this agent"));
+                            return Ok(None);
+                        };
+                        let Some(mut card) = self.store.card(&p.card_uuid)? else {
+                            refused = Some((Deny::UnknownCard, "card no longer enrolled"));
+                            return Ok(None);
+                        };
+                        let operator = match self.store.operator(&card.operator_id)? {
+                            Some(o) if o.enabled => o,
+                            _ => {
+                                refused = Some((Deny::OperatorDisabled, "operator disabled or removed"));
+                                return Ok(None);
+                            }
+                        };
+                        let revoked_cert = fingerprint.is_none_or(|f| self.store.denied(&format!("sha256:{}", hex::encode(f))).unwrap_or(true));
+                        if self.store.denied(&hex::encode(p.card_uuid))? || revoked_cert {
+                            refused = Some((Deny::RevokedDenyList, "card revoked"));
+                            return Ok(None);
+                        }
+                        if !term.policy.allowed_mechanisms.contains(&p.mechanism) {
+                            refused = Some((Deny::MechanismNotAllowed, "the terminal's policy changed"));
+                            return Ok(None);
+                        }
+                        if !term.policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| term.policy.allowed_roles.contains(r)) {
+                            refused = Some((Deny::NotAuthorized, "the terminal's policy changed"));
+                            return Ok(None);
+                        }
+                        let mut changes = Vec::new();
+                        if let Session::Unlocked { .. } = term.session {
+                            changes.push(Change::Session {
+                                terminal: Terminal {
+                                    session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 },
+                                    ..term.clone()
+                                },
+                            });
+                        }
+                        changes.push(Change::Session {
+                            terminal: Terminal {
+                                session: Session::Unlocked {
+                                    operator_id: operator.id.clone(),
+                                    operator_name: operator.name.clone(),
+                                    roles: operator.roles.clone(),
+                                    mechanism: p.mechanism,
+                                    card_uuid: p.card_uuid,
+                                    agent: caller_name.clone(),
+                                    since_ms: now,
+                                    sequence: 0,
+                                },
+                                ..term
+                            },
+                        });
+                        let mut certificate_added = false;
+                        if p.supplied && !card.certificates.contains_key(&p.mechanism.slot()) {
+                            // Proven by this very signature: keep it.
+                            card.certificates.insert(p.mechanism.slot(), p.certificate.clone());
+                            changes.push(Change::Card(card));
+                            certificate_added = true;
+                        }
+                        let detail = json!({
+                            "operator": operator.id,
+                            "card_uuid": uuid_text(&p.card_uuid),
+                            "mechanism": format!("{:?}", p.mechanism),
+                            "revocation_source": validation.revocation_source,
+                            "crl_age_s": validation.crl_age_s,
+                            "certificate_added": certificate_added,
+                        });
+                        Ok(Some((AuditEntry { kind: "auth.granted", actor: caller.to_string(), terminal_id: p.terminal.clone(), detail }, changes)))
+                    })
                     .await?;
+                let Some((_, events)) = granted else {
+                    let (d, why) = refused.unwrap_or((Deny::TerminalNotBound, "state changed"));
+                    let (d, text) = self.deny(caller, terminal, "complete", d, json!({ "why": why })).await?;
+                    return Ok(Complete::Denied(d, text));
+                };
+                let operator = self.store.operator(&operator.id)?.unwrap_or(operator);
                 self.count("granted");
+                // Watch this agent for silence from now on, stream or not.
+                if let Ok(mut pr) = self.presence.lock() {
+                    pr.entry(caller.name.clone()).or_insert_with(|| self.clock.instant());
+                }
                 let sequence = events.last().map(|e| e.sequence).unwrap_or(0);
                 tracing::info!(terminal = %p.terminal, operator = %operator.id, sequence, "terminal unlocked");
                 Ok(Complete::Granted { operator, sequence })
@@ -390,27 +463,29 @@ impl Gateway {
     /// Locks `terminal` if `pred` holds for its session; returns whether it
     /// locked.
     pub async fn lock_if(&self, actor: &str, terminal: &str, reason: LockReason, pred: impl Fn(&Session) -> bool) -> Result<bool> {
-        let Some(t) = self.store.terminal(terminal)? else { return Ok(false) };
-        if !matches!(t.session, Session::Unlocked { .. }) || !pred(&t.session) {
-            return Ok(false);
-        }
-        let operator = match &t.session {
-            Session::Unlocked { operator_id, .. } => operator_id.clone(),
-            Session::Locked { .. } => String::new(),
-        };
         let now = self.now_ms();
-        self.commit(
-            AuditEntry {
-                kind: "session.locked",
-                actor: actor.to_string(),
-                terminal_id: terminal.to_string(),
-                detail: json!({ "reason": format!("{reason:?}"), "operator": operator }),
-            },
-            vec![Change::Session { terminal: Terminal { session: Session::Locked { reason, since_ms: now, sequence: 0 }, ..t } }],
-        )
-        .await?;
-        tracing::info!(terminal, ?reason, "terminal locked");
-        Ok(true)
+        let locked = self
+            .commit_with(|| {
+                let Some(t) = self.store.terminal(terminal)? else { return Ok(None) };
+                let Session::Unlocked { operator_id, .. } = &t.session else { return Ok(None) };
+                if !pred(&t.session) {
+                    return Ok(None);
+                }
+                let entry = AuditEntry {
+                    kind: "session.locked",
+                    actor: actor.to_string(),
+                    terminal_id: terminal.to_string(),
+                    detail: json!({ "reason": format!("{reason:?}"), "operator": operator_id }),
+                };
+                let change = Change::Session { terminal: Terminal { session: Session::Locked { reason, since_ms: now, sequence: 0 }, ..t } };
+                Ok(Some((entry, vec![change])))
+            })
+            .await?
+            .is_some();
+        if locked {
+            tracing::info!(terminal, ?reason, "terminal locked");
+        }
+        Ok(locked)
     }
 
     /// The card at a terminal was removed.
@@ -437,8 +512,9 @@ impl Gateway {
             if self.bound_terminal(&caller.name, terminal)?.is_none() {
                 continue;
             }
+            // The session stands only while the agent sees that very card.
             let gone = |s: &Session| match s {
-                Session::Unlocked { card_uuid, .. } => !*card_present || card.is_some_and(|c| c != *card_uuid),
+                Session::Unlocked { card_uuid, .. } => !*card_present || *card != Some(*card_uuid),
                 Session::Locked { .. } => false,
             };
             if self.lock_if(&caller.to_string(), terminal, LockReason::CardRemoved, gone).await? {
@@ -483,13 +559,34 @@ impl Gateway {
         AuditEntry { kind, actor: caller.to_string(), terminal_id: String::new(), detail }
     }
 
-    /// Adds or replaces an operator.
+    /// Lock changes for every unlocked terminal whose session matches.
+    fn locks_where(&self, reason: LockReason, now: i64, matches: impl Fn(&Terminal) -> bool) -> Result<Vec<Change>> {
+        Ok(self
+            .store
+            .terminals()?
+            .into_iter()
+            .filter(|t| matches!(t.session, Session::Unlocked { .. }) && matches(t))
+            .map(|t| Change::Session { terminal: Terminal { session: Session::Locked { reason, since_ms: now, sequence: 0 }, ..t } })
+            .collect())
+    }
+
+    /// Adds or replaces an operator. Disabling one locks their sessions in
+    /// the same step.
     pub async fn add_operator(&self, caller: &Caller, op: Operator) -> Result<()> {
         if op.id.is_empty() {
             return Err(Error::InvalidRequest("operator_id is empty".into()));
         }
-        let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled });
-        self.commit(Self::admin_entry(caller, "admin.add_operator", detail), vec![Change::Operator(op)]).await?;
+        let now = self.now_ms();
+        self.commit_with(|| {
+            let mut changes = vec![];
+            if !op.enabled {
+                changes = self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == op.id))?;
+            }
+            let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled, "locked_terminals": changes.len() });
+            changes.push(Change::Operator(op.clone()));
+            Ok(Some((Self::admin_entry(caller, "admin.add_operator", detail), changes)))
+        })
+        .await?;
         Ok(())
     }
 
@@ -522,65 +619,85 @@ impl Gateway {
         Ok(card)
     }
 
-    /// Revokes a card: deny-lists its UUID and certificates, locks any
-    /// terminal it holds.
+    /// Revokes a card: deny-lists its UUID and certificates and locks any
+    /// terminal it holds, in one step (no grant can slip in between).
     pub async fn revoke_card(&self, caller: &Caller, uuid: [u8; 16], reason: &str) -> Result<Vec<String>> {
-        let card = self.store.card(&uuid)?;
-        let mut keys = vec![hex::encode(uuid)];
-        if let Some(c) = &card {
-            for der in c.certificates.values() {
-                if let Ok(i) = verify::inspect(der) {
-                    keys.push(format!("sha256:{}", hex::encode(i.fingerprint)));
+        let now = self.now_ms();
+        let mut locked = Vec::new();
+        self.commit_with(|| {
+            let mut keys = vec![hex::encode(uuid)];
+            if let Some(c) = self.store.card(&uuid)? {
+                for der in c.certificates.values() {
+                    if let Ok(i) = verify::inspect(der) {
+                        keys.push(format!("sha256:{}", hex::encode(i.fingerprint)));
+                    }
                 }
             }
-        }
-        let detail = json!({ "card_uuid": uuid_text(&uuid), "reason": reason });
-        self.commit(Self::admin_entry(caller, "admin.revoke_card", detail), vec![Change::Deny(keys)]).await?;
-        let mut locked = Vec::new();
-        for t in self.store.terminals()? {
-            if self
-                .lock_if(&caller.to_string(), &t.id, LockReason::Revoked, |s| matches!(s, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))
-                .await?
-            {
-                locked.push(t.id);
-            }
-        }
+            let mut changes = self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
+            locked = changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Session { terminal } => Some(terminal.id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let detail = json!({ "card_uuid": uuid_text(&uuid), "reason": reason, "locked_terminals": locked });
+            changes.push(Change::Deny(keys));
+            Ok(Some((Self::admin_entry(caller, "admin.revoke_card", detail), changes)))
+        })
+        .await?;
         Ok(locked)
     }
 
     /// Binds an agent to terminals (creating unknown terminals locked with
-    /// the default policy).
+    /// the default policy). Terminals taken away from the agent are locked
+    /// if it holds them open.
     pub async fn bind_agent(&self, caller: &Caller, name: &str, terminals: Vec<String>) -> Result<()> {
-        let mut changes = vec![Change::Agent(Agent { name: name.to_string(), terminals: terminals.clone() })];
-        for t in &terminals {
-            if self.store.terminal(t)?.is_none() {
-                changes.push(Change::Terminal(Terminal {
-                    id: t.clone(),
-                    policy: TerminalPolicy::default(),
-                    session: Session::Locked { reason: LockReason::Initial, since_ms: self.now_ms(), sequence: 0 },
-                }));
+        let now = self.now_ms();
+        self.commit_with(|| {
+            let mut changes = self.locks_where(LockReason::Administrator, now, |t| {
+                matches!(&t.session, Session::Unlocked { agent, .. } if agent == name) && !terminals.contains(&t.id)
+            })?;
+            changes.push(Change::Agent(Agent { name: name.to_string(), terminals: terminals.clone() }));
+            for t in &terminals {
+                if self.store.terminal(t)?.is_none() {
+                    changes.push(Change::Terminal(Terminal {
+                        id: t.clone(),
+                        policy: TerminalPolicy::default(),
+                        session: Session::Locked { reason: LockReason::Initial, since_ms: now, sequence: 0 },
+                    }));
+                }
             }
-        }
-        let detail = json!({ "agent": name, "terminals": terminals });
-        self.commit(Self::admin_entry(caller, "admin.bind_agent", detail), changes).await?;
+            let detail = json!({ "agent": name, "terminals": terminals });
+            Ok(Some((Self::admin_entry(caller, "admin.bind_agent", detail), changes)))
+        })
+        .await?;
         Ok(())
     }
 
-    /// Sets a terminal's policy.
+    /// Sets a terminal's policy (the session is kept as it is at that
+    /// moment, read under the ledger lock).
     pub async fn set_policy(&self, caller: &Caller, id: &str, policy: TerminalPolicy) -> Result<()> {
         if id.is_empty() {
             return Err(Error::InvalidRequest("terminal_id is empty".into()));
         }
-        let t = match self.store.terminal(id)? {
-            Some(t) => Terminal { policy: policy.clone(), ..t },
-            None => Terminal {
-                id: id.to_string(),
-                policy: policy.clone(),
-                session: Session::Locked { reason: LockReason::Initial, since_ms: self.now_ms(), sequence: 0 },
-            },
-        };
-        let detail = json!({ "terminal": id, "policy": policy });
-        self.commit(Self::admin_entry(caller, "admin.set_terminal_policy", detail), vec![Change::Terminal(t)]).await?;
+        if policy.idle_timeout_s != 0 {
+            return Err(Error::InvalidRequest("idle_timeout_s is not supported yet: nothing reports terminal activity; use max_session_s".into()));
+        }
+        let now = self.now_ms();
+        self.commit_with(|| {
+            let t = match self.store.terminal(id)? {
+                Some(t) => Terminal { policy: policy.clone(), ..t },
+                None => Terminal {
+                    id: id.to_string(),
+                    policy: policy.clone(),
+                    session: Session::Locked { reason: LockReason::Initial, since_ms: now, sequence: 0 },
+                },
+            };
+            let detail = json!({ "terminal": id, "policy": policy });
+            Ok(Some((Self::admin_entry(caller, "admin.set_terminal_policy", detail), vec![Change::Terminal(t)])))
+        })
+        .await?;
         Ok(())
     }
 }

@@ -67,7 +67,7 @@ impl From<Error> for Status {
             // Internal details stay in the gateway's log.
             other => {
                 tracing::error!(error = %other, "request failed");
-                Status::new(Code::Unavailable, "the gateway could not complete the request; nothing was changed")
+                Status::new(Code::Unavailable, "the gateway could not complete the request")
             }
         }
     }

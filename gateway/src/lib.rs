@@ -171,6 +171,15 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         data_dir: config.data_dir.clone(),
         stopping: tokio::sync::watch::channel(false).0,
     };
+    // Agents holding terminals open are watched for silence from the
+    // start, whether or not they ever reconnect.
+    if let Ok(mut p) = gateway.presence.lock() {
+        for t in gateway.store.terminals()? {
+            if let model::Session::Unlocked { agent, .. } = t.session {
+                p.insert(agent, std::time::Instant::now());
+            }
+        }
+    }
     Ok((Arc::new(gateway), tls_config, created))
 }
 

@@ -354,7 +354,7 @@ impl pb::access_service_server::AccessService for AccessApi {
                     };
                     match next {
                         Ok(e) if e.sequence <= last => continue,
-                        Ok(e) if e.sequence == last + 1 => {
+                        Ok(e) if Some(e.sequence) == last.checked_add(1) => {
                             last = e.sequence;
                             if wanted(&e) && tx.send(Ok(pb::WatchEventsResponse { event: Some(event_pb(&e)) })).await.is_err() {
                                 break 'outer;

@@ -130,8 +130,15 @@ struct Committer {
     flushes: Arc<AtomicU64>,
 }
 
+/// Sequence numbers written, and written and durable.
+#[derive(Default)]
+struct Watermarks {
+    written: AtomicU64,
+    durable: AtomicU64,
+}
+
 impl Committer {
-    fn start(db: sled::Db, data_file: File) -> std::io::Result<Committer> {
+    fn start(db: sled::Db, data_file: File, marks: Arc<Watermarks>) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<oneshot::Sender<std::result::Result<(), String>>>();
         let flushes = Arc::new(AtomicU64::new(0));
         let count = flushes.clone();
@@ -141,11 +148,27 @@ impl Committer {
                 while let Ok(w) = rx.try_recv() {
                     batch.push(w);
                 }
+                let written = marks.written.load(Ordering::SeqCst);
                 let r = db
                     .flush()
                     .map_err(|e| e.to_string())
                     .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
                 count.fetch_add(1, Ordering::Relaxed);
+                match &r {
+                    Ok(()) => {
+                        marks.durable.fetch_max(written, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        // The disk refused to keep what was written: what is
+                        // in memory can no longer be promised. Stop, and let
+                        // the service manager restart on what is on disk.
+                        tracing::error!(error = %e, "cannot make writes durable; stopping");
+                        for w in batch {
+                            let _ = w.send(r.clone());
+                        }
+                        std::process::exit(74);
+                    }
+                }
                 for w in batch {
                     let _ = w.send(r.clone());
                 }
@@ -169,6 +192,7 @@ pub struct Store {
     audit: sled::Tree,
     ledger: Mutex<Ledger>,
     committer: Committer,
+    marks: Arc<Watermarks>,
     live: broadcast::Sender<Event>,
     path: PathBuf,
 }
@@ -221,7 +245,11 @@ impl Store {
         let data_file = File::open(dir.join("db"))?;
         data_file.sync_all()?;
         File::open(dir)?.sync_all()?;
-        let committer = Committer::start(db.clone(), data_file)?;
+        let marks = Arc::new(Watermarks::default());
+        let last_seq = ledger.next_sequence - 1;
+        marks.written.store(last_seq, Ordering::SeqCst);
+        marks.durable.store(last_seq, Ordering::SeqCst);
+        let committer = Committer::start(db.clone(), data_file, marks.clone())?;
         let (live, _) = broadcast::channel(4096);
         Ok(Arc::new(Store {
             meta,
@@ -236,6 +264,7 @@ impl Store {
             db,
             ledger: Mutex::new(ledger),
             committer,
+            marks,
             live,
             path: dir.to_path_buf(),
         }))
@@ -273,7 +302,20 @@ impl Store {
     /// the record and the events it produced. Not yet durable: await
     /// [`Store::durable`] before acknowledging, then [`Store::publish`].
     pub fn record(&self, entry: AuditEntry, changes: Vec<Change>, now_ms: i64) -> Result<(AuditRecord, Vec<Event>)> {
+        self.record_with(now_ms, || Ok(Some((entry, changes))))?.ok_or_else(|| Error::Transaction("nothing recorded".into()))
+    }
+
+    /// Decides and records under the ledger lock: `decide` reads the
+    /// current state and returns what to record (or nothing), and no other
+    /// change can slip in between its reads and the write. `decide` must
+    /// not call `record` itself.
+    pub fn record_with(
+        &self,
+        now_ms: i64,
+        decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>,
+    ) -> Result<Option<(AuditRecord, Vec<Event>)>> {
         let mut ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
+        let Some((entry, changes)) = decide()? else { return Ok(None) };
         // The record names the events it comes with, so an acknowledged
         // unlock can be matched to its audit record.
         let mut entry = entry;
@@ -349,7 +391,8 @@ impl Store {
         ledger.next_audit += 1;
         ledger.last_hash = record.hash.clone();
         ledger.next_sequence = seq;
-        Ok((record, events))
+        self.marks.written.store(seq - 1, Ordering::SeqCst);
+        Ok(Some((record, events)))
     }
 
     /// Sends durable events to live watchers.
@@ -364,10 +407,17 @@ impl Store {
         self.live.subscribe()
     }
 
-    /// Stored events with sequence greater than `after`, at most `limit`.
+    /// Durable events with sequence greater than `after`, at most `limit`.
+    /// Events written but not yet on disk are not shown: after a power cut
+    /// their numbers could be given to other events.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let durable = self.marks.durable.load(Ordering::SeqCst);
+        if after >= durable {
+            return Ok(Vec::new());
+        }
         let start = after.saturating_add(1).to_be_bytes();
-        self.events.range(start..).take(limit).map(|r| dec(&r?.1)).collect()
+        let end = durable.to_be_bytes();
+        self.events.range(start..=end).take(limit).map(|r| dec(&r?.1)).collect()
     }
 
     /// The last event sequence number (0 if none).

@@ -87,6 +87,11 @@ impl Deny {
     }
 }
 
+/// id-PIV-cardAuth, the EKU of card-authentication (9E) certificates.
+pub const OID_EKU_PIV_CARD_AUTH: &str = "2.16.840.1.101.3.6.8";
+/// id-fpki-common-cardAuth, the policy of card-authentication certificates.
+pub const OID_POLICY_CARD_AUTH: &str = "2.16.840.1.101.3.2.1.3.17";
+
 /// OID of the pivFASC-N otherName.
 const OID_FASCN: &str = "2.16.840.1.101.3.6.6";
 
@@ -268,12 +273,41 @@ impl CardTrust {
 
     /// Replaces the loaded CRLs, keeping the previous CRL of every source
     /// in `failed` (a failed refresh must not drop revocation data).
+    ///
+    /// A source never goes back to an older CRL than it had (a replayed
+    /// CRL would un-revoke certificates), and of several CRLs for one
+    /// issuer only the newest is used.
     pub fn set_crls(&self, fresh: Vec<LoadedCrl>, failed: &[String]) {
-        if let Ok(mut g) = self.crls.write() {
-            let kept: Vec<LoadedCrl> = std::mem::take(&mut *g).into_iter().filter(|c| failed.contains(&c.source)).collect();
-            *g = fresh;
-            g.extend(kept);
+        let Ok(mut g) = self.crls.write() else { return };
+        let old = std::mem::take(&mut *g);
+        let mut next: Vec<LoadedCrl> = Vec::new();
+        let mut fresh = fresh;
+        for prev in old {
+            let newer = fresh.iter().position(|c| c.source == prev.source && c.issuer == prev.issuer);
+            match newer {
+                Some(i) if fresh[i].this_update < prev.this_update => {
+                    tracing::warn!(source = %prev.source, "refusing a CRL older than the one held; keeping the newer");
+                    fresh.remove(i);
+                    next.push(prev);
+                }
+                Some(_) => {}
+                None if failed.contains(&prev.source) => next.push(prev),
+                None => {}
+            }
         }
+        next.extend(fresh);
+        // Newest first, then keep one per issuer.
+        next.sort_by(|a, b| b.this_update.cmp(&a.this_update));
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        next.retain(|c| {
+            if seen.contains(&c.issuer) {
+                false
+            } else {
+                seen.push(c.issuer.clone());
+                true
+            }
+        });
+        *g = next;
     }
 
     /// The oldest CRL age, seconds (for metrics).
@@ -345,39 +379,49 @@ impl CardTrust {
             Ok(Some(ku)) if ku.value.digital_signature() => {}
             _ => return Err(Deny::WrongKeyUsage),
         }
-        if let Some(required) = self.policy.required_eku.get(&slot).filter(|r| !r.is_empty()) {
-            let have: Vec<String> = match cert.extended_key_usage() {
-                Ok(Some(eku)) => {
-                    let v = &eku.value;
-                    let mut out: Vec<String> = v.other.iter().map(|o| o.to_id_string()).collect();
-                    if v.client_auth {
-                        out.push("1.3.6.1.5.5.7.3.2".into());
-                    }
-                    if v.server_auth {
-                        out.push("1.3.6.1.5.5.7.3.1".into());
-                    }
-                    if v.any {
-                        out.push("2.5.29.37.0".into());
-                    }
-                    out
+        let ekus: Vec<String> = match cert.extended_key_usage() {
+            Ok(Some(eku)) => {
+                let v = &eku.value;
+                let mut out: Vec<String> = v.other.iter().map(|o| o.to_id_string()).collect();
+                if v.client_auth {
+                    out.push("1.3.6.1.5.5.7.3.2".into());
                 }
-                _ => vec![],
-            };
-            if !required.iter().any(|r| have.contains(r)) {
+                if v.server_auth {
+                    out.push("1.3.6.1.5.5.7.3.1".into());
+                }
+                if v.any {
+                    out.push("2.5.29.37.0".into());
+                }
+                out
+            }
+            _ => vec![],
+        };
+        let policies: Vec<String> = cert
+            .extensions()
+            .iter()
+            .filter_map(|e| match e.parsed_extension() {
+                ParsedExtension::CertificatePolicies(p) => Some(p.iter().map(|i| i.policy_id.to_id_string()).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        // A card-authentication (9E, no PIN) certificate never stands in for
+        // the PIN-protected 9A one, whatever the site configured.
+        if slot == Slot::PivAuthentication {
+            if ekus.iter().any(|e| e == OID_EKU_PIV_CARD_AUTH) {
+                return Err(Deny::WrongEku);
+            }
+            if policies.iter().any(|p| p == OID_POLICY_CARD_AUTH) {
+                return Err(Deny::WrongPolicy);
+            }
+        }
+        if let Some(required) = self.policy.required_eku.get(&slot).filter(|r| !r.is_empty()) {
+            if !required.iter().any(|r| ekus.contains(r)) {
                 return Err(Deny::WrongEku);
             }
         }
         if let Some(required) = self.policy.required_policies.get(&slot).filter(|r| !r.is_empty()) {
-            let have: Vec<String> = cert
-                .extensions()
-                .iter()
-                .filter_map(|e| match e.parsed_extension() {
-                    ParsedExtension::CertificatePolicies(p) => Some(p.iter().map(|i| i.policy_id.to_id_string()).collect::<Vec<_>>()),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
-            if !required.iter().any(|r| have.contains(r)) {
+            if !required.iter().any(|r| policies.contains(r)) {
                 return Err(Deny::WrongPolicy);
             }
         }

@@ -73,6 +73,33 @@ async fn unknown_card() -> Result<()> {
 }
 
 #[tokio::test]
+async fn card_authentication_certificate_offered_for_the_pin_slot() -> Result<()> {
+    // Enrolled by its 9E certificate only; at a card-and-PIN terminal the
+    // agent offers the (valid, same-card) 9E certificate as the 9A one, so
+    // the no-PIN key would sign. Refused whatever the site configured.
+    let site = Site::start(|c, _| {
+        c.cards.eku_9a.clear();
+        c.cards.policies_9a.clear();
+    })
+    .await?;
+    let mut agent = site.agent("pi-1", &[T]).await?;
+    let profile = site.card(Algorithm::EccP256)?;
+    let mut admin = site.admin().await?;
+    admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Op".into(), roles: vec![], enabled: true }) }).await?;
+    admin
+        .enrol_card(pb::EnrolCardRequest {
+            operator_id: "op-1".into(),
+            certificate: profile.certificates[&Slot::CardAuthentication].clone(),
+            slot: pb::KeySlot::CardAuthentication as i32,
+        })
+        .await?;
+    let mut card = profile.card();
+    let nine_e = profile.certificates[&Slot::CardAuthentication].clone();
+    card.contents_mut().objects.insert(0x5FC105, pivgate_hw::piv::objects::certificate_container(&nine_e, false));
+    expect_refusal(&site, pb::DenyReason::WrongEku, tap(&mut agent, T, &mut card, "123456", pb::Mechanism::CardAndPin)).await
+}
+
+#[tokio::test]
 async fn certificate_from_an_untrusted_issuer() -> Result<()> {
     card_only_refusal(pb::DenyReason::UntrustedIssuer, |_, p| {
         let rogue = IssuingCa::generate("rogue issuer")?;
@@ -235,12 +262,15 @@ async fn enrol(site: &Site, profile: &Profile) -> Result<()> {
 
 #[tokio::test]
 async fn crl_past_its_next_update_under_a_strict_policy() -> Result<()> {
+    // The issuer's CRL runs out two seconds from now and nothing newer
+    // comes (an issuer that stopped publishing). An older CRL would not do:
+    // the gateway never goes back to an older CRL than it holds.
     let issuer = IssuingCa::generate("card issuer")?;
     let now = time::OffsetDateTime::now_utc();
-    let fresh = issuer.crl(&[], now - time::Duration::minutes(5), now + time::Duration::days(1), 1)?;
+    let short = issuer.crl(&[], now - time::Duration::minutes(5), now + time::Duration::seconds(2), 1)?;
     let stale = issuer.crl(&[], now - time::Duration::days(3), now - time::Duration::days(1), 2)?;
     let crl_path = scratch("crl").join("issuer.crl");
-    std::fs::write(&crl_path, &fresh)?;
+    std::fs::write(&crl_path, &short)?;
     let path = crl_path.clone();
     let card_ca = IssuingCa { cert_pem: issuer.cert_pem.clone(), key_pem: issuer.key_pem.clone() };
     let site = Site::start_with_issuer(issuer, move |c, _| {
@@ -252,9 +282,8 @@ async fn crl_past_its_next_update_under_a_strict_policy() -> Result<()> {
     let profile = Profile::generate_with_ca(card_ca, &Default::default())?;
     let mut agent = site.agent("pi-1", &[T]).await?;
     enrol(&site, &profile).await?;
-    // The issuer stops publishing: the next reload brings a stale CRL.
     std::fs::write(&crl_path, &stale)?;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
     expect_refusal(&site, pb::DenyReason::CrlStale, tap(&mut agent, T, &mut profile.card(), "123456", pb::Mechanism::Unspecified)).await
 }
 

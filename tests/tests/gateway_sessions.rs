@@ -213,7 +213,19 @@ async fn a_silent_agent_and_a_long_session_lock_their_terminals() -> Result<()> 
         .await?;
     let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
     let Tap::Granted(_) = tap(&mut other, "t2", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
-    // One heartbeat, then silence.
+    // pi-2 keeps reporting its card, so only the session length can lock t2.
+    let (tx2, mut replies2) = presence(&mut other).await?;
+    let uuid = profile.chuid.guid;
+    let beat = tokio::spawn(async move {
+        loop {
+            if tx2.send(report("t2", Some(&uuid))).await.is_err() {
+                return;
+            }
+            let _ = replies2.message().await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    // pi-1: one heartbeat, then silence.
     let (tx, mut replies) = presence(&mut agent).await?;
     tx.send(report("t1", Some(&profile.chuid.guid))).await?;
     next_presence(&mut replies).await?;
@@ -222,6 +234,28 @@ async fn a_silent_agent_and_a_long_session_lock_their_terminals() -> Result<()> 
             && state(&site, "t2").await?.lock_reason == pb::LockReason::MaxSession as i32)
     })
     .await?;
+    beat.abort();
     drop(tx);
+    Ok(())
+}
+
+#[tokio::test]
+async fn another_card_in_the_reader_or_a_disabled_operator_ends_the_session() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["t1"]).await?;
+    let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    // The agent reports a card it could not identify: not the operator's.
+    let (tx, mut replies) = presence(&mut agent).await?;
+    tx.send(report("t1", Some(&[]))).await?;
+    assert_eq!(next_presence(&mut replies).await?.lock_terminals, vec!["t1".to_string()]);
+    // Unlock again, then the operator is disabled: the session ends with it.
+    let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { panic!() };
+    site.admin()
+        .await?
+        .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: "op-1".into(), name: "x".into(), roles: vec![], enabled: false }) })
+        .await?;
+    let s = state(&site, "t1").await?;
+    assert!(!s.unlocked && s.lock_reason == pb::LockReason::Revoked as i32);
     Ok(())
 }
