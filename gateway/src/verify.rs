@@ -297,7 +297,7 @@ impl CardTrust {
         }
         next.extend(fresh);
         // Newest first, then keep one per issuer.
-        next.sort_by(|a, b| b.this_update.cmp(&a.this_update));
+        next.sort_by_key(|c| std::cmp::Reverse(c.this_update));
         let mut seen: Vec<Vec<u8>> = Vec::new();
         next.retain(|c| {
             if seen.contains(&c.issuer) {
