@@ -211,6 +211,13 @@ impl Site {
     /// `operator` with `roles`.
     pub async fn enrolled_card(&self, operator: &str, roles: &[&str], alg: Algorithm) -> Result<Profile> {
         let profile = self.card(alg)?;
+        self.enrol(&profile, operator, roles).await?;
+        Ok(profile)
+    }
+
+    /// Adds operator `operator` with `roles` and enrols `profile`'s card
+    /// (9A) for them.
+    pub async fn enrol(&self, profile: &Profile, operator: &str, roles: &[&str]) -> Result<()> {
         let mut admin = self.admin().await?;
         admin
             .add_operator(pb::AddOperatorRequest {
@@ -229,7 +236,7 @@ impl Site {
                 slot: pb::KeySlot::PivAuthentication as i32,
             })
             .await?;
-        Ok(profile)
+        Ok(())
     }
 
     /// A new card from this site's issuer, not enrolled.

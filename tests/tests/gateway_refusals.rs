@@ -233,7 +233,7 @@ async fn certificate_revoked_by_the_issuers_crl() -> Result<()> {
     .await?;
     let mut agent = site.agent("pi-1", &[T]).await?;
     site.policy(T, &[pb::Mechanism::CardOnly], &[]).await?;
-    enrol(&site, &profile).await?;
+    site.enrol(&profile, "op-1", &[]).await?;
     expect_refusal(&site, pb::DenyReason::RevokedCrl, tap(&mut agent, T, &mut profile.card(), "123456", pb::Mechanism::Unspecified)).await?;
     // The audit record of a success names its revocation source and age.
     site.policy(T, &[pb::Mechanism::CardAndPin], &[]).await?;
@@ -243,22 +243,6 @@ async fn certificate_revoked_by_the_issuers_crl() -> Result<()> {
     Ok(())
 }
 
-async fn enrol(site: &Site, profile: &Profile) -> Result<()> {
-    let mut admin = site.admin().await?;
-    admin
-        .add_operator(pb::AddOperatorRequest {
-            operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Op".into(), roles: vec![], enabled: true }),
-        })
-        .await?;
-    admin
-        .enrol_card(pb::EnrolCardRequest {
-            operator_id: "op-1".into(),
-            certificate: profile.certificates[&Slot::Authentication].clone(),
-            slot: pb::KeySlot::PivAuthentication as i32,
-        })
-        .await?;
-    Ok(())
-}
 
 #[tokio::test]
 async fn crl_past_its_next_update_under_a_strict_policy() -> Result<()> {
@@ -281,7 +265,7 @@ async fn crl_past_its_next_update_under_a_strict_policy() -> Result<()> {
     .await?;
     let profile = Profile::generate_with_ca(card_ca, &Default::default())?;
     let mut agent = site.agent("pi-1", &[T]).await?;
-    enrol(&site, &profile).await?;
+    site.enrol(&profile, "op-1", &[]).await?;
     std::fs::write(&crl_path, &stale)?;
     tokio::time::sleep(Duration::from_millis(2600)).await;
     expect_refusal(&site, pb::DenyReason::CrlStale, tap(&mut agent, T, &mut profile.card(), "123456", pb::Mechanism::Unspecified)).await
