@@ -12,9 +12,12 @@
 //!
 //! [cards]
 //! trust_anchors = ["/etc/pivgate/card-issuer-ca.pem"]
+//! intermediates = ["/etc/pivgate/card-issuing-sub-ca.pem"]
 //! crl_files = ["/var/lib/pivgate/issuer.crl"]
 //! crl_urls = ["http://crl.issuer.example/issuer.crl"]
+//! crl_tls_roots = "/etc/ssl/certs/ca-certificates.crt"
 //! crl_refresh_s = 300
+//! crl_future_skew_s = 300
 //! crl_strict = true
 //! max_crl_age_s = 86400
 //! require_crl = false
@@ -61,14 +64,24 @@ pub struct Config {
 pub struct CardsConfig {
     /// PEM files of the card issuers the site trusts.
     pub trust_anchors: Vec<PathBuf>,
+    /// PEM files of intermediate CAs between the trust anchors and the
+    /// cards; each must chain to a trust anchor. Their validity and
+    /// revocation (by their issuer's CRL) are checked with every card.
+    pub intermediates: Vec<PathBuf>,
     /// DER or PEM CRL files, reloaded every `crl_refresh_s`.
     pub crl_files: Vec<PathBuf>,
-    /// http:// CRL locations, fetched every `crl_refresh_s`.
+    /// http:// or https:// CRL locations, fetched every `crl_refresh_s`.
     pub crl_urls: Vec<String>,
+    /// PEM bundle of the roots that https:// CRL servers are verified
+    /// against.
+    pub crl_tls_roots: PathBuf,
     /// Time limit for one CRL fetch, seconds.
     pub crl_fetch_timeout_s: u64,
     /// Reload interval for CRLs, seconds.
     pub crl_refresh_s: u64,
+    /// How far in the future a CRL's thisUpdate may lie (issuer clock
+    /// skew), seconds; a CRL further ahead is refused.
+    pub crl_future_skew_s: u64,
     /// Refuse when a CRL is past its nextUpdate.
     pub crl_strict: bool,
     /// Refuse when a CRL is older than this, seconds.
@@ -103,10 +116,13 @@ impl Default for CardsConfig {
     fn default() -> Self {
         CardsConfig {
             trust_anchors: vec![],
+            intermediates: vec![],
             crl_files: vec![],
             crl_urls: vec![],
+            crl_tls_roots: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             crl_fetch_timeout_s: 10,
             crl_refresh_s: 300,
+            crl_future_skew_s: 300,
             crl_strict: false,
             max_crl_age_s: None,
             require_crl: false,
@@ -144,8 +160,14 @@ impl Config {
             return Err(Error::Config("cards.crl_refresh_s must be at least 1".into()));
         }
         let c = &self.cards;
-        if let Some(bad) = c.crl_urls.iter().find(|u| !u.starts_with("http://")) {
-            return Err(Error::Config(format!("cards.crl_urls: {bad:?} is not an http:// URL")));
+        if let Some(bad) = c.crl_urls.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            return Err(Error::Config(format!("cards.crl_urls: {bad:?} is not an http:// or https:// URL")));
+        }
+        if c.crl_urls.iter().any(|u| u.starts_with("https://")) && !c.crl_tls_roots.exists() {
+            return Err(Error::Config(format!("cards.crl_tls_roots: {} does not exist (needed for https:// CRL locations)", c.crl_tls_roots.display())));
+        }
+        if c.crl_future_skew_s > 86_400 {
+            return Err(Error::Config("cards.crl_future_skew_s must be at most 86400".into()));
         }
         if !(1..=120).contains(&c.crl_fetch_timeout_s) {
             return Err(Error::Config("cards.crl_fetch_timeout_s must be 1 to 120".into()));
@@ -155,7 +177,7 @@ impl Config {
                 return Err(Error::Config(format!("cards.{field}: {bad:?} is not a dotted OID")));
             }
         }
-        for p in c.trust_anchors.iter().chain(&c.crl_files) {
+        for p in c.trust_anchors.iter().chain(&c.intermediates).chain(&c.crl_files) {
             if !p.exists() {
                 return Err(Error::Config(format!("{} does not exist", p.display())));
             }
@@ -175,6 +197,7 @@ impl Config {
             crl_strict: c.crl_strict,
             max_crl_age: c.max_crl_age_s.map(Duration::from_secs),
             require_crl: c.require_crl,
+            crl_future_skew: Duration::from_secs(c.crl_future_skew_s),
         }
     }
 }

@@ -100,6 +100,8 @@ pub struct Gateway {
     pub presence: Mutex<HashMap<String, Instant>>,
     /// Metrics counters.
     pub counters: Counters,
+    /// CRL intake counters and what was already reported.
+    pub crl_intake: crate::crl::CrlIntake,
     /// How long an agent may be silent.
     pub agent_grace: Duration,
     /// The data folder (service PKI files).
@@ -107,6 +109,18 @@ pub struct Gateway {
     /// Set when the gateway is stopping: long-lived streams end, so a
     /// graceful shutdown does not wait for them forever.
     pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+/// Records as a change being decided will leave them, for re-checking live
+/// sessions against them before the change commits.
+#[derive(Default)]
+struct Overlay<'a> {
+    /// An operator being replaced.
+    operator: Option<&'a Operator>,
+    /// A terminal's policy being replaced.
+    policy: Option<(&'a str, &'a TerminalPolicy)>,
+    /// An agent binding being replaced.
+    agent: Option<&'a Agent>,
 }
 
 enum BeginCheck {
@@ -301,6 +315,7 @@ impl Gateway {
     /// CompleteAuthentication.
     pub async fn complete(&self, caller: &Caller, challenge_id: &[u8], terminal: &str, signature: &[u8]) -> Result<Complete> {
         let started = Instant::now();
+        let generation = self.trust.generation();
         let decided = self.decide(caller, challenge_id, terminal, signature);
         if let Ok(mut v) = self.counters.verify_us.lock() {
             if v.len() >= 4096 {
@@ -342,6 +357,15 @@ impl Gateway {
                         if self.store.denied(&hex::encode(p.card_uuid))? || revoked_cert {
                             refused = Some((Deny::RevokedDenyList, "card revoked"));
                             return Ok(None);
+                        }
+                        // A CRL installed since the certificate was checked
+                        // either lands before this grant (and refuses it) or
+                        // after (and its re-check finds the session).
+                        if self.trust.generation() != generation {
+                            if let Err(d) = self.trust.validate(&p.certificate, p.mechanism.slot(), self.clock.system()) {
+                                refused = Some((d, "a CRL changed while the proof was checked"));
+                                return Ok(None);
+                            }
                         }
                         if !term.policy.allowed_mechanisms.contains(&p.mechanism) {
                             refused = Some((Deny::MechanismNotAllowed, "the terminal's policy changed"));
@@ -463,14 +487,20 @@ impl Gateway {
     /// Locks `terminal` if `pred` holds for its session; returns whether it
     /// locked.
     pub async fn lock_if(&self, actor: &str, terminal: &str, reason: LockReason, pred: impl Fn(&Session) -> bool) -> Result<bool> {
+        self.lock_when(actor, terminal, |t| Ok(pred(&t.session).then_some(reason))).await
+    }
+
+    /// Locks `terminal` if it is unlocked and `decide`, reading it under the
+    /// ledger lock, names a reason; returns whether it locked.
+    pub async fn lock_when(&self, actor: &str, terminal: &str, decide: impl FnOnce(&Terminal) -> Result<Option<LockReason>>) -> Result<bool> {
         let now = self.now_ms();
+        let mut why = None;
         let locked = self
             .commit_with(|| {
                 let Some(t) = self.store.terminal(terminal)? else { return Ok(None) };
                 let Session::Unlocked { operator_id, .. } = &t.session else { return Ok(None) };
-                if !pred(&t.session) {
-                    return Ok(None);
-                }
+                let Some(reason) = decide(&t)? else { return Ok(None) };
+                why = Some(reason);
                 let entry = AuditEntry {
                     kind: "session.locked",
                     actor: actor.to_string(),
@@ -483,7 +513,82 @@ impl Gateway {
             .await?
             .is_some();
         if locked {
-            tracing::info!(terminal, ?reason, "terminal locked");
+            tracing::info!(terminal, reason = ?why, "terminal locked");
+        }
+        Ok(locked)
+    }
+
+    /// Whether the session at `t` is still allowed, with `overlay` standing
+    /// for a change being decided (so an administrator's change and the
+    /// locks it causes commit together). `None`: it stands; otherwise why it
+    /// must end. The same rules as a grant: operator enabled and holding a
+    /// role the terminal allows, terminal bound to the agent, mechanism
+    /// allowed, card enrolled and not deny-listed, its certificate valid and
+    /// unrevoked. A CRL that is merely stale refuses new taps but does not
+    /// end sessions (an issuer's outage must not lock a control room).
+    fn session_verdict(&self, t: &Terminal, overlay: &Overlay<'_>) -> Result<Option<LockReason>> {
+        let Session::Unlocked { operator_id, mechanism, card_uuid, agent, .. } = &t.session else { return Ok(None) };
+        let operator = match overlay.operator {
+            Some(o) if o.id == *operator_id => Some(o.clone()),
+            _ => self.store.operator(operator_id)?,
+        };
+        let Some(operator) = operator.filter(|o| o.enabled) else { return Ok(Some(LockReason::Revoked)) };
+        let bound = match overlay.agent {
+            Some(a) if a.name == *agent => a.terminals.contains(&t.id),
+            _ => self.store.agent(agent)?.is_some_and(|a| a.terminals.contains(&t.id)),
+        };
+        if !bound {
+            return Ok(Some(LockReason::Administrator));
+        }
+        let (policy, policy_changing) = match overlay.policy {
+            Some((id, p)) if id == t.id => (p, true),
+            _ => (&t.policy, false),
+        };
+        if !policy.allowed_mechanisms.contains(mechanism) {
+            return Ok(Some(LockReason::PolicyChanged));
+        }
+        if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
+            return Ok(Some(if policy_changing { LockReason::PolicyChanged } else { LockReason::RoleRemoved }));
+        }
+        let Some(card) = self.store.card(card_uuid)? else { return Ok(Some(LockReason::Revoked)) };
+        let Some(der) = card.certificates.get(&mechanism.slot()) else { return Ok(Some(LockReason::Revoked)) };
+        Ok(match self.check_certificate(&card, der, mechanism.slot()) {
+            Ok(_) | Err(Deny::CrlStale) => None,
+            Err(Deny::RevokedDenyList) => Some(LockReason::Revoked),
+            Err(Deny::RevokedCrl) => Some(LockReason::CertificateRevoked),
+            Err(Deny::CertExpired) | Err(Deny::CertNotYetValid) => Some(LockReason::CertificateExpired),
+            Err(_) => Some(LockReason::PolicyChanged),
+        })
+    }
+
+    /// Lock changes for the unlocked terminals, among those `which`
+    /// selects, that `overlay` no longer allows; with their reasons.
+    fn reauthorize(&self, overlay: &Overlay<'_>, now: i64, which: impl Fn(&Terminal) -> bool) -> Result<(Vec<Change>, Vec<serde_json::Value>)> {
+        let mut changes = Vec::new();
+        let mut locked = Vec::new();
+        for t in self.store.terminals()? {
+            if !matches!(t.session, Session::Unlocked { .. }) || !which(&t) {
+                continue;
+            }
+            if let Some(reason) = self.session_verdict(&t, overlay)? {
+                locked.push(json!({ "terminal": t.id, "reason": format!("{reason:?}") }));
+                changes.push(Change::Session { terminal: Terminal { session: Session::Locked { reason, since_ms: now, sequence: 0 }, ..t } });
+            }
+        }
+        Ok((changes, locked))
+    }
+
+    /// Locks every session that is no longer allowed (a CRL that revoked
+    /// its certificate, a certificate past notAfter). Called after each CRL
+    /// change and periodically. Returns the terminals locked.
+    pub async fn reauthorize_sessions(&self, actor: &str) -> Result<Vec<String>> {
+        let unlocked: Vec<String> =
+            self.store.terminals()?.into_iter().filter(|t| matches!(t.session, Session::Unlocked { .. })).map(|t| t.id).collect();
+        let mut locked = Vec::new();
+        for id in unlocked {
+            if self.lock_when(actor, &id, |t| self.session_verdict(t, &Overlay::default())).await? {
+                locked.push(id);
+            }
         }
         Ok(locked)
     }
@@ -578,11 +683,12 @@ impl Gateway {
         }
         let now = self.now_ms();
         self.commit_with(|| {
-            let mut changes = vec![];
-            if !op.enabled {
-                changes = self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == op.id))?;
-            }
-            let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled, "locked_terminals": changes.len() });
+            // Disabling the operator or taking a role away ends the sessions
+            // it no longer allows, in the same step.
+            let overlay = Overlay { operator: Some(&op), ..Default::default() };
+            let (mut changes, locked) =
+                self.reauthorize(&overlay, now, |t| matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == op.id))?;
+            let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled, "locked_terminals": locked });
             changes.push(Change::Operator(op.clone()));
             Ok(Some((Self::admin_entry(caller, "admin.add_operator", detail), changes)))
         })
@@ -654,11 +760,11 @@ impl Gateway {
     /// if it holds them open.
     pub async fn bind_agent(&self, caller: &Caller, name: &str, terminals: Vec<String>) -> Result<()> {
         let now = self.now_ms();
+        let agent = Agent { name: name.to_string(), terminals: terminals.clone() };
         self.commit_with(|| {
-            let mut changes = self.locks_where(LockReason::Administrator, now, |t| {
-                matches!(&t.session, Session::Unlocked { agent, .. } if agent == name) && !terminals.contains(&t.id)
-            })?;
-            changes.push(Change::Agent(Agent { name: name.to_string(), terminals: terminals.clone() }));
+            let overlay = Overlay { agent: Some(&agent), ..Default::default() };
+            let (mut changes, locked) = self.reauthorize(&overlay, now, |t| matches!(&t.session, Session::Unlocked { agent, .. } if agent == name))?;
+            changes.push(Change::Agent(agent.clone()));
             for t in &terminals {
                 if self.store.terminal(t)?.is_none() {
                     changes.push(Change::Terminal(Terminal {
@@ -668,7 +774,7 @@ impl Gateway {
                     }));
                 }
             }
-            let detail = json!({ "agent": name, "terminals": terminals });
+            let detail = json!({ "agent": name, "terminals": terminals, "locked_terminals": locked });
             Ok(Some((Self::admin_entry(caller, "admin.bind_agent", detail), changes)))
         })
         .await?;
@@ -686,16 +792,23 @@ impl Gateway {
         }
         let now = self.now_ms();
         self.commit_with(|| {
-            let t = match self.store.terminal(id)? {
-                Some(t) => Terminal { policy: policy.clone(), ..t },
-                None => Terminal {
-                    id: id.to_string(),
-                    policy: policy.clone(),
-                    session: Session::Locked { reason: LockReason::Initial, since_ms: now, sequence: 0 },
+            // A session the new policy does not allow ends with the change.
+            let overlay = Overlay { policy: Some((id, &policy)), ..Default::default() };
+            let (mut changes, locked) = self.reauthorize(&overlay, now, |t| t.id == id)?;
+            let t = match changes.pop() {
+                Some(Change::Session { terminal }) => Terminal { policy: policy.clone(), ..terminal },
+                _ => match self.store.terminal(id)? {
+                    Some(t) => Terminal { policy: policy.clone(), ..t },
+                    None => Terminal {
+                        id: id.to_string(),
+                        policy: policy.clone(),
+                        session: Session::Locked { reason: LockReason::Initial, since_ms: now, sequence: 0 },
+                    },
                 },
             };
-            let detail = json!({ "terminal": id, "policy": policy });
-            Ok(Some((Self::admin_entry(caller, "admin.set_terminal_policy", detail), vec![Change::Terminal(t)])))
+            let change = if locked.is_empty() { Change::Terminal(t) } else { Change::Session { terminal: t } };
+            let detail = json!({ "terminal": id, "policy": policy, "locked_terminals": locked });
+            Ok(Some((Self::admin_entry(caller, "admin.set_terminal_policy", detail), vec![change])))
         })
         .await?;
         Ok(())

@@ -4,7 +4,8 @@
 //! unlock events over gRPC with mutual TLS.
 //!
 //! - [`core`]: the decisions (authentication, sessions, administration).
-//! - [`verify`]: card certificates and signatures; [`challenge`]: challenges.
+//! - [`verify`]: card certificates and signatures; [`crl`]: CRL intake;
+//!   [`challenge`]: challenges.
 //! - [`store`]: sled, group commit with fdatasync, audit chain, event log.
 //! - [`service`]: the gRPC services and the role check; [`tls`]: mutual TLS;
 //!   [`pki`]: the service CA and roles; [`config`]: the TOML file.
@@ -18,6 +19,7 @@ pub mod challenge;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod crl;
 pub mod error;
 pub mod model;
 pub mod net;
@@ -42,57 +44,25 @@ pub use crate::config::Config;
 pub use crate::core::Gateway;
 pub use crate::error::{Error, Result};
 
-/// Reads a PEM or DER file of certificates or CRLs into DER blobs.
-fn read_der_or_pem(path: &std::path::Path, label: &str) -> Result<Vec<Vec<u8>>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-    if bytes.starts_with(b"-----BEGIN") {
-        let text = String::from_utf8_lossy(&bytes);
-        let mut out = Vec::new();
-        for block in text.split("-----BEGIN ").skip(1) {
-            let (head, rest) = block.split_once("-----").unwrap_or_default();
-            if !head.contains(label) {
-                continue;
-            }
-            let pem = format!("-----BEGIN {head}-----{rest}");
-            let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            out.push(p.contents);
-        }
-        Ok(out)
-    } else {
-        Ok(vec![bytes])
+/// The rustls client configuration for https:// CRL locations, if any are
+/// configured.
+fn crl_tls(config: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    if !config.cards.crl_urls.iter().any(|u| u.starts_with("https://")) {
+        return Ok(None);
     }
-}
-
-/// Loads the CRL files and fetches the CRL URLs named in the
-/// configuration. Returns the CRLs read and the sources that failed (their
-/// previous CRLs are kept by [`verify::CardTrust::set_crls`]).
-pub async fn refresh_crls(config: &Config) -> (Vec<verify::LoadedCrl>, Vec<String>) {
-    let mut out = Vec::new();
-    let mut failed = Vec::new();
-    for path in &config.cards.crl_files {
-        let source = path.display().to_string();
-        match read_der_or_pem(path, "X509 CRL").and_then(|ders| {
-            ders.iter().map(|d| verify::LoadedCrl::from_der(d, source.clone()).map_err(Error::Config)).collect::<Result<Vec<_>>>()
-        }) {
-            Ok(c) => out.extend(c),
-            Err(e) => {
-                tracing::warn!(source, error = %e, "CRL not loaded");
-                failed.push(source);
-            }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&config.cards.crl_tls_roots).map_err(|e| Error::Config(format!("cards.crl_tls_roots: {e}")))? {
+        // A bundle may hold certificates rustls cannot use; skip those.
+        if let Ok(c) = c {
+            let _ = roots.add(c);
         }
     }
-    let timeout = Duration::from_secs(config.cards.crl_fetch_timeout_s);
-    for url in &config.cards.crl_urls {
-        match net::fetch(url, timeout, net::MAX_CRL_BYTES).await.and_then(|der| verify::LoadedCrl::from_der(&der, url.clone())) {
-            Ok(c) => out.push(c),
-            Err(e) => {
-                tracing::warn!(url, error = %e, "CRL not fetched");
-                failed.push(url.clone());
-            }
-        }
-    }
-    (out, failed)
+    let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(cfg)))
 }
 
 /// Renders the Prometheus metrics.
@@ -129,6 +99,17 @@ pub fn metrics_text(gw: &Gateway) -> String {
     let _ = writeln!(s, "# TYPE pivgate_watchers gauge\npivgate_watchers {}", gw.counters.watchers.load(Ordering::Relaxed));
     let unlocked = gw.store.terminals().map(|t| t.iter().filter(|t| matches!(t.session, model::Session::Unlocked { .. })).count()).unwrap_or(0);
     let _ = writeln!(s, "# TYPE pivgate_unlocked_terminals gauge\npivgate_unlocked_terminals {unlocked}");
+    let _ = writeln!(s, "# HELP pivgate_crl_refused_total CRLs refused, by reason (the CRL held before stays in force).");
+    let _ = writeln!(s, "# TYPE pivgate_crl_refused_total counter");
+    if let Ok(m) = gw.crl_intake.refused.lock() {
+        let mut v: Vec<_> = m.iter().collect();
+        v.sort();
+        for (k, n) in v {
+            let _ = writeln!(s, "pivgate_crl_refused_total{{reason=\"{k}\"}} {n}");
+        }
+    }
+    let _ = writeln!(s, "# TYPE pivgate_crl_fetch_failures_total counter\npivgate_crl_fetch_failures_total {}", gw.crl_intake.failed_fetches.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# TYPE pivgate_crl_accepted_total counter\npivgate_crl_accepted_total {}", gw.crl_intake.accepted.load(Ordering::Relaxed));
     let _ = writeln!(s, "# TYPE pivgate_crl_age_seconds gauge");
     for (source, age) in gw.trust.crl_ages(SystemTime::now()) {
         let _ = writeln!(s, "pivgate_crl_age_seconds{{source={source:?}}} {age}");
@@ -156,9 +137,13 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
     let gateway_id = sha2::Sha256::digest(server_der.as_ref()).to_vec();
     let mut anchors = Vec::new();
     for p in &config.cards.trust_anchors {
-        anchors.extend(read_der_or_pem(p, "CERTIFICATE")?);
+        anchors.extend(crl::read_der_or_pem(p, "CERTIFICATE")?);
     }
-    let trust = verify::CardTrust::new(&anchors, config.card_policy()).map_err(Error::Config)?;
+    let mut intermediates = Vec::new();
+    for p in &config.cards.intermediates {
+        intermediates.extend(crl::read_der_or_pem(p, "CERTIFICATE")?);
+    }
+    let trust = verify::CardTrust::new(&anchors, &intermediates, config.card_policy()).map_err(|e| Error::Config(format!("cards: {e}")))?;
     let store = store::Store::open(&config.data_dir.join("db"))?;
     let gateway = Gateway {
         store,
@@ -167,6 +152,7 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         clock: Box::new(core::SystemClock),
         presence: Default::default(),
         counters: Default::default(),
+        crl_intake: Default::default(),
         agent_grace: Duration::from_secs(config.agent_grace_s),
         data_dir: config.data_dir.clone(),
         stopping: tokio::sync::watch::channel(false).0,
@@ -196,16 +182,23 @@ pub async fn run(
     let gw = gateway.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
+        for n in 0u64.. {
             tick.tick().await;
             if let Err(e) = gw.sweep().await {
                 tracing::warn!(error = %e, "sweep failed");
             }
+            // Certificates reach notAfter on their own: re-check live
+            // sessions every two seconds.
+            if n % 4 == 3 {
+                if let Err(e) = gw.reauthorize_sessions("gateway").await {
+                    tracing::warn!(error = %e, "session re-check failed");
+                }
+            }
         }
     });
     // CRLs before serving, then on schedule.
-    let (crls, failed) = refresh_crls(&config).await;
-    gateway.trust.set_crls(crls, &failed);
+    let tls = crl_tls(&config)?;
+    gateway.offer_crls(crl::fetch_all(&config, tls.as_ref()).await).await?;
     let gw = gateway.clone();
     let crl_config = config.clone();
     let crl_reloader = tokio::spawn(async move {
@@ -213,8 +206,9 @@ pub async fn run(
         tick.tick().await;
         loop {
             tick.tick().await;
-            let (crls, failed) = refresh_crls(&crl_config).await;
-            gw.trust.set_crls(crls, &failed);
+            if let Err(e) = gw.offer_crls(crl::fetch_all(&crl_config, tls.as_ref()).await).await {
+                tracing::warn!(error = %e, "CRL refresh failed");
+            }
         }
     });
     let metrics = match config.metrics_listen {

@@ -99,6 +99,14 @@ pub enum LockReason {
     AgentSilent,
     /// Another operator unlocked it.
     Replaced,
+    /// The operator lost every role the terminal allows.
+    RoleRemoved,
+    /// The terminal's policy no longer allows the operator or mechanism.
+    PolicyChanged,
+    /// The session's certificate (or one of its path) was revoked by CRL.
+    CertificateRevoked,
+    /// The session's certificate (or one of its path) expired.
+    CertificateExpired,
 }
 
 /// A terminal's session state: locked, or unlocked by one operator.

@@ -14,22 +14,33 @@ use hyper_util::rt::TokioIo;
 /// Largest CRL accepted (a large federal CRL is a few MB).
 pub const MAX_CRL_BYTES: usize = 32 << 20;
 
-/// Fetches `url` (http:// only: CRLs are signed and conventionally served
-/// over plain HTTP) within `timeout`, refusing bodies over `limit` bytes.
-pub async fn fetch(url: &str, timeout: Duration, limit: usize) -> Result<Vec<u8>, String> {
-    tokio::time::timeout(timeout, fetch_inner(url, limit)).await.map_err(|_| format!("{url}: timed out after {timeout:?}"))?
+/// Fetches `url` (http://, or https:// verified against `tls`; CRLs are
+/// signed and conventionally served over plain HTTP) within `timeout`,
+/// refusing bodies over `limit` bytes.
+pub async fn fetch(url: &str, timeout: Duration, limit: usize, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Vec<u8>, String> {
+    tokio::time::timeout(timeout, fetch_inner(url, limit, tls)).await.map_err(|_| format!("{url}: timed out after {timeout:?}"))?
 }
 
-async fn fetch_inner(url: &str, limit: usize) -> Result<Vec<u8>, String> {
+async fn fetch_inner(url: &str, limit: usize, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Vec<u8>, String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("{url}: only http:// CRL locations are fetched"));
-    }
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("{url}: only http:// and https:// CRL locations are fetched")),
+    };
     let host = uri.host().ok_or_else(|| format!("{url}: no host"))?.to_string();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("{url}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("{url}: {e}"))?;
-    let driver = tokio::spawn(conn);
+    let (mut sender, driver) = if https {
+        let cfg = tls.ok_or_else(|| format!("{url}: no TLS roots configured for https:// CRL locations"))?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{url}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(|e| format!("{url}: TLS: {e}"))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{url}: {e}"))?;
+        (sender, tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) }))
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("{url}: {e}"))?;
+        (sender, tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) }))
+    };
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let req = Request::get(path).header("host", host).body(Full::<Bytes>::new(Bytes::new())).map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| format!("{url}: {e}"))?;

@@ -125,6 +125,10 @@ fn lock_reason_pb(r: LockReason) -> pb::LockReason {
         LockReason::Revoked => pb::LockReason::Revoked,
         LockReason::AgentSilent => pb::LockReason::AgentSilent,
         LockReason::Replaced => pb::LockReason::Replaced,
+        LockReason::RoleRemoved => pb::LockReason::RoleRemoved,
+        LockReason::PolicyChanged => pb::LockReason::PolicyChanged,
+        LockReason::CertificateRevoked => pb::LockReason::CertificateRevoked,
+        LockReason::CertificateExpired => pb::LockReason::CertificateExpired,
     }
 }
 

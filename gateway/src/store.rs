@@ -116,6 +116,15 @@ pub enum Change {
     Deny(Vec<String>),
     /// Creates or replaces an agent binding.
     Agent(Agent),
+    /// The newest thisUpdate (Unix seconds) accepted for a CRL key
+    /// ([`crate::verify::CrlKey::id`]): a restart never goes back to an
+    /// older CRL.
+    CrlWatermark {
+        /// The CRL key's id.
+        key: String,
+        /// thisUpdate, Unix seconds.
+        this_update_s: i64,
+    },
 }
 
 struct Ledger {
@@ -187,6 +196,7 @@ pub struct Store {
     fascn_index: sled::Tree,
     deny: sled::Tree,
     agents: sled::Tree,
+    crl_state: sled::Tree,
     terminals: sled::Tree,
     events: sled::Tree,
     audit: sled::Tree,
@@ -258,6 +268,7 @@ impl Store {
             fascn_index: db.open_tree("fascn_index")?,
             deny: db.open_tree("deny")?,
             agents: db.open_tree("agents")?,
+            crl_state: db.open_tree("crl_state")?,
             terminals: db.open_tree("terminals")?,
             events,
             audit,
@@ -365,12 +376,15 @@ impl Store {
                     }
                 }
                 Change::Agent(a) => writes.push((T_AGENTS, a.name.as_bytes().to_vec(), enc(a)?)),
+                Change::CrlWatermark { key, this_update_s } => {
+                    writes.push((T_CRL_STATE, key.as_bytes().to_vec(), this_update_s.to_be_bytes().to_vec()))
+                }
             }
         }
         let audit_value = enc(&record)?;
         let index_key = record.index.to_be_bytes();
-        (&self.audit, &self.events, &self.terminals, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents)
-            .transaction(|(audit, ev, term, ops, cards, fascn, deny, agents)| {
+        (&self.audit, &self.events, &self.terminals, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents, &self.crl_state)
+            .transaction(|(audit, ev, term, ops, cards, fascn, deny, agents, crl_state)| {
                 audit.insert(&index_key, audit_value.as_slice())?;
                 for (tree, k, v) in &writes {
                     let t: &TransactionalTree = match *tree {
@@ -381,6 +395,7 @@ impl Store {
                         T_FASCN => fascn,
                         T_DENY => deny,
                         T_AGENTS => agents,
+                        T_CRL_STATE => crl_state,
                         _ => return Err(abort(Error::Corrupt("unknown tree".into()))),
                     };
                     t.insert(k.as_slice(), v.as_slice())?;
@@ -468,6 +483,14 @@ impl Store {
         Ok(self.deny.contains_key(key)?)
     }
 
+    /// The newest thisUpdate (Unix seconds) accepted for a CRL key.
+    pub fn crl_watermark(&self, key: &str) -> Result<Option<i64>> {
+        Ok(match self.crl_state.get(key)? {
+            Some(v) => Some(i64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt("crl_state".into()))?)),
+            None => None,
+        })
+    }
+
     /// An agent.
     pub fn agent(&self, name: &str) -> Result<Option<Agent>> {
         self.agents.get(name)?.map(|v| dec(&v)).transpose()
@@ -501,6 +524,25 @@ impl Store {
     }
 }
 
+/// Writes `bytes` to `path` so that after a power cut the file holds either
+/// its old content or the new one, and its name survives: a temporary file
+/// in the same folder, fsynced, renamed over `path`, then the folder
+/// fsynced.
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().ok_or_else(|| Error::Config(format!("{}: no parent folder", path.display())))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 const T_EVENTS: u8 = 1;
 const T_TERMINALS: u8 = 2;
 const T_OPERATORS: u8 = 3;
@@ -508,6 +550,7 @@ const T_CARDS: u8 = 4;
 const T_FASCN: u8 = 5;
 const T_DENY: u8 = 6;
 const T_AGENTS: u8 = 7;
+const T_CRL_STATE: u8 = 8;
 
 fn set_sequence(s: &mut Session, seq: u64) {
     match s {

@@ -191,55 +191,174 @@ pub struct CardPolicy {
     /// Certificate policies, any of which the certificate must carry;
     /// empty: not checked.
     pub required_policies: BTreeMap<Slot, Vec<String>>,
-    /// Refuse when the issuer's CRL is past its nextUpdate.
+    /// Refuse when a CRL that covers a certificate of the path is past its
+    /// nextUpdate.
     pub crl_strict: bool,
-    /// Refuse when the issuer's CRL was issued longer ago than this.
+    /// Refuse when a CRL that covers a certificate of the path was issued
+    /// longer ago than this.
     pub max_crl_age: Option<Duration>,
-    /// Refuse when no CRL is loaded for the issuer.
+    /// Refuse a certificate of the path that no loaded CRL covers.
     pub require_crl: bool,
+    /// How far in the future a CRL's thisUpdate may be (clock skew between
+    /// the issuer and this gateway).
+    pub crl_future_skew: Duration,
 }
 
-/// A loaded CRL and where it came from.
-pub struct LoadedCrl {
+/// Which CRL a CRL replaces: its issuer and its issuing distribution point
+/// (RFC 5280 5.2.5). Partitioned CRLs of one issuer have different keys and
+/// all count; a newer CRL replaces only the CRL of its own key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CrlKey {
+    /// Issuer name (DER).
+    pub issuer: Vec<u8>,
+    /// The IssuingDistributionPoint extension value (DER), empty if none.
+    pub idp: Vec<u8>,
+}
+
+impl CrlKey {
+    /// A stable identifier (hex SHA-256), for storage and audit records.
+    pub fn id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update((self.issuer.len() as u32).to_be_bytes());
+        h.update(&self.issuer);
+        h.update(&self.idp);
+        hex::encode(h.finalize())
+    }
+}
+
+/// Which certificates a CRL speaks for (from its IssuingDistributionPoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CrlScope {
+    /// Covers end-entity certificates.
+    end_entities: bool,
+    /// Covers CA certificates.
+    cas: bool,
+    /// Distribution point URIs it is the CRL of (empty: any).
+    uris: Vec<String>,
+}
+
+/// Why a CRL was refused. The CRL held before stays in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CrlRefusal {
+    /// It does not parse, or uses a feature pivgate does not support
+    /// (indirect CRLs, reason partitions, attribute certificates).
+    Malformed(String),
+    /// No trust anchor or configured intermediate has its issuer's name.
+    UnknownIssuer,
+    /// Its signature does not verify with the key of any certificate that
+    /// carries its issuer's name.
+    BadSignature,
+    /// It is signed with SHA-1.
+    WeakAlgorithm,
+    /// The issuer certificate's key usage does not allow CRL signing.
+    IssuerMayNotSignCrls,
+    /// thisUpdate lies further in the future than the allowed skew.
+    FromTheFuture,
+    /// nextUpdate is before thisUpdate.
+    NextUpdateBeforeThisUpdate,
+    /// Older than the CRL held (or last accepted, across restarts) for the
+    /// same issuer and distribution point: a replayed CRL would un-revoke.
+    Rollback,
+}
+
+impl CrlRefusal {
+    /// A stable name for metrics and audit records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CrlRefusal::Malformed(_) => "malformed",
+            CrlRefusal::UnknownIssuer => "unknown_issuer",
+            CrlRefusal::BadSignature => "bad_signature",
+            CrlRefusal::WeakAlgorithm => "weak_algorithm",
+            CrlRefusal::IssuerMayNotSignCrls => "issuer_may_not_sign_crls",
+            CrlRefusal::FromTheFuture => "this_update_in_the_future",
+            CrlRefusal::NextUpdateBeforeThisUpdate => "next_update_before_this_update",
+            CrlRefusal::Rollback => "rollback",
+        }
+    }
+}
+
+impl std::fmt::Display for CrlRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CrlRefusal::Malformed(why) => write!(f, "malformed CRL: {why}"),
+            CrlRefusal::UnknownIssuer => f.write_str("no trusted card issuer or intermediate has the CRL's issuer name"),
+            CrlRefusal::BadSignature => f.write_str("the CRL's signature does not verify with its issuer's key"),
+            CrlRefusal::WeakAlgorithm => f.write_str("the CRL is signed with SHA-1"),
+            CrlRefusal::IssuerMayNotSignCrls => f.write_str("the issuer's key usage does not allow CRL signing"),
+            CrlRefusal::FromTheFuture => f.write_str("the CRL's thisUpdate is in the future"),
+            CrlRefusal::NextUpdateBeforeThisUpdate => f.write_str("the CRL's nextUpdate is before its thisUpdate"),
+            CrlRefusal::Rollback => f.write_str("the CRL is older than the one already accepted for this issuer and distribution point"),
+        }
+    }
+}
+
+/// A CRL whose signature checked out against a trusted issuer: ready to be
+/// installed with [`CardTrust::install_crl`].
+pub struct Crl {
     crl: CertRevocationList<'static>,
+    scope: CrlScope,
+    /// Issuer and distribution point.
+    pub key: CrlKey,
     /// Where it was read from.
     pub source: String,
-    /// Issuer DN (DER), to match certificates.
-    pub issuer: Vec<u8>,
     /// thisUpdate.
     pub this_update: SystemTime,
     /// nextUpdate, if set.
     pub next_update: Option<SystemTime>,
-}
-
-impl LoadedCrl {
-    /// Parses a DER CRL. Its signature is checked against the issuer when
-    /// used, by webpki.
-    pub fn from_der(der: &[u8], source: String) -> Result<LoadedCrl, String> {
-        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).map_err(|e| e.to_string())?;
-        let to_time = |t: x509_parser::time::ASN1Time| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
-        let this_update = to_time(parsed.last_update());
-        let next_update = parsed.next_update().map(to_time);
-        let issuer = parsed.tbs_cert_list.issuer.as_raw().to_vec();
-        let crl = OwnedCertRevocationList::from_der(der).map_err(|e| format!("{e:?}"))?;
-        Ok(LoadedCrl { crl: crl.into(), source, issuer, this_update, next_update })
-    }
+    /// cRLNumber (hex), if set.
+    pub number: Option<String>,
+    /// How many certificates it revokes.
+    pub revoked: usize,
+    /// SHA-256 of the DER.
+    pub sha256: [u8; 32],
 }
 
 /// What a successful validation learned, for the audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Validation {
-    /// "deny-list" or "deny-list+crl:SOURCE".
+    /// "deny-list" or "deny-list+crl:SOURCE[,SOURCE...]" (the CRLs that
+    /// cover the card's certificate).
     pub revocation_source: String,
-    /// Age of the CRL used, seconds.
+    /// Age of the oldest CRL relied on, seconds.
     pub crl_age_s: Option<u64>,
 }
 
-/// The card issuers the site trusts, their CRLs and the policy.
+/// A certificate that may sign card certificates or CRLs: a trust anchor
+/// or a configured intermediate.
+struct IssuerCert {
+    der: Vec<u8>,
+    subject: Vec<u8>,
+    may_sign_crls: bool,
+}
+
+impl IssuerCert {
+    fn parse(der: &[u8]) -> Result<(IssuerCert, bool), String> {
+        let (rest, c) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        if !rest.is_empty() {
+            return Err("trailing data after the certificate".into());
+        }
+        let is_ca = matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+        let may_sign_crls = match c.key_usage() {
+            Ok(Some(ku)) => ku.value.crl_sign(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        Ok((IssuerCert { der: der.to_vec(), subject: c.subject().as_raw().to_vec(), may_sign_crls }, is_ca))
+    }
+}
+
+/// The card issuers the site trusts, the intermediates between them and
+/// the cards, the CRLs in force, and the policy.
 pub struct CardTrust {
     anchors: Vec<TrustAnchor<'static>>,
-    anchor_subjects: Vec<Vec<u8>>,
-    crls: RwLock<Vec<LoadedCrl>>,
+    intermediates: Vec<CertificateDer<'static>>,
+    /// Anchors and intermediates, as possible signers of CRLs.
+    issuers: Vec<IssuerCert>,
+    crls: RwLock<BTreeMap<CrlKey, Crl>>,
+    /// Bumped whenever the CRLs in force change: a decision taken under an
+    /// older generation is re-checked before it is committed.
+    generation: std::sync::atomic::AtomicU64,
     policy: CardPolicy,
 }
 
@@ -256,75 +375,230 @@ impl webpki::ExtendedKeyUsageValidator for AnyEku {
     }
 }
 
+fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    let secs = t.timestamp();
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+/// SHA-1 based signature algorithms (RSA and ECDSA).
+const SHA1_SIGNATURES: [&str; 3] = ["1.2.840.113549.1.1.5", "1.3.14.3.2.29", "1.2.840.10045.4.1"];
+
+fn uris_of(names: &[GeneralName<'_>]) -> Vec<String> {
+    names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The CRL distribution point URIs a certificate names (None: it names
+/// none, so any CRL of its issuer whose scope includes it may speak for it).
+fn distribution_points(cert: &X509Certificate<'_>) -> Option<Vec<String>> {
+    cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::CRLDistributionPoints(dps) => Some(
+            dps.points
+                .iter()
+                .filter(|p| p.crl_issuer.is_none() && p.reasons.is_none())
+                .filter_map(|p| match &p.distribution_point {
+                    Some(x509_parser::extensions::DistributionPointName::FullName(names)) => Some(uris_of(names)),
+                    _ => None,
+                })
+                .flatten()
+                .collect(),
+        ),
+        _ => None,
+    })
+}
+
+impl Crl {
+    /// Whether this CRL speaks for `cert` (RFC 5280 6.3.3 (b), as
+    /// rustls-webpki decides it): same issuer, scope includes the
+    /// certificate's kind, and a distribution point name in common.
+    fn covers(&self, cert: &X509Certificate<'_>, is_ca: bool) -> bool {
+        if self.key.issuer != cert.issuer().as_raw() {
+            return false;
+        }
+        if (is_ca && !self.scope.cas) || (!is_ca && !self.scope.end_entities) {
+            return false;
+        }
+        if self.scope.uris.is_empty() && self.key.idp.is_empty() {
+            return true;
+        }
+        match distribution_points(cert) {
+            None => true,
+            Some(dps) => dps.iter().any(|u| self.scope.uris.contains(u)),
+        }
+    }
+}
+
 impl CardTrust {
-    /// Trust these issuer certificates (DER) with this policy.
-    pub fn new(anchors_der: &[Vec<u8>], policy: CardPolicy) -> Result<CardTrust, String> {
+    /// Trust these issuer certificates (DER), with these intermediates
+    /// (DER; each must chain to an anchor) and this policy.
+    pub fn new(anchors_der: &[Vec<u8>], intermediates_der: &[Vec<u8>], policy: CardPolicy) -> Result<CardTrust, String> {
         let mut anchors = Vec::new();
-        let mut anchor_subjects = Vec::new();
+        let mut issuers = Vec::new();
         for der in anchors_der {
             let cert = CertificateDer::from(der.as_slice());
             let ta = webpki::anchor_from_trusted_cert(&cert).map_err(|e| format!("trust anchor: {e:?}"))?.to_owned();
             anchors.push(ta);
-            let (_, c) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-            anchor_subjects.push(c.subject().as_raw().to_vec());
+            issuers.push(IssuerCert::parse(der).map_err(|e| format!("trust anchor: {e}"))?.0);
         }
-        Ok(CardTrust { anchors, anchor_subjects, crls: RwLock::new(Vec::new()), policy })
-    }
-
-    /// Replaces the loaded CRLs, keeping the previous CRL of every source
-    /// in `failed` (a failed refresh must not drop revocation data).
-    ///
-    /// A source never goes back to an older CRL than it had (a replayed
-    /// CRL would un-revoke certificates), and of several CRLs for one
-    /// issuer only the newest is used.
-    pub fn set_crls(&self, fresh: Vec<LoadedCrl>, failed: &[String]) {
-        let Ok(mut g) = self.crls.write() else { return };
-        let old = std::mem::take(&mut *g);
-        let mut next: Vec<LoadedCrl> = Vec::new();
-        let mut fresh = fresh;
-        for prev in old {
-            let newer = fresh.iter().position(|c| c.source == prev.source && c.issuer == prev.issuer);
-            match newer {
-                Some(i) if fresh[i].this_update < prev.this_update => {
-                    tracing::warn!(source = %prev.source, "refusing a CRL older than the one held; keeping the newer");
-                    fresh.remove(i);
-                    next.push(prev);
+        // Each intermediate must be a CA certificate signed by an anchor or
+        // by another intermediate that is.
+        let mut pending: Vec<(IssuerCert, Vec<u8>)> = Vec::new();
+        for der in intermediates_der {
+            let (ic, is_ca) = IssuerCert::parse(der).map_err(|e| format!("intermediate: {e}"))?;
+            if !is_ca {
+                return Err(format!("intermediate {} is not a CA certificate", subject_text(der)));
+            }
+            pending.push((ic, der.clone()));
+        }
+        let mut intermediates = Vec::new();
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut i = 0;
+            while i < pending.len() {
+                if signed_by_any(&pending[i].1, &issuers) {
+                    let (ic, der) = pending.remove(i);
+                    intermediates.push(CertificateDer::from(der));
+                    issuers.push(ic);
+                } else {
+                    i += 1;
                 }
-                Some(_) => {}
-                None if failed.contains(&prev.source) => next.push(prev),
-                None => {}
+            }
+            if pending.len() == before {
+                return Err(format!("intermediate {} does not chain to a trusted card issuer", subject_text(&pending[0].1)));
             }
         }
-        next.extend(fresh);
-        // Newest first, then keep one per issuer.
-        next.sort_by_key(|c| std::cmp::Reverse(c.this_update));
-        let mut seen: Vec<Vec<u8>> = Vec::new();
-        next.retain(|c| {
-            if seen.contains(&c.issuer) {
-                false
-            } else {
-                seen.push(c.issuer.clone());
-                true
-            }
-        });
-        *g = next;
+        Ok(CardTrust {
+            anchors,
+            intermediates,
+            issuers,
+            crls: RwLock::new(BTreeMap::new()),
+            generation: Default::default(),
+            policy,
+        })
     }
 
-    /// The oldest CRL age, seconds (for metrics).
+    /// Checks a CRL before it may count: parsed, signed by a trust anchor
+    /// or a configured intermediate whose name it carries (and whose key
+    /// usage allows CRL signing), not SHA-1, thisUpdate no further in the
+    /// future than the allowed skew, nextUpdate not before thisUpdate.
+    /// Rollback is checked at [`CardTrust::install_crl`] and against the
+    /// store by the caller.
+    pub fn examine_crl(&self, der: &[u8], source: &str, now: SystemTime) -> Result<Crl, CrlRefusal> {
+        use x509_parser::revocation_list::CertificateRevocationList;
+        let (rest, parsed) = CertificateRevocationList::from_der(der).map_err(|e| CrlRefusal::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CrlRefusal::Malformed("trailing data after the CRL".into()));
+        }
+        // webpki refuses what it cannot apply correctly (indirect CRLs,
+        // reason partitions, attribute-certificate CRLs, unknown critical
+        // extensions).
+        let owned = OwnedCertRevocationList::from_der(der).map_err(|e| CrlRefusal::Malformed(format!("{e:?}")))?;
+        let issuer = parsed.issuer().as_raw();
+        let candidates: Vec<&IssuerCert> = self.issuers.iter().filter(|i| i.subject == issuer).collect();
+        if candidates.is_empty() {
+            return Err(CrlRefusal::UnknownIssuer);
+        }
+        if SHA1_SIGNATURES.contains(&parsed.signature_algorithm.algorithm.to_id_string().as_str()) {
+            return Err(CrlRefusal::WeakAlgorithm);
+        }
+        let signer = candidates.into_iter().find(|c| {
+            X509Certificate::from_der(&c.der).is_ok_and(|(_, cert)| parsed.verify_signature(cert.public_key()).is_ok())
+        });
+        let Some(signer) = signer else { return Err(CrlRefusal::BadSignature) };
+        if !signer.may_sign_crls {
+            return Err(CrlRefusal::IssuerMayNotSignCrls);
+        }
+        let this_update = to_system_time(parsed.last_update());
+        let next_update = parsed.next_update().map(to_system_time);
+        if this_update > now + self.policy.crl_future_skew {
+            return Err(CrlRefusal::FromTheFuture);
+        }
+        if next_update.is_some_and(|n| n < this_update) {
+            return Err(CrlRefusal::NextUpdateBeforeThisUpdate);
+        }
+        let mut scope = CrlScope { end_entities: true, cas: true, uris: vec![] };
+        let mut idp = Vec::new();
+        for e in parsed.extensions() {
+            if let ParsedExtension::IssuingDistributionPoint(p) = e.parsed_extension() {
+                idp = e.value.to_vec();
+                if p.only_contains_ca_certs {
+                    scope.end_entities = false;
+                }
+                if p.only_contains_user_certs {
+                    scope.cas = false;
+                }
+                if let Some(x509_parser::extensions::DistributionPointName::FullName(names)) = &p.distribution_point {
+                    scope.uris = uris_of(names);
+                }
+            }
+        }
+        Ok(Crl {
+            revoked: parsed.iter_revoked_certificates().count(),
+            number: parsed.crl_number().map(|n| hex::encode(n.to_bytes_be())),
+            crl: owned.into(),
+            scope,
+            key: CrlKey { issuer: issuer.to_vec(), idp },
+            source: source.to_string(),
+            this_update,
+            next_update,
+            sha256: Sha256::digest(der).into(),
+        })
+    }
+
+    /// The thisUpdate of the CRL in force for `key`, if any.
+    pub fn held(&self, key: &CrlKey) -> Option<SystemTime> {
+        self.crls.read().ok()?.get(key).map(|c| c.this_update)
+    }
+
+    /// Puts an examined CRL in force, replacing the CRL of the same issuer
+    /// and distribution point unless that one is newer. Returns whether
+    /// anything changed.
+    pub fn install_crl(&self, crl: Crl) -> Result<bool, CrlRefusal> {
+        let mut g = self.crls.write().map_err(|_| CrlRefusal::Malformed("CRL lock poisoned".into()))?;
+        if let Some(held) = g.get(&crl.key) {
+            if crl.this_update < held.this_update {
+                return Err(CrlRefusal::Rollback);
+            }
+            if held.sha256 == crl.sha256 {
+                // The same CRL from another source (or its source after a
+                // restart served it from the cache): name its source.
+                if let Some(h) = g.get_mut(&crl.key) {
+                    h.source = crl.source;
+                }
+                return Ok(false);
+            }
+        }
+        g.insert(crl.key.clone(), crl);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// Changes whenever the CRLs in force change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Each CRL in force: source and age in seconds (for metrics).
     pub fn crl_ages(&self, now: SystemTime) -> Vec<(String, u64)> {
         self.crls
             .read()
-            .map(|g| g.iter().map(|c| (c.source.clone(), now.duration_since(c.this_update).unwrap_or_default().as_secs())).collect())
+            .map(|g| g.values().map(|c| (c.source.clone(), now.duration_since(c.this_update).unwrap_or_default().as_secs())).collect())
             .unwrap_or_default()
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &CardPolicy {
-        &self.policy
-    }
-
-    /// Validates a card certificate for `slot` at `now`: path, validity,
-    /// revocation by CRL, key usage, EKU and policies. The deny list is the
+    /// Validates a card certificate for `slot` at `now`: the path through
+    /// configured intermediates to a trusted issuer, each certificate's
+    /// validity, revocation of each by every CRL that covers it, CRL
+    /// freshness, key usage, EKU and policies. The deny list is the
     /// caller's (it lives in the database).
     pub fn validate(&self, der: &[u8], slot: Slot, now: SystemTime) -> Result<Validation, Deny> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|_| Deny::MalformedCertificate)?;
@@ -334,7 +608,7 @@ impl CardTrust {
             }
         }
         let issuer = cert.issuer().as_raw();
-        if issuer == cert.subject().as_raw() && !self.anchor_subjects.iter().any(|s| s == issuer) {
+        if issuer == cert.subject().as_raw() && !self.issuers.iter().any(|s| s.subject == issuer) {
             return Err(Deny::SelfSigned);
         }
         let ee_der = CertificateDer::from(der);
@@ -342,37 +616,56 @@ impl CardTrust {
         let unix = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
 
         let crls = self.crls.read().map_err(|_| Deny::UntrustedIssuer)?;
-        let matching: Vec<&LoadedCrl> = crls.iter().filter(|c| c.issuer == issuer).collect();
-        let crl_refs: Vec<&CertRevocationList<'static>> = matching.iter().map(|c| &c.crl).collect();
+        let crl_refs: Vec<&CertRevocationList<'static>> = crls.values().map(|c| &c.crl).collect();
         let revocation = if crl_refs.is_empty() {
             None
         } else {
             webpki::RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
-                b.with_depth(RevocationCheckDepth::EndEntity)
+                b.with_depth(RevocationCheckDepth::Chain)
                     .with_status_policy(UnknownStatusPolicy::Allow)
                     .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
                     .build()
             })
         };
-        ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, &[], unix, AnyEku, revocation, None)
+        let path = ee
+            .verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, &self.intermediates, unix, AnyEku, revocation, None)
             .map_err(map_webpki)?;
 
-        // Freshness of the revocation source.
-        let (revocation_source, crl_age_s) = match matching.first() {
-            Some(c) => {
-                let age = now.duration_since(c.this_update).unwrap_or_default();
-                if self.policy.crl_strict && c.next_update.is_some_and(|n| now > n) {
+        // webpki consults the first CRL that speaks for each certificate;
+        // every CRL that covers it counts here (partitioned CRLs, a full
+        // CRL beside a delta of scope), and each must be fresh enough.
+        let mut sources: Vec<String> = Vec::new();
+        let mut oldest: Option<Duration> = None;
+        let chain: Vec<(Vec<u8>, bool)> =
+            std::iter::once((der.to_vec(), false)).chain(path.intermediate_certificates().map(|c| (c.der().to_vec(), true))).collect();
+        for (link, is_ca) in &chain {
+            let (link, is_ca) = (link.as_slice(), *is_ca);
+            let (_, c) = X509Certificate::from_der(link).map_err(|_| Deny::MalformedCertificate)?;
+            let serial = c.raw_serial();
+            let covering: Vec<&Crl> = crls.values().filter(|l| l.covers(&c, is_ca)).collect();
+            if covering.is_empty() && self.policy.require_crl {
+                return Err(Deny::CrlStale);
+            }
+            for l in covering {
+                if l.crl.find_serial(serial).ok().flatten().is_some() {
+                    return Err(Deny::RevokedCrl);
+                }
+                let age = now.duration_since(l.this_update).unwrap_or_default();
+                if self.policy.crl_strict && l.next_update.is_some_and(|n| now > n) {
                     return Err(Deny::CrlStale);
                 }
                 if self.policy.max_crl_age.is_some_and(|max| age > max) {
                     return Err(Deny::CrlStale);
                 }
-                (format!("deny-list+crl:{}", c.source), Some(age.as_secs()))
+                oldest = Some(oldest.map_or(age, |o| o.max(age)));
+                if !is_ca && !sources.contains(&l.source) {
+                    sources.push(l.source.clone());
+                }
             }
-            None if self.policy.require_crl => return Err(Deny::CrlStale),
-            None => ("deny-list".to_string(), None),
-        };
+        }
         drop(crls);
+        let revocation_source = if sources.is_empty() { "deny-list".to_string() } else { format!("deny-list+crl:{}", sources.join(",")) };
+        let crl_age_s = oldest.map(|a| a.as_secs());
 
         // Key usage: digitalSignature must be there.
         match cert.key_usage() {
@@ -427,6 +720,17 @@ impl CardTrust {
         }
         Ok(Validation { revocation_source, crl_age_s })
     }
+}
+
+fn signed_by_any(der: &[u8], issuers: &[IssuerCert]) -> bool {
+    let Ok((_, c)) = X509Certificate::from_der(der) else { return false };
+    issuers.iter().filter(|i| i.subject == c.issuer().as_raw()).any(|i| {
+        X509Certificate::from_der(&i.der).is_ok_and(|(_, issuer)| c.verify_signature(Some(issuer.public_key())).is_ok())
+    })
+}
+
+fn subject_text(der: &[u8]) -> String {
+    X509Certificate::from_der(der).map(|(_, c)| c.subject().to_string()).unwrap_or_else(|_| "(unparseable)".into())
 }
 
 fn map_webpki(e: webpki::Error) -> Deny {

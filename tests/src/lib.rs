@@ -173,6 +173,7 @@ pub fn restart_pcscd(reader: &Reader) -> Result<()> {
 }
 
 pub mod agent;
+pub mod pki;
 pub mod process;
 pub mod site;
 
