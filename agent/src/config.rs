@@ -56,6 +56,15 @@ pub struct GatewayConfig {
     /// Time limit for one gateway call, seconds.
     #[serde(default = "default_call_timeout")]
     pub call_timeout_s: u64,
+    /// How far the time in a gateway's challenge may be from this agent's
+    /// clock, seconds. The card signs nothing dated further off: run NTP
+    /// (a Pi has no clock battery).
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew_s: u64,
+}
+
+fn default_max_clock_skew() -> u64 {
+    300
 }
 
 fn default_server_name() -> String {

@@ -4,6 +4,7 @@
 //!
 //! - [`terminal`]: one worker thread per terminal (the badge tap).
 //! - [`link`]: the gateway link (mutual TLS, presence stream, reconnects).
+//! - [`challenge`]: what the agent lets a card sign.
 //! - [`keys`]: key sources; [`config`]: the TOML file.
 //!
 //! Threads: the reader monitor (hw), one worker per terminal (PC/SC and
@@ -15,6 +16,7 @@
 //! nowhere else; no type that can hold it reaches a gRPC message.
 #![forbid(unsafe_code)]
 
+pub mod challenge;
 pub mod config;
 pub mod keys;
 pub mod link;

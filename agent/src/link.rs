@@ -34,12 +34,33 @@ pub struct TerminalReport {
 /// The gateway link.
 pub struct Link {
     client: AgentServiceClient<Channel>,
+    /// This agent's name, from its certificate: the name every challenge
+    /// must carry.
+    name: String,
+    /// How far a challenge's time may be from ours.
+    max_clock_skew: Duration,
     timeout: Duration,
     state: Mutex<BTreeMap<String, TerminalReport>>,
     changed: Notify,
     connected: AtomicBool,
     locks: broadcast::Sender<String>,
     link_changes: broadcast::Sender<bool>,
+}
+
+/// The agent name in a service certificate (`urn:pivgate:agent:NAME` in
+/// its subject alternative name).
+pub fn agent_name(pem: &str) -> Result<String, String> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert = p.parse_x509().map_err(|e| format!("not a certificate: {e}"))?;
+    let san = cert.subject_alternative_name().ok().flatten().ok_or("the certificate has no subject alternative name")?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix("urn:pivgate:agent:").map(str::to_string),
+            _ => None,
+        })
+        .ok_or_else(|| "not an agent certificate (no urn:pivgate:agent: name)".to_string())
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -66,8 +87,11 @@ impl Link {
             .tcp_nodelay(true)
             .connect_lazy();
         let state = terminals.iter().map(|t| (t.clone(), TerminalReport::default())).collect();
+        let name = agent_name(&read(&cfg.certificate)?).map_err(|e| Error::Config(format!("{}: {e}", cfg.certificate.display())))?;
         Ok(Arc::new(Link {
             client: AgentServiceClient::new(channel),
+            name,
+            max_clock_skew: Duration::from_secs(cfg.max_clock_skew_s),
             timeout: Duration::from_secs(cfg.call_timeout_s),
             state: Mutex::new(state),
             changed: Notify::new(),
@@ -75,6 +99,16 @@ impl Link {
             locks: broadcast::channel(64).0,
             link_changes: broadcast::channel(16).0,
         }))
+    }
+
+    /// This agent's name (from its certificate).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How far a challenge's time may be from this agent's clock.
+    pub fn max_clock_skew(&self) -> Duration {
+        self.max_clock_skew
     }
 
     /// Whether the presence stream is up.

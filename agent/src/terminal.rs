@@ -248,18 +248,39 @@ impl Worker {
                 B::Challenge(c) => break c,
                 B::Denied(d) => return Ok(TapResult::Denied(deny_name(d.reason))),
                 B::CertificateNeeded(slot) if req.certificate.is_empty() => {
-                    req.certificate = piv.read_certificate(slot_of(slot))?;
+                    let Some(slot) = slot_of(slot) else { return Ok(TapResult::Denied("the gateway asked for an unknown key slot".into())) };
+                    req.certificate = piv.read_certificate(slot)?;
                 }
                 B::CertificateNeeded(_) => return Ok(TapResult::Denied("certificate requested twice".into())),
             }
         };
-        let slot = slot_of(challenge.slot);
+        let Some(slot) = slot_of(challenge.slot) else { return Ok(TapResult::Denied("the gateway named an unknown key slot".into())) };
         let alg = match pb::SignatureAlgorithm::try_from(challenge.algorithm) {
             Ok(pb::SignatureAlgorithm::EcdsaP256Sha256) => Algorithm::EccP256,
             Ok(pb::SignatureAlgorithm::EcdsaP384Sha384) => Algorithm::EccP384,
             Ok(pb::SignatureAlgorithm::Rsa2048Pkcs1Sha256) => Algorithm::Rsa2048,
             _ => return Ok(TapResult::Denied("unknown signature algorithm".into())),
         };
+        // The card signs only a pivgate message for this very tap; checked
+        // before the PIN is even asked for.
+        let expected = crate::challenge::Expected {
+            agent: self.link.name(),
+            terminal: &self.terminal,
+            card_uuid: chuid.guid,
+            now: std::time::SystemTime::now(),
+            max_skew: self.link.max_clock_skew(),
+        };
+        let digest = match crate::challenge::digest_to_sign(&challenge.message, slot, alg, &expected) {
+            Ok(d) => d,
+            Err(why) => {
+                tracing::error!(terminal = %self.terminal, reason = %why, "the gateway asked the card to sign something that is not this tap's challenge; refused");
+                return Ok(TapResult::Denied(format!("refused to sign: {why}")));
+            }
+        };
+        if challenge.pin_required != (slot == Slot::Authentication) {
+            tracing::error!(terminal = %self.terminal, "the challenge's PIN requirement does not match its key slot; refused");
+            return Ok(TapResult::Denied("refused to sign: PIN requirement does not match the key slot".into()));
+        }
         let expires = Instant::now() + Duration::from_millis(u64::from(challenge.expires_in_ms));
         if challenge.pin_required {
             if let Some(r) = self.verify_pin(piv, features, expires)? {
@@ -267,7 +288,7 @@ impl Worker {
             }
         }
         self.show(Pattern::Working);
-        let signature = piv.sign(slot, alg, &challenge.digest)?;
+        let signature = piv.sign(slot, alg, &digest)?;
         use pb::complete_authentication_response::Outcome as C;
         let done = self.rt.block_on(self.link.complete(pb::CompleteAuthenticationRequest {
             challenge_id: challenge.challenge_id,
@@ -371,11 +392,11 @@ impl Worker {
     }
 }
 
-fn slot_of(s: i32) -> Slot {
-    if s == pb::KeySlot::CardAuthentication as i32 {
-        Slot::CardAuthentication
-    } else {
-        Slot::Authentication
+fn slot_of(s: i32) -> Option<Slot> {
+    match pb::KeySlot::try_from(s) {
+        Ok(pb::KeySlot::PivAuthentication) => Some(Slot::Authentication),
+        Ok(pb::KeySlot::CardAuthentication) => Some(Slot::CardAuthentication),
+        _ => None,
     }
 }
 

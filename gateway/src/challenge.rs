@@ -11,8 +11,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use pivgate_proto::card_message::CardMessage;
+use sha2::{Digest, Sha256};
+
 use crate::model::{KeyAlgorithm, Mechanism};
-use crate::verify::{self, Deny};
+use crate::verify::Deny;
 
 /// A challenge waiting for its signature.
 #[derive(Debug, Clone)]
@@ -51,22 +54,23 @@ pub struct Challenges {
     inner: Mutex<Inner>,
     ttl: Duration,
     max_pending: usize,
-    gateway_id: Vec<u8>,
+    gateway_id: [u8; 32],
 }
 
 /// What [`Challenges::issue`] hands out.
 pub struct Issued {
     /// Identifier.
     pub id: [u8; 16],
-    /// Digest the card signs.
-    pub digest: Vec<u8>,
+    /// The message the card signs (the agent hashes it; see
+    /// [`pivgate_proto::card_message`]).
+    pub message: Vec<u8>,
 }
 
 impl Challenges {
     /// A store whose challenges live `ttl` (at most 30 s), with at most
     /// `max_pending` outstanding, for the gateway identified by
     /// `gateway_id` (its certificate fingerprint).
-    pub fn new(ttl: Duration, max_pending: usize, gateway_id: Vec<u8>) -> Challenges {
+    pub fn new(ttl: Duration, max_pending: usize, gateway_id: [u8; 32]) -> Challenges {
         Challenges {
             inner: Mutex::new(Inner { pending: HashMap::new(), spent: HashMap::new(), issued: 0 }),
             ttl: ttl.min(Duration::from_secs(30)),
@@ -98,19 +102,18 @@ impl Challenges {
         let mut nonce = [0u8; 32];
         aws_lc_rs::rand::fill(&mut id).map_err(|_| crate::error::Error::Exhausted("randomness"))?;
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| crate::error::Error::Exhausted("randomness"))?;
-        let fingerprint = verify::card_digest(KeyAlgorithm::EcdsaP256, &certificate);
-        let message = verify::challenge_message(&[
-            &id,
-            &nonce,
-            &self.gateway_id,
-            agent.as_bytes(),
-            terminal.as_bytes(),
-            &card_uuid,
-            &[mechanism.code()],
-            &fingerprint,
-            &unix_ms.to_be_bytes(),
-        ]);
-        let digest = verify::card_digest(algorithm, &message);
+        let message = CardMessage {
+            challenge_id: id,
+            nonce,
+            gateway_id: self.gateway_id,
+            agent,
+            terminal,
+            card_uuid,
+            mechanism: mechanism.code(),
+            certificate_sha256: Sha256::digest(&certificate).into(),
+            unix_ms,
+        }
+        .encode();
         let mut g = self.inner.lock().map_err(|_| crate::error::Error::Exhausted("challenge lock"))?;
         g.issued += 1;
         if g.issued % 1024 == 0 || g.pending.len() >= self.max_pending {
@@ -135,12 +138,12 @@ impl Challenges {
                 mechanism,
                 algorithm,
                 certificate,
-                message,
+                message: message.clone(),
                 supplied,
                 expires: now + self.ttl,
             },
         );
-        Ok(Issued { id, digest })
+        Ok(Issued { id, message })
     }
 
     /// Takes a challenge for checking; it can never be taken again.
@@ -164,7 +167,7 @@ mod tests {
     use super::*;
 
     fn store(ttl: u64) -> Challenges {
-        Challenges::new(Duration::from_secs(ttl), 10, b"gw".to_vec())
+        Challenges::new(Duration::from_secs(ttl), 10, [7; 32])
     }
 
     fn issue(c: &Challenges, now: Instant) -> Issued {
@@ -178,7 +181,7 @@ mod tests {
         let a = issue(&c, t0);
         let b = issue(&c, t0);
         assert_ne!(a.id, b.id);
-        assert_ne!(a.digest, b.digest, "two challenges for the same tap must differ");
+        assert_ne!(a.message, b.message, "two challenges for the same tap must differ");
         assert!(c.take(&a.id, t0).is_ok());
         assert_eq!(c.take(&a.id, t0).unwrap_err(), Deny::ChallengeReplayed);
         assert_eq!(c.take(&b.id, t0 + Duration::from_secs(11)).unwrap_err(), Deny::ChallengeExpired);
@@ -202,7 +205,7 @@ mod tests {
 
     #[test]
     fn one_agent_cannot_hold_every_challenge() {
-        let c = Challenges::new(Duration::from_secs(10), 10_000, b"gw".to_vec());
+        let c = Challenges::new(Duration::from_secs(10), 10_000, [7; 32]);
         let t0 = Instant::now();
         let issue = |agent: &str| c.issue(agent, "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::EcdsaP256, vec![], false, t0, 0);
         for _ in 0..PER_AGENT {

@@ -58,8 +58,8 @@ pub enum Begin {
     Challenge {
         /// Identifier.
         id: [u8; 16],
-        /// Digest.
-        digest: Vec<u8>,
+        /// The message the card signs.
+        message: Vec<u8>,
         /// Mechanism (and slot).
         mechanism: Mechanism,
         /// Key algorithm.
@@ -307,7 +307,7 @@ impl Gateway {
                     self.clock.instant(),
                     self.now_ms(),
                 )?;
-                Ok(Begin::Challenge { id: issued.id, digest: issued.digest, mechanism, algorithm, ttl: self.challenges.ttl() })
+                Ok(Begin::Challenge { id: issued.id, message: issued.message, mechanism, algorithm, ttl: self.challenges.ttl() })
             }
         }
     }

@@ -134,7 +134,7 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         .next()
         .ok_or_else(|| Error::Tls("no server certificate".into()))?
         .map_err(|e| Error::Tls(e.to_string()))?;
-    let gateway_id = sha2::Sha256::digest(server_der.as_ref()).to_vec();
+    let gateway_id: [u8; 32] = sha2::Sha256::digest(server_der.as_ref()).into();
     let mut anchors = Vec::new();
     for p in &config.cards.trust_anchors {
         anchors.extend(crl::read_der_or_pem(p, "CERTIFICATE")?);

@@ -33,11 +33,12 @@ impl Mechanism {
         }
     }
 
-    /// A stable byte for the signed encoding.
+    /// The byte for the signed message ([`pivgate_proto::card_message`]).
     pub fn code(self) -> u8 {
+        use pivgate_proto::card_message::{MECHANISM_CARD_AND_PIN, MECHANISM_CARD_ONLY};
         match self {
-            Mechanism::CardAndPin => 1,
-            Mechanism::CardOnly => 2,
+            Mechanism::CardAndPin => MECHANISM_CARD_AND_PIN,
+            Mechanism::CardOnly => MECHANISM_CARD_ONLY,
         }
     }
 }

@@ -250,9 +250,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         use pb::begin_authentication_response::Outcome;
         let outcome = match self.0.begin(&caller, begin).await? {
-            Begin::Challenge { id, digest, mechanism, algorithm, ttl } => Outcome::Challenge(pb::Challenge {
+            Begin::Challenge { id, message, mechanism, algorithm, ttl } => Outcome::Challenge(pb::Challenge {
                 challenge_id: id.to_vec(),
-                digest,
+                message,
                 slot: slot_pb(mechanism.slot()) as i32,
                 algorithm: algorithm_pb(algorithm) as i32,
                 pin_required: mechanism == Mechanism::CardAndPin,

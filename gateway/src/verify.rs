@@ -783,34 +783,10 @@ fn looks_like_ecdsa_der(sig: &[u8]) -> bool {
     !r.is_empty() && !s.is_empty()
 }
 
-/// The domain-separated message whose hash the card signs. Every field is
-/// length-prefixed, so no two different inputs encode alike.
-pub fn challenge_message(fields: &[&[u8]]) -> Vec<u8> {
-    let mut m = b"pivgate.v1 card authentication\0".to_vec();
-    for f in fields {
-        m.extend_from_slice(&(f.len() as u32).to_be_bytes());
-        m.extend_from_slice(f);
-    }
-    m
-}
-
-/// The digest of `message` for the card: SHA-384 for P-384, else SHA-256.
-pub fn card_digest(alg: KeyAlgorithm, message: &[u8]) -> Vec<u8> {
-    match alg {
-        KeyAlgorithm::EcdsaP384 => sha2::Sha384::digest(message).to_vec(),
-        _ => Sha256::digest(message).to_vec(),
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn challenge_encoding_is_injective_on_field_boundaries() {
-        assert_ne!(challenge_message(&[b"ab", b"c"]), challenge_message(&[b"a", b"bc"]));
-        assert_ne!(challenge_message(&[b"", b"x"]), challenge_message(&[b"x", b""]));
-    }
 
     #[test]
     fn der_shape_check() {

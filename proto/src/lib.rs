@@ -2,8 +2,9 @@
 //!
 //! The `.proto` files in `proto/pivgate/v1/` are the contract integrators
 //! read; this crate holds them and the tonic code generated from them (with
-//! protox, so no system protoc is needed), and nothing else. Every other
-//! crate converts to its own types at the boundary.
+//! protox, so no system protoc is needed), and the one definition of the
+//! bytes a card signs ([`card_message`]), which gateway and agent share.
+//! Every other crate converts to its own types at the boundary.
 //!
 //! - `pivgate.v1.AgentService`: agents (presence, begin/complete
 //!   authentication, card removal).
@@ -11,6 +12,8 @@
 //!   with resume).
 //! - `pivgate.v1.AdminService`: administrators.
 #![forbid(unsafe_code)]
+
+pub mod card_message;
 
 /// Generated messages and services of `pivgate.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -37,6 +37,12 @@ pub struct AgentUnderTest {
 
 /// Writes the agent's credentials and starts it against `site`.
 pub async fn start_agent(site: &Site, name: &str, terminals: &[TerminalSpec<'_>]) -> Result<AgentUnderTest> {
+    start_agent_at(site, &site.addr.clone(), name, terminals).await
+}
+
+/// Like [`start_agent`], with credentials from `site` but talking to the
+/// gateway (or impostor) at `addr`.
+pub async fn start_agent_at(site: &Site, addr: &str, name: &str, terminals: &[TerminalSpec<'_>]) -> Result<AgentUnderTest> {
     let creds = site.issue(pb::ServiceRole::Agent, name).await?;
     site.admin()
         .await?
@@ -45,12 +51,13 @@ pub async fn start_agent(site: &Site, name: &str, terminals: &[TerminalSpec<'_>]
     let files = write_credentials(&creds, &scratch("agent"))?;
     let config = Config {
         gateway: GatewayConfig {
-            address: site.addr.clone(),
+            address: addr.to_string(),
             server_name: "localhost".into(),
             ca: files.ca,
             certificate: files.cert,
             key: files.key,
             call_timeout_s: 3,
+            max_clock_skew_s: 300,
         },
         pin: PinConfig { idle_timeout_s: 10, total_timeout_s: 30 },
         terminals: terminals

@@ -327,12 +327,29 @@ pub fn sign(card: &mut VirtualCard, c: &pb::Challenge, pin: &str) -> Result<Vec<
         pb::SignatureAlgorithm::Rsa2048Pkcs1Sha256 => Algorithm::Rsa2048,
         pb::SignatureAlgorithm::Unspecified => bail!("no algorithm"),
     };
+    // The agent's own check of what it lets the card sign, with this
+    // message's agent name (the helper is not told which agent it plays).
+    let parsed = pivgate_proto::card_message::parse(&c.message).context("the gateway's message")?;
+    let expected = pivgate_agent::challenge::Expected {
+        agent: parsed.agent,
+        terminal: parsed.terminal,
+        card_uuid: parsed.card_uuid,
+        now: std::time::SystemTime::now(),
+        max_skew: Duration::from_secs(300),
+    };
+    let digest = pivgate_agent::challenge::digest_to_sign(&c.message, slot, alg, &expected)?;
+    sign_digest(card, slot, alg, &digest, c.pin_required.then_some(pin))
+}
+
+/// Has the card sign `digest` with `slot`, with no check at all: what a
+/// compromised agent does.
+pub fn sign_digest(card: &mut VirtualCard, slot: Slot, alg: Algorithm, digest: &[u8], pin: Option<&str>) -> Result<Vec<u8>> {
     let mut piv = PivClient::new(card);
     piv.select()?;
-    if c.pin_required {
+    if let Some(pin) = pin {
         piv.verify_pin(&Pin::new(pin.as_bytes())?)?;
     }
-    let sig = piv.sign(slot, alg, &c.digest).context("card signature")?;
+    let sig = piv.sign(slot, alg, digest).context("card signature")?;
     piv.reset_pin_state()?;
     Ok(sig)
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use pivgate_hw::piv::{Algorithm, Slot};
 use pivgate_hw::vcard::{IssuingCa, Profile, Validity};
 use pivgate_proto::v1 as pb;
-use pivgate_tests::site::{begin, complete, scratch, sign, tap, Site, Tap};
+use pivgate_tests::site::{begin, complete, scratch, sign, sign_digest, tap, Site, Tap};
 use pb::agent_service_client::AgentServiceClient;
 use tonic::transport::Channel;
 
@@ -287,11 +287,11 @@ async fn card_only_proof_where_card_and_pin_is_required() -> Result<()> {
             slot: pb::KeySlot::CardAuthentication as i32,
         })
         .await?;
-    let Ok(mut c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin refused") };
+    let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin refused") };
     assert!(c.pin_required);
-    c.slot = pb::KeySlot::CardAuthentication as i32;
-    c.pin_required = false;
-    let sig = sign(&mut card, &c, "")?;
+    // A compromised agent has the no-PIN key sign the PIN challenge.
+    use sha2::Digest;
+    let sig = sign_digest(&mut card, Slot::CardAuthentication, Algorithm::EccP256, &sha2::Sha256::digest(&c.message), None)?;
     expect_refusal(&site, pb::DenyReason::MechanismNotAllowed, complete(&mut agent, T, &c, sig)).await
 }
 

@@ -87,6 +87,8 @@ fn parse_apdu(raw: &[u8]) -> Result<Apdu<'_>, StatusWord> {
                 _ => return Err(StatusWord::WRONG_LENGTH),
             }
         }
+        // Extended length: 00, then Le or Lc in two bytes.
+        2 => return Err(StatusWord::WRONG_LENGTH),
         3 => (&[][..], Some(ext_le(body[1], body[2]))),
         _ => {
             let lc = usize::from(u16::from_be_bytes([body[1], body[2]]));
@@ -203,6 +205,9 @@ pub struct VirtualCard {
     faults: Vec<Fault>,
     rng: Box<dyn CryptoRngCore + Send>,
     apdus: usize,
+    /// Command APDUs seen, by instruction byte (what a test asks the card
+    /// later: "was it ever asked to sign?").
+    by_ins: Box<[u32; 256]>,
 }
 
 const MAX_CHAIN: usize = 64 * 1024;
@@ -225,7 +230,14 @@ impl VirtualCard {
             faults: Vec::new(),
             rng: Box::new(OsRng),
             apdus: 0,
+            by_ins: Box::new([0; 256]),
         }
+    }
+
+    /// How many command APDUs with instruction byte `ins` the card has
+    /// received (0x87: GENERAL AUTHENTICATE, 0x20: VERIFY).
+    pub fn commands_seen(&self, ins: u8) -> u32 {
+        self.by_ins[usize::from(ins)]
     }
 
     /// Sets the latency model.
@@ -291,6 +303,9 @@ impl VirtualCard {
     /// Processes one command APDU.
     pub fn process(&mut self, raw: &[u8]) -> Answer {
         self.apdus += 1;
+        if let Some(&ins) = raw.get(1) {
+            self.by_ins[usize::from(ins)] = self.by_ins[usize::from(ins)].saturating_add(1);
+        }
         let mut delay = self.latency.per_apdu + self.latency.per_byte * (raw.len() as u32 + 2);
         for f in &self.faults {
             match f {

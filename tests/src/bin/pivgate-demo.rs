@@ -158,6 +158,7 @@ async fn main() -> Result<()> {
             certificate: site.join("agent/demo-pi.pem"),
             key: site.join("agent/demo-pi-key.pem"),
             call_timeout_s: 5,
+            max_clock_skew_s: 300,
         },
         pin: PinConfig { idle_timeout_s: 60, total_timeout_s: 120 },
         terminals: vec![TerminalConfig { id: TERMINAL.into(), reader: reader.into(), keypad: KeypadConfig::Simulated, indicator: IndicatorConfig::Log, card_only: false }],

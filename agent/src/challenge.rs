@@ -1,0 +1,159 @@
+//! What the agent lets a card sign.
+//!
+//! The gateway sends the whole message, never a bare digest. Before the
+//! card is asked anything, [`digest_to_sign`] checks that the message is a
+//! pivgate card-authentication message ([`pivgate_proto::card_message`])
+//! naming this agent, this terminal, the card in the reader, the mechanism
+//! of the slot it is asked to use, and a time within the allowed clock skew;
+//! only then does it hash the message for GENERAL AUTHENTICATE. Anything
+//! else is refused and logged by the caller, and the card never signs it:
+//! the 9A key that unlocks a console usually logs its holder into Windows
+//! and the VPN too, and must not become a signing oracle for whoever holds
+//! a gateway certificate.
+
+use std::time::{Duration, SystemTime};
+
+use pivgate_hw::piv::{Algorithm, Slot};
+use pivgate_proto::card_message::{self, MessageError, MECHANISM_CARD_AND_PIN, MECHANISM_CARD_ONLY};
+use sha2::Digest;
+
+/// What this tap's message must name.
+#[derive(Debug, Clone)]
+pub struct Expected<'a> {
+    /// This agent's name (from its certificate).
+    pub agent: &'a str,
+    /// This terminal.
+    pub terminal: &'a str,
+    /// The card in the reader (CHUID GUID).
+    pub card_uuid: [u8; 16],
+    /// Now, on this agent's clock.
+    pub now: SystemTime,
+    /// How far the gateway's time may differ from ours.
+    pub max_skew: Duration,
+}
+
+/// Why the agent refused to let the card sign.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refused {
+    /// Not a pivgate card-authentication message at all.
+    #[error("{0}")]
+    Message(MessageError),
+    /// It names another agent.
+    #[error("the message names agent {0:?}, not this one")]
+    OtherAgent(String),
+    /// It names another terminal.
+    #[error("the message names terminal {0:?}, not this one")]
+    OtherTerminal(String),
+    /// It names another card.
+    #[error("the message names another card")]
+    OtherCard,
+    /// Its mechanism is not the one of the slot the card is asked to use.
+    #[error("the message's mechanism does not match the requested key slot")]
+    WrongMechanism,
+    /// Its time is further from ours than the allowed skew.
+    #[error("the message's time is {0} s away from this agent's clock")]
+    ClockSkew(i64),
+    /// The slot or algorithm is not one a pivgate tap uses.
+    #[error("unsupported key slot or algorithm")]
+    Unsupported,
+}
+
+/// Checks `message` against `expected` for a signature by `slot` with
+/// `alg`, and returns the digest the card signs: SHA-384 for P-384, else
+/// SHA-256.
+pub fn digest_to_sign(message: &[u8], slot: Slot, alg: Algorithm, expected: &Expected<'_>) -> Result<Vec<u8>, Refused> {
+    let m = card_message::parse(message).map_err(Refused::Message)?;
+    if m.agent != expected.agent {
+        return Err(Refused::OtherAgent(m.agent.chars().take(64).collect()));
+    }
+    if m.terminal != expected.terminal {
+        return Err(Refused::OtherTerminal(m.terminal.chars().take(64).collect()));
+    }
+    if m.card_uuid != expected.card_uuid {
+        return Err(Refused::OtherCard);
+    }
+    let mechanism = match slot {
+        Slot::Authentication => MECHANISM_CARD_AND_PIN,
+        Slot::CardAuthentication => MECHANISM_CARD_ONLY,
+        _ => return Err(Refused::Unsupported),
+    };
+    if m.mechanism != mechanism {
+        return Err(Refused::WrongMechanism);
+    }
+    let now_ms = match expected.now.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(_) => 0,
+    };
+    let skew = now_ms.saturating_sub(m.unix_ms);
+    if skew.unsigned_abs() > expected.max_skew.as_millis() as u64 {
+        return Err(Refused::ClockSkew(skew / 1000));
+    }
+    Ok(match alg {
+        Algorithm::EccP384 => sha2::Sha384::digest(message).to_vec(),
+        Algorithm::EccP256 | Algorithm::Rsa2048 => sha2::Sha256::digest(message).to_vec(),
+        _ => return Err(Refused::Unsupported),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pivgate_proto::card_message::CardMessage;
+
+    const NOW_MS: i64 = 1_790_000_000_000;
+
+    fn message() -> CardMessage<'static> {
+        CardMessage {
+            challenge_id: [1; 16],
+            nonce: [2; 32],
+            gateway_id: [3; 32],
+            agent: "pi-1",
+            terminal: "dispatch-01",
+            card_uuid: [4; 16],
+            mechanism: MECHANISM_CARD_AND_PIN,
+            certificate_sha256: [5; 32],
+            unix_ms: NOW_MS,
+        }
+    }
+
+    fn expected() -> Expected<'static> {
+        Expected {
+            agent: "pi-1",
+            terminal: "dispatch-01",
+            card_uuid: [4; 16],
+            now: SystemTime::UNIX_EPOCH + Duration::from_millis(NOW_MS as u64 + 1500),
+            max_skew: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_message_for_this_tap_is_hashed_for_the_card() {
+        let m = message().encode();
+        let d = digest_to_sign(&m, Slot::Authentication, Algorithm::EccP256, &expected()).unwrap();
+        assert_eq!(d, sha2::Sha256::digest(&m).to_vec());
+        let d = digest_to_sign(&m, Slot::Authentication, Algorithm::EccP384, &expected()).unwrap();
+        assert_eq!(d, sha2::Sha384::digest(&m).to_vec());
+        let card_only = CardMessage { mechanism: MECHANISM_CARD_ONLY, ..message() }.encode();
+        assert!(digest_to_sign(&card_only, Slot::CardAuthentication, Algorithm::EccP256, &expected()).is_ok());
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        let e = expected();
+        let sign = |m: &[u8], slot| digest_to_sign(m, slot, Algorithm::EccP256, &e);
+        // A bare digest (a TLS, SSH or PKINIT transcript hash).
+        assert!(matches!(sign(&[0x5A; 32], Slot::Authentication), Err(Refused::Message(MessageError::NotPivgate))));
+        assert_eq!(sign(&CardMessage { agent: "pi-2", ..message() }.encode(), Slot::Authentication), Err(Refused::OtherAgent("pi-2".into())));
+        assert_eq!(sign(&CardMessage { terminal: "t2", ..message() }.encode(), Slot::Authentication), Err(Refused::OtherTerminal("t2".into())));
+        assert_eq!(sign(&CardMessage { card_uuid: [9; 16], ..message() }.encode(), Slot::Authentication), Err(Refused::OtherCard));
+        // A card-only message offered for the PIN key, and the reverse.
+        assert_eq!(sign(&CardMessage { mechanism: MECHANISM_CARD_ONLY, ..message() }.encode(), Slot::Authentication), Err(Refused::WrongMechanism));
+        assert_eq!(sign(&message().encode(), Slot::CardAuthentication), Err(Refused::WrongMechanism));
+        // Too old, and too far ahead.
+        assert_eq!(sign(&CardMessage { unix_ms: NOW_MS - 120_000, ..message() }.encode(), Slot::Authentication), Err(Refused::ClockSkew(121)));
+        assert_eq!(sign(&CardMessage { unix_ms: NOW_MS + 120_000, ..message() }.encode(), Slot::Authentication), Err(Refused::ClockSkew(-118)));
+        // A slot a tap never uses.
+        assert_eq!(sign(&message().encode(), Slot::Signature), Err(Refused::Unsupported));
+    }
+}
