@@ -146,12 +146,19 @@ impl Challenges {
         Ok(Issued { id, message })
     }
 
-    /// Takes a challenge for checking; it can never be taken again.
-    pub fn take(&self, id: &[u8], now: Instant) -> Result<Pending, Deny> {
+    /// Takes a challenge issued to `agent` for `terminal` for checking; it
+    /// can never be taken again. A challenge of another agent or terminal
+    /// is refused and left alone, so no agent can burn another's.
+    pub fn take(&self, id: &[u8], agent: &str, terminal: &str, now: Instant) -> Result<Pending, Deny> {
         let id: [u8; 16] = id.try_into().map_err(|_| Deny::ChallengeUnknown)?;
         let mut g = self.inner.lock().map_err(|_| Deny::ChallengeUnknown)?;
         if g.spent.contains_key(&id) {
             return Err(Deny::ChallengeReplayed);
+        }
+        match g.pending.get(&id) {
+            None => return Err(Deny::ChallengeUnknown),
+            Some(p) if p.agent != agent || p.terminal != terminal => return Err(Deny::ChallengeMismatch),
+            Some(_) => {}
         }
         let p = g.pending.remove(&id).ok_or(Deny::ChallengeUnknown)?;
         g.spent.insert(id, now);
@@ -182,12 +189,24 @@ mod tests {
         let b = issue(&c, t0);
         assert_ne!(a.id, b.id);
         assert_ne!(a.message, b.message, "two challenges for the same tap must differ");
-        assert!(c.take(&a.id, t0).is_ok());
-        assert_eq!(c.take(&a.id, t0).unwrap_err(), Deny::ChallengeReplayed);
-        assert_eq!(c.take(&b.id, t0 + Duration::from_secs(11)).unwrap_err(), Deny::ChallengeExpired);
-        assert_eq!(c.take(&b.id, t0).unwrap_err(), Deny::ChallengeReplayed);
-        assert_eq!(c.take(&[9; 16], t0).unwrap_err(), Deny::ChallengeUnknown);
-        assert_eq!(c.take(&[9; 3], t0).unwrap_err(), Deny::ChallengeUnknown);
+        let take = |id: &[u8], t| c.take(id, "agent-1", "t1", t);
+        assert!(take(&a.id, t0).is_ok());
+        assert_eq!(take(&a.id, t0).unwrap_err(), Deny::ChallengeReplayed);
+        assert_eq!(take(&b.id, t0 + Duration::from_secs(11)).unwrap_err(), Deny::ChallengeExpired);
+        assert_eq!(take(&b.id, t0).unwrap_err(), Deny::ChallengeReplayed);
+        assert_eq!(take(&[9; 16], t0).unwrap_err(), Deny::ChallengeUnknown);
+        assert_eq!(take(&[9; 3], t0).unwrap_err(), Deny::ChallengeUnknown);
+    }
+
+    #[test]
+    fn another_agent_cannot_burn_a_challenge() {
+        let c = store(10);
+        let t0 = Instant::now();
+        let a = issue(&c, t0);
+        assert_eq!(c.take(&a.id, "agent-2", "t1", t0).unwrap_err(), Deny::ChallengeMismatch);
+        assert_eq!(c.take(&a.id, "agent-1", "t2", t0).unwrap_err(), Deny::ChallengeMismatch);
+        // Still there for its own agent and terminal.
+        assert!(c.take(&a.id, "agent-1", "t1", t0).is_ok());
     }
 
     #[test]

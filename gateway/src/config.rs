@@ -56,6 +56,67 @@ pub struct Config {
     pub agent_grace_s: u64,
     /// Card trust and revocation.
     pub cards: CardsConfig,
+    /// What callers may cost the gateway.
+    pub limits: LimitsConfig,
+}
+
+/// What callers may cost the gateway: connections, handshakes, streams,
+/// time, and audit records of refusals. Field limits of each request are
+/// fixed, in `limits.rs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most open connections (handshaking or established). The gateway
+    /// also stays 64 below its open-file limit.
+    pub max_connections: usize,
+    /// Most TLS handshakes in flight; a new connection past it closes the
+    /// oldest handshake still waiting.
+    pub max_handshakes: usize,
+    /// Most TLS handshakes in flight from one address.
+    pub max_handshakes_per_address: usize,
+    /// Time a client has to complete its TLS handshake, seconds.
+    pub handshake_timeout_s: u64,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    pub max_streams_per_connection: u32,
+    /// Time limit for one unary call, seconds.
+    pub call_timeout_s: u64,
+    /// HTTP/2 keepalive ping interval, seconds; a peer that does not answer
+    /// within `keepalive_timeout_s` is disconnected.
+    pub keepalive_s: u64,
+    /// See `keepalive_s`.
+    pub keepalive_timeout_s: u64,
+    /// Most event watchers in all.
+    pub max_watchers: usize,
+    /// Most event watchers per application or administrator identity.
+    pub max_watchers_per_caller: usize,
+    /// Audit records of refusals (denied authentications, refused calls,
+    /// refused handshakes) one caller may cause at once...
+    pub audit_burst: u32,
+    /// ... and per minute after that. Past it, refusals are still refused
+    /// and counted, and summarised in one record per `audit_summary_s`.
+    pub audit_per_minute: u32,
+    /// Interval of the summary of suppressed records, seconds.
+    pub audit_summary_s: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 4096,
+            max_handshakes: 256,
+            max_handshakes_per_address: 64,
+            handshake_timeout_s: 5,
+            max_streams_per_connection: 64,
+            call_timeout_s: 30,
+            keepalive_s: 30,
+            keepalive_timeout_s: 10,
+            max_watchers: 4096,
+            max_watchers_per_caller: 16,
+            audit_burst: 60,
+            audit_per_minute: 60,
+            audit_summary_s: 60,
+        }
+    }
 }
 
 /// Card issuers, CRLs and certificate policy.
@@ -108,6 +169,7 @@ impl Default for Config {
             challenge_ttl_s: 30,
             agent_grace_s: 30,
             cards: CardsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -158,6 +220,29 @@ impl Config {
         }
         if self.cards.crl_refresh_s == 0 {
             return Err(Error::Config("cards.crl_refresh_s must be at least 1".into()));
+        }
+        let l = &self.limits;
+        for (field, v, min) in [
+            ("max_connections", l.max_connections as u64, 16),
+            ("max_handshakes", l.max_handshakes as u64, 1),
+            ("max_handshakes_per_address", l.max_handshakes_per_address as u64, 1),
+            ("handshake_timeout_s", l.handshake_timeout_s, 1),
+            ("max_streams_per_connection", u64::from(l.max_streams_per_connection), 4),
+            ("call_timeout_s", l.call_timeout_s, 1),
+            ("keepalive_s", l.keepalive_s, 1),
+            ("keepalive_timeout_s", l.keepalive_timeout_s, 1),
+            ("max_watchers", l.max_watchers as u64, 1),
+            ("max_watchers_per_caller", l.max_watchers_per_caller as u64, 1),
+            ("audit_burst", u64::from(l.audit_burst), 1),
+            ("audit_per_minute", u64::from(l.audit_per_minute), 1),
+            ("audit_summary_s", l.audit_summary_s, 1),
+        ] {
+            if v < min {
+                return Err(Error::Config(format!("limits.{field} must be at least {min}")));
+            }
+        }
+        if l.handshake_timeout_s > 60 || l.call_timeout_s > 300 {
+            return Err(Error::Config("limits.handshake_timeout_s must be at most 60 and limits.call_timeout_s at most 300".into()));
         }
         let c = &self.cards;
         if let Some(bad) = c.crl_urls.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {

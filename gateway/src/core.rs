@@ -48,8 +48,36 @@ pub struct Counters {
     pub verify_us: Mutex<Vec<u64>>,
     /// TLS handshakes refused.
     pub tls_rejected: std::sync::atomic::AtomicU64,
-    /// Live watchers.
-    pub watchers: std::sync::atomic::AtomicI64,
+    /// Refusal audit records suppressed by the per-caller budget.
+    pub audit_suppressed: std::sync::atomic::AtomicU64,
+}
+
+/// Live event watchers, counted per caller under one lock, so neither cap
+/// can be passed by callers racing each other.
+#[derive(Default)]
+pub struct Watchers {
+    by_caller: HashMap<String, usize>,
+    total: usize,
+}
+
+/// A watcher's place, given back when dropped.
+pub struct WatcherSlot {
+    gateway: Arc<Gateway>,
+    caller: String,
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.gateway.watchers.lock() {
+            w.total = w.total.saturating_sub(1);
+            if let Some(n) = w.by_caller.get_mut(&self.caller) {
+                *n -= 1;
+                if *n == 0 {
+                    w.by_caller.remove(&self.caller);
+                }
+            }
+        }
+    }
 }
 
 /// What BeginAuthentication decides.
@@ -102,6 +130,15 @@ pub struct Gateway {
     pub counters: Counters,
     /// CRL intake counters and what was already reported.
     pub crl_intake: crate::crl::CrlIntake,
+    /// What callers may cost.
+    pub limits: crate::config::LimitsConfig,
+    /// Audit records of refusals each caller may still cause.
+    pub audit_budget: Mutex<crate::limits::AuditBudget>,
+    /// Live event watchers.
+    pub watchers: Mutex<Watchers>,
+    /// Each agent's presence stream (a generation and the sender whose drop
+    /// ends it): a new stream replaces the old one.
+    pub presence_streams: Mutex<HashMap<String, (u64, tokio::sync::oneshot::Sender<()>)>>,
     /// How long an agent may be silent.
     pub agent_grace: Duration,
     /// The data folder (service PKI files).
@@ -179,18 +216,105 @@ impl Gateway {
     async fn deny(&self, caller: &Caller, terminal: &str, stage: &str, deny: Deny, detail: serde_json::Value) -> Result<(Deny, String)> {
         self.count(deny.name());
         let text = detail.get("why").and_then(|v| v.as_str()).unwrap_or(deny.name()).to_string();
+        let audited = self
+            .audit_refusal(
+                &caller.to_string(),
+                AuditEntry {
+                    kind: "auth.denied",
+                    actor: caller.to_string(),
+                    terminal_id: terminal.to_string(),
+                    detail: json!({ "stage": stage, "reason": deny.name(), "detail": detail }),
+                },
+            )
+            .await?;
+        if audited {
+            tracing::info!(terminal, caller = %caller, reason = deny.name(), "authentication denied");
+        }
+        Ok((deny, text))
+    }
+
+    /// Audits a refusal (a denied authentication, a refused call or
+    /// handshake) if `budget_key` has budget left; otherwise counts it for
+    /// the next `audit.suppressed` summary. Returns whether it was audited.
+    pub async fn audit_refusal(&self, budget_key: &str, entry: AuditEntry) -> Result<bool> {
+        let allowed = self.audit_budget.lock().map(|mut b| b.allow(budget_key, entry.kind, self.clock.instant())).unwrap_or(false);
+        if allowed {
+            self.commit(entry, vec![]).await?;
+        } else {
+            self.counters.audit_suppressed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(allowed)
+    }
+
+    /// Writes one `audit.suppressed` record with the refusals the budget
+    /// kept out of the log since the last one (called every
+    /// `limits.audit_summary_s`).
+    pub async fn summarise_suppressed(&self) -> Result<()> {
+        let counts = self.audit_budget.lock().map(|mut b| b.take_suppressed()).unwrap_or_default();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let total: u64 = counts.iter().map(|(_, _, n)| n).sum();
+        let listed: Vec<serde_json::Value> =
+            counts.iter().take(100).map(|(caller, kind, n)| json!({ "caller": caller, "kind": kind, "count": n })).collect();
+        let unlisted: u64 = counts.iter().skip(100).map(|(_, _, n)| n).sum();
+        tracing::warn!(total, "refusals past their callers' audit budget were counted, not recorded one by one");
         self.commit(
             AuditEntry {
-                kind: "auth.denied",
-                actor: caller.to_string(),
-                terminal_id: terminal.to_string(),
-                detail: json!({ "stage": stage, "reason": deny.name(), "detail": detail }),
+                kind: "audit.suppressed",
+                actor: "gateway".into(),
+                terminal_id: String::new(),
+                detail: json!({ "total": total, "suppressed": listed, "not_listed": unlisted }),
             },
             vec![],
         )
         .await?;
-        tracing::info!(terminal, caller = %caller, reason = deny.name(), "authentication denied");
-        Ok((deny, text))
+        Ok(())
+    }
+
+    /// Takes a watcher's place for `caller`, within the total and
+    /// per-caller caps.
+    pub fn watcher_slot(self: &Arc<Self>, caller: &Caller) -> Result<WatcherSlot> {
+        let key = caller.to_string();
+        let mut w = self.watchers.lock().map_err(|_| Error::Exhausted("watcher lock"))?;
+        if w.total >= self.limits.max_watchers {
+            return Err(Error::Exhausted("too many watchers"));
+        }
+        let mine = w.by_caller.get(&key).copied().unwrap_or(0);
+        if mine >= self.limits.max_watchers_per_caller {
+            return Err(Error::Exhausted("too many watchers for this caller"));
+        }
+        w.total += 1;
+        w.by_caller.insert(key.clone(), mine + 1);
+        Ok(WatcherSlot { gateway: self.clone(), caller: key })
+    }
+
+    /// The number of live watchers.
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.lock().map(|w| w.total).unwrap_or(0)
+    }
+
+    /// Registers a new presence stream for `agent`, ending the one it had:
+    /// returns the stream's generation and what resolves when a newer
+    /// stream replaces it.
+    pub fn presence_stream(&self, agent: &str) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut m) = self.presence_streams.lock() {
+            // Dropping the old sender ends the old stream.
+            m.insert(agent.to_string(), (generation, tx));
+        }
+        (generation, rx)
+    }
+
+    /// Forgets `agent`'s presence stream if it is still `generation`.
+    pub fn presence_stream_ended(&self, agent: &str, generation: u64) {
+        if let Ok(mut m) = self.presence_streams.lock() {
+            if m.get(agent).is_some_and(|(g, _)| *g == generation) {
+                m.remove(agent);
+            }
+        }
     }
 
     /// The terminal, if bound to this agent.
@@ -444,13 +568,11 @@ impl Gateway {
         signature: &[u8],
     ) -> Result<std::result::Result<(Pending, Operator, verify::Validation), (Deny, serde_json::Value)>> {
         let d = |deny: Deny, why: &str| Ok(Err((deny, json!({ "why": why }))));
-        let p = match self.challenges.take(challenge_id, self.clock.instant()) {
+        let p = match self.challenges.take(challenge_id, &caller.name, terminal, self.clock.instant()) {
             Ok(p) => p,
+            Err(Deny::ChallengeMismatch) => return d(Deny::ChallengeMismatch, "challenge was issued to another agent or terminal"),
             Err(deny) => return d(deny, "challenge refused"),
         };
-        if p.agent != caller.name || p.terminal != terminal {
-            return d(Deny::ChallengeMismatch, "challenge was issued to another agent or terminal");
-        }
         if self.bound_terminal(&caller.name, terminal)?.is_none() {
             return d(Deny::TerminalNotBound, "terminal no longer bound to this agent");
         }

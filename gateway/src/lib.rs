@@ -21,6 +21,7 @@ pub mod config;
 pub mod core;
 pub mod crl;
 pub mod error;
+pub mod limits;
 pub mod model;
 pub mod net;
 pub mod pki;
@@ -96,7 +97,9 @@ pub fn metrics_text(gw: &Gateway) -> String {
     }
     let agents = gw.presence.lock().map(|p| p.len()).unwrap_or(0);
     let _ = writeln!(s, "# TYPE pivgate_connected_agents gauge\npivgate_connected_agents {agents}");
-    let _ = writeln!(s, "# TYPE pivgate_watchers gauge\npivgate_watchers {}", gw.counters.watchers.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# TYPE pivgate_watchers gauge\npivgate_watchers {}", gw.watcher_count());
+    let _ = writeln!(s, "# HELP pivgate_audit_suppressed_total Refusals past their caller's audit budget: counted and summarised, not recorded one by one.");
+    let _ = writeln!(s, "# TYPE pivgate_audit_suppressed_total counter\npivgate_audit_suppressed_total {}", gw.counters.audit_suppressed.load(Ordering::Relaxed));
     let unlocked = gw.store.terminals().map(|t| t.iter().filter(|t| matches!(t.session, model::Session::Unlocked { .. })).count()).unwrap_or(0);
     let _ = writeln!(s, "# TYPE pivgate_unlocked_terminals gauge\npivgate_unlocked_terminals {unlocked}");
     let _ = writeln!(s, "# HELP pivgate_crl_refused_total CRLs refused, by reason (the CRL held before stays in force).");
@@ -117,6 +120,18 @@ pub fn metrics_text(gw: &Gateway) -> String {
     let _ = writeln!(s, "# TYPE pivgate_tls_handshakes_refused_total counter\npivgate_tls_handshakes_refused_total {}", gw.counters.tls_rejected.load(Ordering::Relaxed));
     let _ = writeln!(s, "# TYPE pivgate_group_commits_total counter\npivgate_group_commits_total {}", gw.store.flushes());
     s
+}
+
+/// Raises this process's soft open-file limit to its hard limit (as Go and
+/// nginx do) and returns the soft limit in force: the connection cap stays
+/// below it, so accepting never fails for want of a descriptor.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let r = getrlimit(Resource::Nofile);
+    if r.current != r.maximum {
+        let _ = setrlimit(Resource::Nofile, rustix::process::Rlimit { current: r.maximum, maximum: r.maximum });
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(1 << 20)
 }
 
 /// Opens everything a gateway needs from its configuration: the service
@@ -153,6 +168,10 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         presence: Default::default(),
         counters: Default::default(),
         crl_intake: Default::default(),
+        limits: config.limits.clone(),
+        audit_budget: std::sync::Mutex::new(limits::AuditBudget::new(config.limits.audit_burst, config.limits.audit_per_minute)),
+        watchers: Default::default(),
+        presence_streams: Default::default(),
         agent_grace: Duration::from_secs(config.agent_grace_s),
         data_dir: config.data_dir.clone(),
         stopping: tokio::sync::watch::channel(false).0,
@@ -194,6 +213,11 @@ pub async fn run(
                     tracing::warn!(error = %e, "session re-check failed");
                 }
             }
+            if (n + 1) % (gw.limits.audit_summary_s * 2) == 0 {
+                if let Err(e) = gw.summarise_suppressed().await {
+                    tracing::warn!(error = %e, "could not write the summary of suppressed audit records");
+                }
+            }
         }
     });
     // CRLs before serving, then on schedule.
@@ -220,54 +244,61 @@ pub async fn run(
         None => None,
     };
     let gw = gateway.clone();
-    let limiter = Arc::new(std::sync::Mutex::new((0u32, SystemTime::UNIX_EPOCH)));
     let on_reject: tls::OnReject = Arc::new(move |peer: SocketAddr, why: String| {
         gw.counters.tls_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(%peer, reason = %why, "TLS handshake refused");
-        // Audit refused handshakes, at most 60 a minute: an unauthenticated
-        // peer must not be able to flood the audit log.
-        let now = SystemTime::now();
-        let allowed = limiter
-            .lock()
-            .map(|mut l| {
-                if now.duration_since(l.1).unwrap_or_default() > Duration::from_secs(60) {
-                    *l = (0, now);
-                }
-                l.0 += 1;
-                l.0 <= 60
-            })
-            .unwrap_or(false);
-        if allowed {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                let entry = store::AuditEntry {
-                    kind: "tls.refused",
-                    actor: format!("peer:{peer}"),
-                    terminal_id: String::new(),
-                    detail: serde_json::json!({ "reason": why }),
-                };
-                if let Err(e) = gw.commit(entry, vec![]).await {
-                    tracing::warn!(error = %e, "could not audit a refused handshake");
-                }
-            });
-        }
+        tracing::debug!(%peer, reason = %why, "TLS handshake refused");
+        // Unauthenticated peers share one audit budget: they cannot flood
+        // the audit log, and what they cost is summarised.
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let entry = store::AuditEntry {
+                kind: "tls.refused",
+                actor: format!("peer:{peer}"),
+                terminal_id: String::new(),
+                detail: serde_json::json!({ "reason": why.chars().take(limits::TEXT_MAX).collect::<String>() }),
+            };
+            if let Err(e) = gw.audit_refusal("unauthenticated", entry).await {
+                tracing::warn!(error = %e, "could not audit a refused handshake");
+            }
+        });
     });
-    let (incoming, acceptor) = tls::incoming(listener, tls_config, on_reject);
+    let l = &config.limits;
+    let open_files = raise_open_file_limit();
+    let accept = tls::AcceptLimits {
+        max_connections: l.max_connections.min(open_files.saturating_sub(64) as usize).max(16),
+        max_handshakes: l.max_handshakes,
+        max_per_address: l.max_handshakes_per_address,
+        handshake_timeout: Duration::from_secs(l.handshake_timeout_s),
+    };
+    tracing::info!(max_connections = accept.max_connections, open_files, "connection limits");
+    let (incoming, acceptor) = tls::incoming(listener, tls_config, accept, on_reject);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::agent_service_server::AgentServiceServer<service::AgentApi>>().await;
     health_reporter.set_serving::<pb::access_service_server::AccessServiceServer<service::AccessApi>>().await;
     health_reporter.set_serving::<pb::admin_service_server::AdminServiceServer<service::AdminApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pivgate_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pivgate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both reflection versions: grpcurl and Python's grpcio-reflection
+    // still ask for v1alpha.
+    let reflection_v1 = reflection().build_v1().map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let max = limits::MESSAGE_MAX;
     let result = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(pb::agent_service_server::AgentServiceServer::new(service::AgentApi(gateway.clone())))
-        .add_service(pb::access_service_server::AccessServiceServer::new(service::AccessApi(gateway.clone())))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(service::AdminApi(gateway.clone())))
+        .max_concurrent_streams(Some(l.max_streams_per_connection))
+        .http2_max_pending_accept_reset_streams(Some(16))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .http2_keepalive_interval(Some(Duration::from_secs(l.keepalive_s)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(l.keepalive_timeout_s)))
+        .timeout(Duration::from_secs(l.call_timeout_s))
+        .add_service(health.max_decoding_message_size(max))
+        .add_service(reflection_v1.max_decoding_message_size(max))
+        .add_service(reflection_v1alpha.max_decoding_message_size(max))
+        .add_service(pb::agent_service_server::AgentServiceServer::new(service::AgentApi(gateway.clone())).max_decoding_message_size(max))
+        .add_service(pb::access_service_server::AccessServiceServer::new(service::AccessApi(gateway.clone())).max_decoding_message_size(max))
+        .add_service(pb::admin_service_server::AdminServiceServer::new(service::AdminApi(gateway.clone())).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(incoming, {
             let gw = gateway.clone();
             async move {

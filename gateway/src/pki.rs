@@ -69,6 +69,11 @@ pub fn caller_from_cert(der: &[u8]) -> Option<Caller> {
         GeneralName::URI(u) => {
             let rest = u.strip_prefix("urn:pivgate:")?;
             let (role, name) = rest.split_once(':')?;
+            // Names are identifiers (bounded, printable): they reach the
+            // audit log as actors.
+            if !crate::limits::is_identifier(name) {
+                return None;
+            }
             Some(Caller { role: Role::parse(role)?, name: name.to_string() })
         }
         _ => None,

@@ -17,28 +17,26 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::{Begin, BeginRequest, Complete, Gateway};
 use crate::error::Error;
+use crate::limits::{self, Bounded};
 use crate::model::{self, uuid_text, KeyAlgorithm, LockReason, Mechanism, Session, Slot, TerminalPolicy};
 use crate::pki::{self, Caller, Role};
 use crate::store::{AuditEntry, AuditRecord};
 use crate::verify::Deny;
 
-/// Most concurrent event watchers (each holds a task and a buffer).
-const MAX_WATCHERS: i64 = 4096;
-
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Reads the caller from the request's verified client certificate and
-/// checks its role, auditing refusals.
-async fn authorize<T>(gw: &Gateway, req: &Request<T>, allowed: &[Role], api: &str) -> Result<Caller, Status> {
+/// The door of every call: the request's fields within their limits
+/// (`limits.rs`; INVALID_ARGUMENT before anything is stored or audited),
+/// the caller from its verified client certificate, and its role allowed
+/// (a refusal is audited, within the caller's audit budget).
+async fn authorize<T: Bounded>(gw: &Gateway, req: &Request<T>, allowed: &[Role], api: &'static str) -> Result<Caller, Status> {
+    req.get_ref().check()?;
     let certs = req.peer_certs().ok_or(Error::Unauthenticated("no client certificate"))?;
     let first = certs.first().ok_or(Error::Unauthenticated("no client certificate"))?;
     let caller = pki::caller_from_cert(first.as_ref()).ok_or(Error::Unauthenticated("client certificate carries no pivgate role"))?;
     if !allowed.contains(&caller.role) {
-        gw.commit(
-            AuditEntry { kind: "rpc.refused", actor: caller.to_string(), terminal_id: String::new(), detail: json!({ "api": api }) },
-            vec![],
-        )
-        .await?;
+        let entry = AuditEntry { kind: "rpc.refused", actor: caller.to_string(), terminal_id: String::new(), detail: json!({ "api": api }) };
+        gw.audit_refusal(&caller.to_string(), entry).await?;
         return Err(Error::PermissionDenied(format!("{caller} may not call {api}")).into());
     }
     Ok(caller)
@@ -192,6 +190,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mut input = req.into_inner();
         let gw = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
+        // One stream per agent: this one ends the one before it.
+        let (generation, mut replaced) = gw.presence_stream(&caller.name);
         // Locks of this agent's terminals are pushed as they happen (an
         // administrator's lock, a revocation), not only with heartbeats.
         let mut live = gw.store.subscribe();
@@ -201,12 +201,24 @@ impl pb::agent_service_server::AgentService for AgentApi {
             loop {
                 let reply = tokio::select! {
                     _ = stopping.changed() => break,
+                    _ = &mut replaced => break,
                     msg = input.next() => {
-                        let Some(Ok(msg)) = msg else { break };
+                        let msg = match msg {
+                            Some(Ok(m)) => m,
+                            // A message the decoder refused (too large).
+                            Some(Err(status)) => {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                            None => break,
+                        };
+                        if let Err(status) = msg.check() {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
                         let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
                             .terminals
                             .iter()
-                            .take(1024)
                             .map(|t| (t.terminal_id.clone(), t.card_present, t.card_uuid.as_slice().try_into().ok()))
                             .collect();
                         match gw.presence(&caller, &reports).await {
@@ -231,6 +243,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     break;
                 }
             }
+            gw.presence_stream_ended(&caller.name, generation);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -238,9 +251,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
     async fn begin_authentication(&self, req: Request<pb::BeginAuthenticationRequest>) -> Result<Response<pb::BeginAuthenticationResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.BeginAuthentication").await?;
         let r = req.into_inner();
-        if r.certificate.len() > 16 * 1024 || r.terminal_id.len() > 256 || r.fascn.len() > 64 {
-            return Err(Status::invalid_argument("certificate, terminal or FASC-N too long"));
-        }
         let begin = BeginRequest {
             terminal: r.terminal_id,
             card_uuid: card_uuid(&r.card_uuid)?,
@@ -270,9 +280,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<pb::CompleteAuthenticationResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.CompleteAuthentication").await?;
         let r = req.into_inner();
-        if r.signature.len() > 1024 {
-            return Err(Status::invalid_argument("signature longer than any card signature"));
-        }
         use pb::complete_authentication_response::Outcome;
         let outcome = match self.0.complete(&caller, &r.challenge_id, &r.terminal_id, &r.signature).await? {
             Complete::Granted { operator, sequence } => {
@@ -313,19 +320,18 @@ impl pb::access_service_server::AccessService for AccessApi {
     }
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
-        authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.WatchEvents").await?;
-        if self.0.counters.watchers.load(std::sync::atomic::Ordering::Relaxed) >= MAX_WATCHERS {
-            return Err(Error::Exhausted("too many watchers").into());
-        }
+        let caller = authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.WatchEvents").await?;
+        let slot = self.0.watcher_slot(&caller)?;
         let r = req.into_inner();
         let gw = self.0.clone();
         let filter: Vec<String> = r.terminal_ids;
         let (tx, rx) = mpsc::channel(256);
         // Subscribe before reading the stored log, so nothing falls between.
         let mut live = gw.store.subscribe();
-        gw.counters.watchers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut stopping = gw.stopping.subscribe();
         tokio::spawn(async move {
+            // Given back when the watcher ends, however it ends.
+            let _slot = slot;
             let mut last = r.after_sequence;
             let wanted = |e: &model::Event| filter.is_empty() || filter.contains(&e.terminal_id);
             'outer: loop {
@@ -370,7 +376,6 @@ impl pb::access_service_server::AccessService for AccessApi {
                     }
                 }
             }
-            gw.counters.watchers.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -502,8 +507,19 @@ impl pb::admin_service_server::AdminService for AdminApi {
     async fn query_audit(&self, req: Request<pb::QueryAuditRequest>) -> Result<Response<pb::QueryAuditResponse>, Status> {
         authorize(&self.0, &req, &[Role::Admin], "AdminService.QueryAudit").await?;
         let r = req.into_inner();
-        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) } as usize;
-        let records = self.0.store.audit_after(r.after_index, limit).map_err(Status::from)?.iter().map(audit_pb).collect();
+        let limit = if r.limit == 0 { 100 } else { (r.limit as usize).min(limits::AUDIT_PAGE_RECORDS_MAX) };
+        // Bounded by bytes as well: the answer stays well under what a
+        // client decodes by default (4 MiB).
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for rec in self.0.store.audit_after(r.after_index, limit).map_err(Status::from)? {
+            let rec = audit_pb(&rec);
+            bytes += prost::Message::encoded_len(&rec);
+            if bytes > limits::AUDIT_PAGE_BYTES_MAX && !records.is_empty() {
+                break;
+            }
+            records.push(rec);
+        }
         Ok(Response::new(pb::QueryAuditResponse { records }))
     }
 

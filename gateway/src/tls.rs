@@ -2,13 +2,19 @@
 //! the data folder, client certificates required and verified against the
 //! service CA (and nothing else), TLS 1.2 and 1.3 only, ALPN h2.
 //!
-//! Handshakes run on their own tasks with a time limit, so a slow or
-//! hostile client holds up nobody; refused handshakes are reported to a
-//! callback (the gateway audits them, rate-limited).
+//! Handshakes run on their own tasks with a time limit and under caps (see
+//! [`incoming`]), so slow, idle or hostile clients hold up nobody; refused
+//! handshakes are reported to a callback (the gateway audits them within a
+//! budget).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::task::AbortHandle;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -54,16 +60,141 @@ pub fn server_config(files: &Files) -> Result<Arc<ServerConfig>> {
 /// A refused handshake: who tried and why.
 pub type OnReject = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
 
+/// What connections may cost before anyone is authenticated.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// Most open connections, handshaking or established.
+    pub max_connections: usize,
+    /// Most handshakes in flight.
+    pub max_handshakes: usize,
+    /// Most handshakes in flight from one address.
+    pub max_per_address: usize,
+    /// Time a client has to finish its handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Connections counted under one lock.
+#[derive(Default)]
+struct Gate {
+    /// Handshaking plus established.
+    open: usize,
+    /// Handshakes in flight, oldest first, with the handle that ends them.
+    pending: BTreeMap<u64, (IpAddr, Option<AbortHandle>)>,
+    per_address: HashMap<IpAddr, usize>,
+    next: u64,
+}
+
+impl Gate {
+    /// Forgets handshake `id` if it is still pending; returns whether it was.
+    fn forget(&mut self, id: u64) -> Option<Option<AbortHandle>> {
+        let (addr, handle) = self.pending.remove(&id)?;
+        if let Some(n) = self.per_address.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&addr);
+            }
+        }
+        Some(handle)
+    }
+
+    /// Ends the oldest pending handshake (from `addr`, if given).
+    fn evict_oldest(&mut self, addr: Option<IpAddr>) -> bool {
+        let id = match addr {
+            None => self.pending.keys().next().copied(),
+            Some(a) => self.pending.iter().find(|(_, (x, _))| *x == a).map(|(id, _)| *id),
+        };
+        let Some(handle) = id.and_then(|id| self.forget(id)) else { return false };
+        if let Some(h) = handle {
+            h.abort();
+        }
+        self.open -= 1;
+        true
+    }
+}
+
+/// Releases a pending handshake's place when its task ends, however.
+struct PendingGuard {
+    gate: Arc<Mutex<Gate>>,
+    id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.gate.lock() {
+            if g.forget(self.id).is_some() {
+                g.open -= 1;
+            }
+        }
+    }
+}
+
+/// An established connection, counted until it closes.
+pub struct Counted {
+    inner: TlsStream<TcpStream>,
+    gate: Arc<Mutex<Gate>>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.gate.lock() {
+            g.open = g.open.saturating_sub(1);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Counted {
+    // The same connection information as the TLS stream itself, so
+    // `Request::peer_certs` finds the client certificate.
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes, yielding
-/// established streams for tonic.
-/// Also returns the accept task, to abort at shutdown.
+/// established streams for tonic; also returns the accept task, to abort at
+/// shutdown.
+///
+/// Before anyone is authenticated a connection costs a descriptor and a
+/// task, so: at most `max_connections` open, at most `max_handshakes` (and
+/// `max_per_address` from one address) handshaking, each for at most
+/// `handshake_timeout`. A new connection past a handshake cap ends the
+/// oldest handshake still waiting rather than being refused, so idle
+/// connections cannot keep a legitimate client out: the newcomer who
+/// speaks at once is through in milliseconds.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    limits: AcceptLimits,
     on_reject: OnReject,
-) -> (ReceiverStream<std::io::Result<TlsStream<TcpStream>>>, tokio::task::JoinHandle<()>) {
+) -> (ReceiverStream<std::io::Result<Counted>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
+    let gate = Arc::new(Mutex::new(Gate::default()));
     let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -74,19 +205,54 @@ pub fn incoming(
                     continue;
                 }
             };
+            let addr = peer.ip();
+            let id = {
+                let Ok(mut g) = gate.lock() else { return };
+                if g.per_address.get(&addr).copied().unwrap_or(0) >= limits.max_per_address {
+                    g.evict_oldest(Some(addr));
+                }
+                if g.pending.len() >= limits.max_handshakes {
+                    g.evict_oldest(None);
+                }
+                if g.open >= limits.max_connections && !g.evict_oldest(None) {
+                    // Every place is an authenticated connection: refuse.
+                    drop(g);
+                    drop(tcp);
+                    on_reject(peer, "connection limit reached".into());
+                    continue;
+                }
+                let id = g.next;
+                g.next += 1;
+                g.open += 1;
+                g.pending.insert(id, (addr, None));
+                *g.per_address.entry(addr).or_insert(0) += 1;
+                id
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let task_tx = tx.clone();
             let on_reject = on_reject.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let guard = PendingGuard { gate: gate.clone(), id };
+            let handle = tokio::spawn(async move {
+                let guard = guard;
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = task_tx.send(Ok(stream)).await;
+                        // Still ours, or evicted meanwhile?
+                        let promoted = guard.gate.lock().map(|mut g| g.forget(guard.id).is_some()).unwrap_or(false);
+                        if promoted {
+                            let counted = Counted { inner: stream, gate: guard.gate.clone() };
+                            let _ = task_tx.send(Ok(counted)).await;
+                        }
                     }
                     Ok(Err(e)) => on_reject(peer, e.to_string()),
                     Err(_) => on_reject(peer, "handshake timed out".into()),
                 }
             });
+            if let Ok(mut g) = gate.lock() {
+                if let Some(entry) = g.pending.get_mut(&id) {
+                    entry.1 = Some(handle.abort_handle());
+                }
+            }
             if tx.is_closed() {
                 return;
             }

@@ -376,7 +376,13 @@ async fn challenge_issued_to_another_agent() -> Result<()> {
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
     let sig = sign(&mut card, &c, "123456")?;
-    expect_refusal(&site, pb::DenyReason::ChallengeMismatch, complete(&mut thief, T, &c, sig)).await
+    expect_refusal(&site, pb::DenyReason::ChallengeMismatch, complete(&mut thief, T, &c, sig.clone())).await?;
+    // The thief could not burn it: the agent it was issued to completes.
+    match complete(&mut agent, T, &c, sig).await? {
+        Tap::Granted(g) => assert_eq!(g.operator_id, "op-1"),
+        other => bail!("the rightful agent's challenge was spent by another: {other:?}"),
+    }
+    Ok(())
 }
 
 #[tokio::test]

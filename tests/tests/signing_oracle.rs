@@ -116,7 +116,13 @@ async fn a_gateway_asking_the_card_to_sign_a_foreign_message_gets_no_signature()
     let tls = pivgate_gateway::tls::server_config(&pivgate_gateway::pki::Files::in_dir(&site.config.data_dir))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    let (incoming, _accept) = pivgate_gateway::tls::incoming(listener, tls, Arc::new(|_, _| {}));
+    let limits = pivgate_gateway::tls::AcceptLimits {
+        max_connections: 64,
+        max_handshakes: 16,
+        max_per_address: 16,
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let (incoming, _accept) = pivgate_gateway::tls::incoming(listener, tls, limits, Arc::new(|_, _| {}));
     tokio::spawn(tonic::transport::Server::builder().add_service(pb::agent_service_server::AgentServiceServer::new(impostor)).serve_with_incoming(incoming));
 
     let agent = start_agent_at(&site, &addr, "pi-1", &[TerminalSpec { id: T, reader: &r.name, keypad: true }]).await?;
