@@ -16,6 +16,8 @@ pub struct GatewayProcess {
     /// Port.
     pub port: u16,
     extra: Vec<String>,
+    /// Open-file limit (soft and hard) to run it under, with prlimit.
+    nofile: Option<u64>,
 }
 
 /// A free loopback port.
@@ -27,13 +29,34 @@ impl GatewayProcess {
     /// Starts the gateway on `data_dir` with extra arguments, and waits for
     /// its port.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Result<GatewayProcess> {
-        let mut g = GatewayProcess { child: None, data_dir: data_dir.to_path_buf(), port: free_port()?, extra: extra.iter().map(|s| s.to_string()).collect() };
+        GatewayProcess::start_with(data_dir, extra, None)
+    }
+
+    /// Like [`GatewayProcess::start`], under an open-file limit of
+    /// `nofile` (soft and hard, as systemd's default soft limit of 1024
+    /// would be if the unit did not raise it).
+    pub fn start_with(data_dir: &Path, extra: &[&str], nofile: Option<u64>) -> Result<GatewayProcess> {
+        let mut g = GatewayProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            port: free_port()?,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            nofile,
+        };
         g.spawn()?;
         Ok(g)
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let child = Command::new(binary("pivgate-gateway")?)
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(binary("pivgate-gateway")?);
+                c
+            }
+            None => Command::new(binary("pivgate-gateway")?),
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
