@@ -84,7 +84,7 @@ fn pin_source(t: &config::TerminalConfig) -> Result<PinSource, Error> {
         K::Terminal => {
             let (tx, kp) = pivgate_hw::keypad::sim::simulated();
             std::thread::Builder::new().name("stdin keys".into()).spawn(move || {
-                pivgate_hw::keypad::sim::feed_lines(std::io::stdin().lock(), &tx);
+                pivgate_hw::keypad::sim::feed_terminal(&tx);
             })?;
             PinSource::Keys(Box::new(kp))
         }

@@ -54,6 +54,9 @@ pub struct Config {
     pub challenge_ttl_s: u64,
     /// How long an agent may be silent before its terminals lock.
     pub agent_grace_s: u64,
+    /// How often the audit log's head is signed while it grows, seconds
+    /// (and always at shutdown).
+    pub audit_checkpoint_s: u64,
     /// Card trust and revocation.
     pub cards: CardsConfig,
     /// What callers may cost the gateway.
@@ -168,6 +171,7 @@ impl Default for Config {
             server_names: vec![],
             challenge_ttl_s: 30,
             agent_grace_s: 30,
+            audit_checkpoint_s: 60,
             cards: CardsConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -214,6 +218,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if !(1..=30).contains(&self.challenge_ttl_s) {
             return Err(Error::Config(format!("challenge_ttl_s = {}: must be 1 to 30", self.challenge_ttl_s)));
+        }
+        if !(1..=3600).contains(&self.audit_checkpoint_s) {
+            return Err(Error::Config("audit_checkpoint_s must be 1 to 3600".into()));
         }
         if self.agent_grace_s == 0 {
             return Err(Error::Config("agent_grace_s must be at least 1".into()));

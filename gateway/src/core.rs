@@ -39,13 +39,17 @@ impl Clock for SystemClock {
     }
 }
 
+/// How many verification latency samples the metrics keep.
+pub const VERIFY_SAMPLES: usize = 4096;
+
 /// Counters for metrics.
 #[derive(Default)]
 pub struct Counters {
     /// Outcomes: ("granted" | deny name) -> count.
     pub outcomes: Mutex<HashMap<&'static str, u64>>,
-    /// Verification latency samples in microseconds (bounded ring).
-    pub verify_us: Mutex<Vec<u64>>,
+    /// Verification latency samples in microseconds, the newest
+    /// [`VERIFY_SAMPLES`] (a ring: the oldest leaves as one arrives).
+    pub verify_us: Mutex<std::collections::VecDeque<u64>>,
     /// TLS handshakes refused.
     pub tls_rejected: std::sync::atomic::AtomicU64,
     /// Refusal audit records suppressed by the per-caller budget.
@@ -132,6 +136,8 @@ pub struct Gateway {
     pub crl_intake: crate::crl::CrlIntake,
     /// What callers may cost.
     pub limits: crate::config::LimitsConfig,
+    /// The key that signs audit checkpoints.
+    pub checkpoint_key: crate::audit::CheckpointKey,
     /// Audit records of refusals each caller may still cause.
     pub audit_budget: Mutex<crate::limits::AuditBudget>,
     /// Live event watchers.
@@ -270,6 +276,21 @@ impl Gateway {
         )
         .await?;
         Ok(())
+    }
+
+    /// Signs a checkpoint of the audit log's head, if it moved since the
+    /// last one. The head is durable before it is signed, and the
+    /// checkpoint before this returns.
+    pub async fn sign_checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>> {
+        let (index, hash) = self.store.audit_head()?;
+        if index == 0 || self.store.latest_checkpoint()?.is_some_and(|c| c.index >= index) {
+            return Ok(None);
+        }
+        self.store.durable().await?;
+        let c = self.checkpoint_key.sign(index, &hash, self.now_ms())?;
+        self.store.put_checkpoint(&c)?;
+        self.store.durable().await?;
+        Ok(Some(c))
     }
 
     /// Takes a watcher's place for `caller`, within the total and
@@ -442,10 +463,10 @@ impl Gateway {
         let generation = self.trust.generation();
         let decided = self.decide(caller, challenge_id, terminal, signature);
         if let Ok(mut v) = self.counters.verify_us.lock() {
-            if v.len() >= 4096 {
-                v.remove(0);
+            if v.len() >= VERIFY_SAMPLES {
+                v.pop_front();
             }
-            v.push(started.elapsed().as_micros() as u64);
+            v.push_back(started.elapsed().as_micros() as u64);
         }
         match decided? {
             Err((deny, detail)) => {

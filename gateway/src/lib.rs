@@ -15,6 +15,7 @@
 //! durable.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod challenge;
 pub mod client;
 pub mod config;
@@ -85,7 +86,7 @@ pub fn metrics_text(gw: &Gateway) -> String {
         }
     }
     if let Ok(v) = gw.counters.verify_us.lock() {
-        let mut sorted = v.clone();
+        let mut sorted: Vec<u64> = v.iter().copied().collect();
         sorted.sort_unstable();
         let q = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1e6;
         let _ = writeln!(s, "# HELP pivgate_verification_seconds Time to verify a proof (challenge, certificate, revocation, signature), recent samples.");
@@ -169,6 +170,7 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         counters: Default::default(),
         crl_intake: Default::default(),
         limits: config.limits.clone(),
+        checkpoint_key: audit::CheckpointKey::load_or_create(&config.data_dir)?,
         audit_budget: std::sync::Mutex::new(limits::AuditBudget::new(config.limits.audit_burst, config.limits.audit_per_minute)),
         watchers: Default::default(),
         presence_streams: Default::default(),
@@ -199,6 +201,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let gw = gateway.clone();
+    let checkpoint_s = config.audit_checkpoint_s;
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         for n in 0u64.. {
@@ -211,6 +214,11 @@ pub async fn run(
             if n % 4 == 3 {
                 if let Err(e) = gw.reauthorize_sessions("gateway").await {
                     tracing::warn!(error = %e, "session re-check failed");
+                }
+            }
+            if (n + 1) % (checkpoint_s * 2) == 0 {
+                if let Err(e) = gw.sign_checkpoint().await {
+                    tracing::warn!(error = %e, "could not sign an audit checkpoint");
                 }
             }
             if (n + 1) % (gw.limits.audit_summary_s * 2) == 0 {
@@ -312,6 +320,10 @@ pub async fn run(
     acceptor.abort();
     if let Some(m) = metrics {
         m.abort();
+    }
+    // The head as it is at shutdown, signed: a later truncation is visible.
+    if let Err(e) = gateway.sign_checkpoint().await {
+        tracing::warn!(error = %e, "could not sign the audit checkpoint at shutdown");
     }
     gateway.store.sync()?;
     result.map_err(|e| Error::Tls(e.to_string()))

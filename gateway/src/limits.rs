@@ -116,7 +116,7 @@ macro_rules! unbounded {
     ($($t:ty),*) => { $(impl Bounded for $t { fn check(&self) -> Result<(), Status> { Ok(()) } })* };
 }
 // Requests with no field a caller could make large.
-unbounded!(pb::ListOperatorsRequest, pb::ListAgentsRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::ListTerminalStatesRequest);
+unbounded!(pb::ListOperatorsRequest, pb::ListAgentsRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::ListTerminalStatesRequest, pb::GetAuditHeadRequest);
 
 // A stream's messages are checked one by one as they arrive.
 impl<T> Bounded for tonic::Streaming<T> {

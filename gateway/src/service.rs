@@ -379,10 +379,22 @@ impl pb::access_service_server::AccessService for AccessApi {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn get_audit_head(&self, req: Request<pb::GetAuditHeadRequest>) -> Result<Response<pb::GetAuditHeadResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.GetAuditHead").await?;
+        let checkpoint = self.0.store.latest_checkpoint().map_err(Status::from)?.as_ref().map(checkpoint_pb);
+        let (records, _) = self.0.store.audit_head().map_err(Status::from)?;
+        Ok(Response::new(pb::GetAuditHeadResponse { checkpoint, records }))
+    }
 }
 
 /// The Admin API.
 pub struct AdminApi(pub Arc<Gateway>);
+
+/// A signed checkpoint as the API shows it.
+pub fn checkpoint_pb(c: &crate::audit::Checkpoint) -> pb::AuditCheckpoint {
+    pb::AuditCheckpoint { index: c.index, hash: c.hash.clone(), unix_ms: c.unix_ms, public_key: c.public_key.clone(), signature: c.signature.clone() }
+}
 
 fn operator_pb(o: &model::Operator) -> pb::Operator {
     pb::Operator { operator_id: o.id.clone(), name: o.name.clone(), roles: o.roles.clone(), enabled: o.enabled }
@@ -553,8 +565,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn verify_audit(&self, req: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         authorize(&self.0, &req, &[Role::Admin], "AdminService.VerifyAudit").await?;
-        let (records, bad) = self.0.store.verify_audit().map_err(Status::from)?;
-        Ok(Response::new(pb::VerifyAuditResponse { intact: bad.is_none(), records, first_bad_index: bad.unwrap_or(0) }))
+        use crate::audit::Finding;
+        let key = self.0.checkpoint_key.public_key().to_string();
+        let (records, findings) = self.0.store.verify_audit(Some(&key)).map_err(Status::from)?;
+        Ok(Response::new(pb::VerifyAuditResponse {
+            intact: findings.is_empty(),
+            records,
+            first_bad_index: findings.iter().find_map(|f| if let Finding::Broken { at } = f { Some(*at) } else { None }).unwrap_or(0),
+            truncated: findings.iter().any(|f| matches!(f, Finding::Truncated { .. })),
+            rewritten: findings.iter().any(|f| matches!(f, Finding::Rewritten { .. })),
+            findings: findings.iter().map(|f| f.to_string()).collect(),
+        }))
     }
 
     async fn issue_certificate(&self, req: Request<pb::IssueCertificateRequest>) -> Result<Response<pb::IssueCertificateResponse>, Status> {

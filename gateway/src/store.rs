@@ -197,6 +197,7 @@ pub struct Store {
     deny: sled::Tree,
     agents: sled::Tree,
     crl_state: sled::Tree,
+    checkpoints: sled::Tree,
     terminals: sled::Tree,
     events: sled::Tree,
     audit: sled::Tree,
@@ -269,6 +270,7 @@ impl Store {
             deny: db.open_tree("deny")?,
             agents: db.open_tree("agents")?,
             crl_state: db.open_tree("crl_state")?,
+            checkpoints: db.open_tree("checkpoints")?,
             terminals: db.open_tree("terminals")?,
             events,
             audit,
@@ -329,14 +331,6 @@ impl Store {
         let Some((entry, changes)) = decide()? else { return Ok(None) };
         // The record names the events it comes with, so an acknowledged
         // unlock can be matched to its audit record.
-        let mut entry = entry;
-        let sessions = changes.iter().filter(|c| matches!(c, Change::Session { .. })).count() as u64;
-        if sessions > 0 {
-            let seqs: Vec<u64> = (ledger.next_sequence..ledger.next_sequence + sessions).collect();
-            if let serde_json::Value::Object(m) = &mut entry.detail {
-                m.insert("events".into(), serde_json::json!(seqs));
-            }
-        }
         let mut record = AuditRecord {
             index: ledger.next_audit,
             unix_ms: now_ms,
@@ -347,8 +341,8 @@ impl Store {
             prev_hash: ledger.last_hash.clone(),
             hash: String::new(),
         };
-        record.hash = record.compute_hash();
         let mut events = Vec::new();
+        let mut event_hashes = Vec::new();
         let mut seq = ledger.next_sequence;
         let mut writes: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
         for c in &changes {
@@ -357,7 +351,9 @@ impl Store {
                     let mut t = terminal.clone();
                     set_sequence(&mut t.session, seq);
                     let ev = Event { sequence: seq, unix_ms: now_ms, terminal_id: t.id.clone(), session: t.session.clone() };
-                    writes.push((T_EVENTS, seq.to_be_bytes().to_vec(), enc(&ev)?));
+                    let bytes = enc(&ev)?;
+                    event_hashes.push(hex::encode(Sha256::digest(&bytes)));
+                    writes.push((T_EVENTS, seq.to_be_bytes().to_vec(), bytes));
                     writes.push((T_TERMINALS, t.id.as_bytes().to_vec(), enc(&t)?));
                     events.push(ev);
                     seq += 1;
@@ -381,6 +377,16 @@ impl Store {
                 }
             }
         }
+        // The record names the events it comes with, and their hashes, so
+        // an acknowledged unlock can be matched to its audit record and the
+        // event log is covered by the chain.
+        if !events.is_empty() {
+            if let serde_json::Value::Object(m) = &mut record.detail {
+                m.insert("events".into(), serde_json::json!(events.iter().map(|e| e.sequence).collect::<Vec<_>>()));
+                m.insert("event_sha256".into(), serde_json::json!(event_hashes));
+            }
+        }
+        record.hash = record.compute_hash();
         let audit_value = enc(&record)?;
         let index_key = record.index.to_be_bytes();
         (&self.audit, &self.events, &self.terminals, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents, &self.crl_state)
@@ -446,11 +452,51 @@ impl Store {
         self.audit.range(start..).take(limit).map(|r| dec(&r?.1)).collect()
     }
 
-    /// Checks the whole audit chain. Returns (records checked, first bad
-    /// index).
-    pub fn verify_audit(&self) -> Result<(u64, Option<u64>)> {
+    /// Checks the whole audit chain against the stored checkpoints, and
+    /// every event against the hash its audit record carries. Returns the
+    /// records that chain correctly and the findings (none: intact).
+    pub fn verify_audit(&self, pinned_key: Option<&str>) -> Result<(u64, Vec<crate::audit::Finding>)> {
+        let checkpoints = self.checkpoints()?;
         let records = self.audit.iter().map(|r| r.map_err(Error::from).and_then(|(_, v)| dec::<AuditRecord>(&v)));
-        verify_chain(records)
+        let (n, mut findings) = crate::audit::verify(records, &checkpoints, pinned_key);
+        // Events: each must be the one its record hashed.
+        for r in self.audit.iter() {
+            let rec: AuditRecord = dec(&r?.1)?;
+            let (Some(seqs), Some(hashes)) = (rec.detail.get("events").and_then(|v| v.as_array()), rec.detail.get("event_sha256").and_then(|v| v.as_array()))
+            else {
+                continue;
+            };
+            for (seq, h) in seqs.iter().zip(hashes) {
+                let stored = seq.as_u64().map(|s| self.events.get(s.to_be_bytes())).transpose()?.flatten();
+                let ok = stored.is_some_and(|v| h.as_str() == Some(hex::encode(Sha256::digest(&v)).as_str()));
+                if !ok {
+                    findings.push(crate::audit::Finding::EventAltered { sequence: seq.as_u64().unwrap_or(0), record: rec.index });
+                }
+            }
+        }
+        Ok((n, findings))
+    }
+
+    /// The newest record's index and hash (0 and 64 zeros when empty).
+    pub fn audit_head(&self) -> Result<(u64, String)> {
+        let ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
+        Ok((ledger.next_audit - 1, ledger.last_hash.clone()))
+    }
+
+    /// Keeps a signed checkpoint (durable once [`Store::durable`] returns).
+    pub fn put_checkpoint(&self, c: &crate::audit::Checkpoint) -> Result<()> {
+        self.checkpoints.insert(c.index.to_be_bytes(), enc(c)?)?;
+        Ok(())
+    }
+
+    /// The newest signed checkpoint.
+    pub fn latest_checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>> {
+        self.checkpoints.last()?.map(|(_, v)| dec(&v)).transpose()
+    }
+
+    /// Every stored checkpoint, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<crate::audit::Checkpoint>> {
+        self.checkpoints.iter().map(|r| dec(&r?.1)).collect()
     }
 
     /// An operator.
@@ -556,22 +602,4 @@ fn set_sequence(s: &mut Session, seq: u64) {
     match s {
         Session::Locked { sequence, .. } | Session::Unlocked { sequence, .. } => *sequence = seq,
     }
-}
-
-/// Checks a sequence of audit records (from the database or an export):
-/// indexes from 1 without gaps, each linked to the previous hash, each hash
-/// right. Returns (records checked, first bad index).
-pub fn verify_chain(records: impl Iterator<Item = Result<AuditRecord>>) -> Result<(u64, Option<u64>)> {
-    let mut prev = "0".repeat(64);
-    let mut n = 0;
-    for (i, rec) in records.enumerate() {
-        let expected_index = i as u64 + 1;
-        let Ok(rec) = rec else { return Ok((n, Some(expected_index))) };
-        if rec.index != expected_index || rec.prev_hash != prev || rec.compute_hash() != rec.hash {
-            return Ok((n, Some(expected_index)));
-        }
-        prev = rec.hash;
-        n += 1;
-    }
-    Ok((n, None))
 }

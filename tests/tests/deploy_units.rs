@@ -33,7 +33,13 @@ fn units_are_notify_with_watchdog_and_hardened() {
     }
     let agent = unit("pivgate-agent.service");
     assert!(agent.contains("DevicePolicy=closed") && agent.contains("DeviceAllow=/dev/gpiomem rw"), "the agent may reach only its devices");
-    assert!(unit("pivgate-gateway.service").contains("PrivateDevices=yes"));
+    assert!(agent.contains("MemorySwapMax=0"), "a PIN in the agent's memory could reach swap");
+    let gateway = unit("pivgate-gateway.service");
+    assert!(gateway.contains("PrivateDevices=yes"));
+    // systemd's default soft limit (1024) is less than the gateway's
+    // default connection cap.
+    let nofile: u64 = gateway.lines().find_map(|l| l.strip_prefix("LimitNOFILE=")).and_then(|v| v.parse().ok()).expect("LimitNOFILE");
+    assert!(nofile >= pivgate_gateway::config::LimitsConfig::default().max_connections as u64 + 64, "LimitNOFILE={nofile}");
 }
 
 #[test]

@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use pivgate_gateway::client::{connect, Credentials};
-use pivgate_gateway::store::{verify_chain, AuditRecord};
+use pivgate_gateway::audit::{self, Checkpoint};
+use pivgate_gateway::store::AuditRecord;
 use pivgate_proto::v1 as pb;
 use pb::access_service_client::AccessServiceClient;
 use pb::admin_service_client::AdminServiceClient;
@@ -176,10 +177,27 @@ enum AuditCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Verify the chain: at the gateway, or of an exported file.
+    /// Verify the log: at the gateway (against its signed checkpoints), or
+    /// an exported file against checkpoints saved earlier. Truncation and
+    /// rewriting are reported as such.
     Verify {
+        /// An exported log (`audit export`); without it, the gateway checks
+        /// its own.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// A checkpoint saved earlier (`audit checkpoint`); repeatable.
+        #[arg(long)]
+        checkpoint: Vec<PathBuf>,
+        /// The gateway's audit signing key (hex SubjectPublicKeyInfo, as in
+        /// a checkpoint's `public_key`): only checkpoints it signed count.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Save the gateway's newest signed checkpoint of the log's head, to
+    /// check a later log or export against.
+    Checkpoint {
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -226,17 +244,42 @@ fn credentials(a: &Args) -> Result<Credentials> {
     }
 }
 
+/// A writer that shows control characters (other than newline and tab)
+/// escaped, so an operator name holding `ESC [ 2 J` cannot clear or rewrite
+/// the administrator's screen.
+struct Escaped<W: Write>(W);
+
+impl<W: Write> Write for Escaped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut safe = String::with_capacity(text.len());
+        for c in text.chars() {
+            if c.is_control() && c != '\n' && c != '\t' {
+                safe.extend(c.escape_default());
+            } else {
+                safe.push(c);
+            }
+        }
+        self.0.write_all(safe.as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if let Command::Audit(AuditCmd::Verify { file: Some(f) }) = &args.command {
-        return verify_file(f);
+    if let Command::Audit(AuditCmd::Verify { file: Some(f), checkpoint, key }) = &args.command {
+        return verify_file(f, checkpoint, key.as_deref());
     }
     let creds = credentials(&args)?;
     let channel = connect(&args.gateway, &args.server_name, &creds).await?;
     let mut admin = AdminServiceClient::new(channel.clone());
-    let out = std::io::stdout();
-    let mut out = out.lock();
+    // Names, reasons and details come from the gateway, and through it from
+    // whoever wrote them: nothing reaches the terminal as a control sequence.
+    let mut out = Escaped(std::io::stdout().lock());
     match args.command {
         Command::Operator(OperatorCmd::Add { id, name, role, disabled }) => {
             admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name, roles: role, enabled: !disabled }) }).await?;
@@ -317,7 +360,7 @@ async fn main() -> Result<()> {
         Command::Audit(AuditCmd::Export { out: file }) => {
             let mut sink: Box<dyn Write> = match file {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| p.display().to_string())?)),
-                None => Box::new(std::io::stdout()),
+                None => Box::new(Escaped(std::io::stdout())),
             };
             let mut stream = admin.export_audit(pb::ExportAuditRequest {}).await?.into_inner();
             let mut prev = "0".repeat(64);
@@ -329,13 +372,24 @@ async fn main() -> Result<()> {
             }
             sink.flush()?;
         }
-        Command::Audit(AuditCmd::Verify { file: _ }) => {
+        Command::Audit(AuditCmd::Verify { .. }) => {
             let r = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
             if r.intact {
-                writeln!(out, "audit chain intact: {} records", r.records)?;
+                writeln!(out, "audit log intact: {} records", r.records)?;
             } else {
-                bail!("audit chain broken at record {} ({} records good)", r.first_bad_index, r.records);
+                for f in &r.findings {
+                    writeln!(out, "{f}")?;
+                }
+                bail!("audit log not intact ({} records chain correctly)", r.records);
             }
+        }
+        Command::Audit(AuditCmd::Checkpoint { out: path }) => {
+            let head = AccessServiceClient::new(channel).get_audit_head(pb::GetAuditHeadRequest {}).await?.into_inner();
+            let c = head.checkpoint.context("the gateway has signed no checkpoint yet")?;
+            let c = Checkpoint { index: c.index, hash: c.hash, unix_ms: c.unix_ms, public_key: c.public_key, signature: c.signature };
+            c.verify(None).map_err(|e| anyhow::anyhow!("the gateway's checkpoint: {e}"))?;
+            std::fs::write(&path, serde_json::to_vec_pretty(&c)?).with_context(|| path.display().to_string())?;
+            writeln!(out, "checkpoint of record {} (key {}) saved to {}", c.index, &c.key_fingerprint()[..16], path.display())?;
         }
         Command::Cert(CertCmd::Issue { role, name, out_dir, days }) => {
             use rcgen::PublicKeyData;
@@ -380,18 +434,42 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-fn verify_file(path: &PathBuf) -> Result<()> {
+fn verify_file(path: &PathBuf, checkpoint_files: &[PathBuf], key: Option<&str>) -> Result<()> {
     let f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let records = std::io::BufReader::new(f).lines().map(|l| {
         l.map_err(pivgate_gateway::Error::from)
             .and_then(|l| serde_json::from_str::<AuditRecord>(&l).map_err(|e| pivgate_gateway::Error::Corrupt(e.to_string())))
     });
-    let (n, bad) = verify_chain(records)?;
-    match bad {
-        None => {
-            println!("audit chain intact: {n} records");
-            Ok(())
+    let mut checkpoints = Vec::new();
+    for p in checkpoint_files {
+        let bytes = std::fs::read(p).with_context(|| p.display().to_string())?;
+        checkpoints.push(serde_json::from_slice::<Checkpoint>(&bytes).with_context(|| format!("{}: not a checkpoint", p.display()))?);
+    }
+    let (n, findings) = audit::verify(records, &checkpoints, key);
+    let mut out = Escaped(std::io::stdout());
+    if findings.is_empty() {
+        writeln!(out, "audit log intact: {n} records, {} checkpoint(s) matched", checkpoints.len())?;
+        if key.is_none() && !checkpoints.is_empty() {
+            writeln!(out, "(checkpoint signatures checked with the key they carry; give --key to pin the gateway's)")?;
         }
-        Some(i) => bail!("audit chain broken at record {i} ({n} records good)"),
+        return Ok(());
+    }
+    for f in &findings {
+        writeln!(out, "{f}")?;
+    }
+    bail!("audit log not intact ({n} records chain correctly)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_sequences_are_shown_not_obeyed() {
+        let mut out = Escaped(Vec::new());
+        writeln!(out, "{}\t{}", "op-1", "Ana\u{1b}[2J\u{9b}31m\u{7}").unwrap();
+        let shown = String::from_utf8(out.0).unwrap();
+        assert_eq!(shown, "op-1\tAna\\u{1b}[2J\\u{9b}31m\\u{7}\n");
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'));
     }
 }

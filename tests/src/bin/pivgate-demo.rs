@@ -13,7 +13,6 @@
 //! Type the PIN and Enter when asked. `r` + Enter pulls the badge out of
 //! the reader or puts it back; `q` + Enter (or end of input) stops.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -193,17 +192,24 @@ async fn main() -> Result<()> {
     println!("(type the PIN and Enter when asked; r + Enter pulls or re-inserts the badge; q + Enter quits)");
 
     // The keyboard.
-    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<Option<String>>(16);
+    // What is typed is not echoed (it may be the PIN) and is zeroized once
+    // handled.
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<Option<zeroize::Zeroizing<String>>>(16);
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
+        let mut lines = pivgate_hw::keypad::sim::QuietLines::stdin();
+        while let Some(line) = lines.next_line() {
             if line_tx.blocking_send(Some(line)).is_err() {
                 return;
             }
         }
         let _ = line_tx.blocking_send(None);
     });
-    while let Some(Some(mut line)) = line_rx.recv().await {
+    loop {
+        let line = tokio::select! {
+            l = line_rx.recv() => l,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(Some(line)) = line else { break };
         match line.trim() {
             "q" | "quit" => break,
             "r" | "remove" | "insert" => {
@@ -226,8 +232,6 @@ async fn main() -> Result<()> {
                 keys.press(pivgate_hw::keypad::Key::Enter);
             }
         }
-        // The line may have been a PIN.
-        zeroize::Zeroize::zeroize(&mut line);
     }
     println!(">>> stopping");
     if let Some(i) = inserted.lock().unwrap().take() {
