@@ -77,6 +77,8 @@ pub struct LimitsConfig {
     pub max_handshakes: usize,
     /// Most TLS handshakes in flight from one address.
     pub max_handshakes_per_address: usize,
+    /// Most established connections of one client identity (certificate).
+    pub max_connections_per_caller: usize,
     /// Time a client has to complete its TLS handshake, seconds.
     pub handshake_timeout_s: u64,
     /// Most concurrent HTTP/2 streams (calls) on one connection.
@@ -108,6 +110,7 @@ impl Default for LimitsConfig {
             max_connections: 4096,
             max_handshakes: 256,
             max_handshakes_per_address: 64,
+            max_connections_per_caller: 64,
             handshake_timeout_s: 5,
             max_streams_per_connection: 64,
             call_timeout_s: 30,
@@ -233,6 +236,7 @@ impl Config {
             ("max_connections", l.max_connections as u64, 16),
             ("max_handshakes", l.max_handshakes as u64, 1),
             ("max_handshakes_per_address", l.max_handshakes_per_address as u64, 1),
+            ("max_connections_per_caller", l.max_connections_per_caller as u64, 1),
             ("handshake_timeout_s", l.handshake_timeout_s, 1),
             ("max_streams_per_connection", u64::from(l.max_streams_per_connection), 4),
             ("call_timeout_s", l.call_timeout_s, 1),

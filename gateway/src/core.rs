@@ -136,6 +136,9 @@ pub struct Gateway {
     pub crl_intake: crate::crl::CrlIntake,
     /// What callers may cost.
     pub limits: crate::config::LimitsConfig,
+    /// Certificates found valid by the periodic session re-check: by
+    /// fingerprint, the CRL generation and until when the finding holds.
+    pub verdict_cache: Mutex<HashMap<[u8; 32], (u64, SystemTime)>>,
     /// The key that signs audit checkpoints.
     pub checkpoint_key: crate::audit::CheckpointKey,
     /// Audit records of refusals each caller may still cause.
@@ -200,8 +203,7 @@ impl Gateway {
     /// publishes the events.
     pub async fn commit(&self, entry: AuditEntry, changes: Vec<Change>) -> Result<(AuditRecord, Vec<Event>)> {
         let (rec, events) = self.store.record(entry, changes, self.now_ms())?;
-        self.store.durable().await?;
-        self.store.publish(&events);
+        let events = self.settle(events).await?;
         Ok((rec, events))
     }
 
@@ -211,12 +213,25 @@ impl Gateway {
         &self,
         decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>,
     ) -> Result<Option<(AuditRecord, Vec<Event>)>> {
-        let r = self.store.record_with(self.now_ms(), decide)?;
-        if let Some((_, events)) = &r {
-            self.store.durable().await?;
-            self.store.publish(events);
+        match self.store.record_with(self.now_ms(), decide)? {
+            Some((rec, events)) => Ok(Some((rec, self.settle(events).await?))),
+            None => Ok(None),
         }
-        Ok(r)
+    }
+
+    /// Waits until what was just written is durable, then publishes its
+    /// events. On a task of its own: a caller that goes away (a client that
+    /// resets its call, a deadline) cannot leave a written lock unpublished
+    /// and a console or agent believing the terminal still unlocked.
+    async fn settle(&self, events: Vec<Event>) -> Result<Vec<Event>> {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            store.durable().await?;
+            store.publish(&events);
+            Ok(events)
+        })
+        .await
+        .map_err(|e| Error::Transaction(format!("durability task: {e}")))?
     }
 
     async fn deny(&self, caller: &Caller, terminal: &str, stage: &str, deny: Deny, detail: serde_json::Value) -> Result<(Deny, String)> {
@@ -670,7 +685,7 @@ impl Gateway {
     /// unrevoked. A CRL that is merely stale refuses new taps but does not
     /// end sessions (an issuer's outage must not lock a control room).
     fn session_verdict(&self, t: &Terminal, overlay: &Overlay<'_>) -> Result<Option<LockReason>> {
-        let Session::Unlocked { operator_id, mechanism, card_uuid, agent, .. } = &t.session else { return Ok(None) };
+        let Session::Unlocked { operator_id, mechanism, card_uuid, agent, roles: session_roles, .. } = &t.session else { return Ok(None) };
         let operator = match overlay.operator {
             Some(o) if o.id == *operator_id => Some(o.clone()),
             _ => self.store.operator(operator_id)?,
@@ -693,9 +708,38 @@ impl Gateway {
         if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
             return Ok(Some(if policy_changing { LockReason::PolicyChanged } else { LockReason::RoleRemoved }));
         }
+        // Consoles act on the roles a session carries: one the operator no
+        // longer holds ends it (a new tap carries the roles held now).
+        if session_roles.iter().any(|r| !operator.roles.contains(r)) {
+            return Ok(Some(LockReason::RoleRemoved));
+        }
         let Some(card) = self.store.card(card_uuid)? else { return Ok(Some(LockReason::Revoked)) };
         let Some(der) = card.certificates.get(&mechanism.slot()) else { return Ok(Some(LockReason::Revoked)) };
-        Ok(match self.check_certificate(&card, der, mechanism.slot()) {
+        // A session re-checked with the same CRLs in force, whose
+        // certificate was valid a moment ago and has not reached notAfter,
+        // is valid still: no path validation for it (the deny list is
+        // always read).
+        let fingerprint: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(der)).into();
+        let now = self.clock.system();
+        let generation = self.trust.generation();
+        let cached = self.verdict_cache.lock().ok().and_then(|c| c.get(&fingerprint).copied()).is_some_and(|(g, until)| g == generation && now < until);
+        if cached {
+            let denied = self.store.denied(&hex::encode(card_uuid))? || self.store.denied(&format!("sha256:{}", hex::encode(fingerprint)))?;
+            return Ok(denied.then_some(LockReason::Revoked));
+        }
+        let verdict = self.check_certificate(&card, der, mechanism.slot());
+        if verdict.is_ok() {
+            let not_after = x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| std::time::UNIX_EPOCH + Duration::from_secs(c.validity().not_after.timestamp().max(0) as u64))
+                .unwrap_or(now);
+            if let Ok(mut c) = self.verdict_cache.lock() {
+                if c.len() > 100_000 {
+                    c.clear();
+                }
+                c.insert(fingerprint, (generation, not_after.min(now + Duration::from_secs(60))));
+            }
+        }
+        Ok(match verdict {
             Ok(_) | Err(Deny::CrlStale) => None,
             Err(Deny::RevokedDenyList) => Some(LockReason::Revoked),
             Err(Deny::RevokedCrl) => Some(LockReason::CertificateRevoked),
@@ -723,14 +767,17 @@ impl Gateway {
 
     /// Locks every session that is no longer allowed (a CRL that revoked
     /// its certificate, a certificate past notAfter). Called after each CRL
-    /// change and periodically. Returns the terminals locked.
+    /// change and periodically. Each session is judged outside the ledger
+    /// lock first; only one found wanting is judged again under it, and
+    /// locked. Returns the terminals locked.
     pub async fn reauthorize_sessions(&self, actor: &str) -> Result<Vec<String>> {
-        let unlocked: Vec<String> =
-            self.store.terminals()?.into_iter().filter(|t| matches!(t.session, Session::Unlocked { .. })).map(|t| t.id).collect();
         let mut locked = Vec::new();
-        for id in unlocked {
-            if self.lock_when(actor, &id, |t| self.session_verdict(t, &Overlay::default())).await? {
-                locked.push(id);
+        for t in self.store.terminals()? {
+            if !matches!(t.session, Session::Unlocked { .. }) || self.session_verdict(&t, &Overlay::default())?.is_none() {
+                continue;
+            }
+            if self.lock_when(actor, &t.id, |t| self.session_verdict(t, &Overlay::default())).await? {
+                locked.push(t.id);
             }
         }
         Ok(locked)

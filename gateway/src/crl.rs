@@ -134,13 +134,17 @@ impl Gateway {
             };
             for der in ders {
                 let sha: [u8; 32] = Sha256::digest(&der).into();
-                match self.accept_crl(&self.trust, &der, &source, now).await? {
-                    Ok(true) => report.installed += 1,
-                    Ok(false) => {}
-                    Err(refusal) => {
-                        self.refuse_crl(&source, &refusal, sha).await?;
+                // One CRL that cannot be recorded does not stop the others.
+                match self.accept_crl(&self.trust, &der, &source, now).await {
+                    Ok(Ok(true)) => report.installed += 1,
+                    Ok(Ok(false)) => {}
+                    Ok(Err(refusal)) => {
+                        if let Err(e) = self.refuse_crl(&source, &refusal, sha).await {
+                            tracing::error!(source, error = %e, "could not audit a refused CRL");
+                        }
                         report.refused.push((source.clone(), refusal.name()));
                     }
+                    Err(e) => tracing::error!(source, error = %e, "could not record a CRL; the CRL held before stays in force"),
                 }
             }
         }

@@ -161,6 +161,13 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
     }
     let trust = verify::CardTrust::new(&anchors, &intermediates, config.card_policy()).map_err(|e| Error::Config(format!("cards: {e}")))?;
     let store = store::Store::open(&config.data_dir.join("db"))?;
+    if !audit::CheckpointKey::path(&config.data_dir).exists() && store.latest_checkpoint()?.is_some() {
+        return Err(Error::Pki(format!(
+            "{} is missing but the audit log has signed checkpoints: restore the key from the backup of the data folder \
+             (a new key would leave every earlier checkpoint unverifiable)",
+            audit::CheckpointKey::path(&config.data_dir).display()
+        )));
+    }
     let gateway = Gateway {
         store,
         trust,
@@ -170,6 +177,7 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         counters: Default::default(),
         crl_intake: Default::default(),
         limits: config.limits.clone(),
+        verdict_cache: Default::default(),
         checkpoint_key: audit::CheckpointKey::load_or_create(&config.data_dir)?,
         audit_budget: std::sync::Mutex::new(limits::AuditBudget::new(config.limits.audit_burst, config.limits.audit_per_minute)),
         watchers: Default::default(),
@@ -230,7 +238,9 @@ pub async fn run(
     });
     // CRLs before serving, then on schedule.
     let tls = crl_tls(&config)?;
-    gateway.offer_crls(crl::fetch_all(&config, tls.as_ref()).await).await?;
+    if let Err(e) = gateway.offer_crls(crl::fetch_all(&config, tls.as_ref()).await).await {
+        tracing::error!(error = %e, "CRL intake failed at start; retrying on schedule");
+    }
     let gw = gateway.clone();
     let crl_config = config.clone();
     let crl_reloader = tokio::spawn(async move {
@@ -277,6 +287,7 @@ pub async fn run(
         max_handshakes: l.max_handshakes,
         max_per_address: l.max_handshakes_per_address,
         handshake_timeout: Duration::from_secs(l.handshake_timeout_s),
+        max_per_identity: l.max_connections_per_caller,
     };
     tracing::info!(max_connections = accept.max_connections, open_files, "connection limits");
     let (incoming, acceptor) = tls::incoming(listener, tls_config, accept, on_reject);

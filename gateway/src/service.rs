@@ -234,13 +234,28 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             }
                             Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: vec![e.terminal_id] })
                         }
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Ok(_) => continue,
+                        // Pushes were missed: tell the agent every one of
+                        // its terminals that is locked now (a lock it
+                        // already knows changes nothing).
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            let bound = gw.store.agent(&caller.name).ok().flatten().map(|a| a.terminals).unwrap_or_default();
+                            let locked: Vec<String> = bound
+                                .into_iter()
+                                .filter(|t| gw.store.terminal(t).ok().flatten().is_some_and(|t| matches!(t.session, Session::Locked { .. })))
+                                .collect();
+                            Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked })
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     },
                     _ = tx.closed() => break,
                 };
-                if tx.send(reply).await.is_err() {
-                    break;
+                // A client that stops reading must not keep this stream
+                // alive past its replacement.
+                tokio::select! {
+                    sent = tx.send(reply) => if sent.is_err() { break },
+                    _ = &mut replaced => break,
+                    _ = stopping.changed() => break,
                 }
             }
             gw.presence_stream_ended(&caller.name, generation);

@@ -573,14 +573,16 @@ impl Store {
 /// Writes `bytes` to `path` so that after a power cut the file holds either
 /// its old content or the new one, and its name survives: a temporary file
 /// in the same folder, fsynced, renamed over `path`, then the folder
-/// fsynced.
+/// fsynced. The file is readable by its owner alone.
 pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| Error::Config(format!("{}: no parent folder", path.display())))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     {
-        let mut f = File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Readable by the gateway's user alone (keys, cached CRLs).
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }

@@ -22,7 +22,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{Error, Result};
@@ -71,6 +70,18 @@ pub struct AcceptLimits {
     pub max_per_address: usize,
     /// Time a client has to finish its handshake.
     pub handshake_timeout: Duration,
+    /// Most established connections of one client identity (one
+    /// certificate's role and name).
+    pub max_per_identity: usize,
+}
+
+/// A handshake in flight.
+struct Pending {
+    addr: IpAddr,
+    handle: Option<AbortHandle>,
+    /// The peer has sent something (a legitimate client sends its
+    /// ClientHello at once; an idle connection never does).
+    spoke: bool,
 }
 
 /// Connections counted under one lock.
@@ -78,31 +89,38 @@ pub struct AcceptLimits {
 struct Gate {
     /// Handshaking plus established.
     open: usize,
-    /// Handshakes in flight, oldest first, with the handle that ends them.
-    pending: BTreeMap<u64, (IpAddr, Option<AbortHandle>)>,
+    /// Handshakes in flight, oldest first: the peer's address, the handle
+    /// that ends the handshake, and whether the peer has sent anything yet.
+    pending: BTreeMap<u64, Pending>,
     per_address: HashMap<IpAddr, usize>,
+    /// Established connections by client identity.
+    per_identity: HashMap<String, usize>,
     next: u64,
 }
 
 impl Gate {
     /// Forgets handshake `id` if it is still pending; returns whether it was.
     fn forget(&mut self, id: u64) -> Option<Option<AbortHandle>> {
-        let (addr, handle) = self.pending.remove(&id)?;
-        if let Some(n) = self.per_address.get_mut(&addr) {
+        let p = self.pending.remove(&id)?;
+        if let Some(n) = self.per_address.get_mut(&p.addr) {
             *n -= 1;
             if *n == 0 {
-                self.per_address.remove(&addr);
+                self.per_address.remove(&p.addr);
             }
         }
-        Some(handle)
+        Some(p.handle)
     }
 
-    /// Ends the oldest pending handshake (from `addr`, if given).
+    /// Ends a pending handshake (from `addr`, if given): the oldest of
+    /// those whose peer has sent nothing yet, else the oldest.
     fn evict_oldest(&mut self, addr: Option<IpAddr>) -> bool {
-        let id = match addr {
-            None => self.pending.keys().next().copied(),
-            Some(a) => self.pending.iter().find(|(_, (x, _))| *x == a).map(|(id, _)| *id),
-        };
+        let from = |p: &Pending| addr.is_none_or(|a| p.addr == a);
+        let id = self
+            .pending
+            .iter()
+            .find(|(_, p)| from(p) && !p.spoke)
+            .or_else(|| self.pending.iter().find(|(_, p)| from(p)))
+            .map(|(id, _)| *id);
         let Some(handle) = id.and_then(|id| self.forget(id)) else { return false };
         if let Some(h) = handle {
             h.abort();
@@ -132,14 +150,45 @@ impl Drop for PendingGuard {
 pub struct Counted {
     inner: TlsStream<TcpStream>,
     gate: Arc<Mutex<Gate>>,
+    identity: String,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         if let Ok(mut g) = self.gate.lock() {
             g.open = g.open.saturating_sub(1);
+            if let Some(n) = g.per_identity.get_mut(&self.identity) {
+                *n -= 1;
+                if *n == 0 {
+                    g.per_identity.remove(&self.identity);
+                }
+            }
         }
     }
+}
+
+/// The source a handshake is counted against: the IPv4 address, or the
+/// IPv6 /64 (one host can hold a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// The client identity (`role:name`) of an established connection.
+fn identity(stream: &TlsStream<TcpStream>) -> String {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::pki::caller_from_cert(c.as_ref()))
+        .map(|c| c.to_string())
+        .unwrap_or_default()
 }
 
 impl tokio::io::AsyncRead for Counted {
@@ -182,10 +231,11 @@ impl tonic::transport::server::Connected for Counted {
 /// Before anyone is authenticated a connection costs a descriptor and a
 /// task, so: at most `max_connections` open, at most `max_handshakes` (and
 /// `max_per_address` from one address) handshaking, each for at most
-/// `handshake_timeout`. A new connection past a handshake cap ends the
-/// oldest handshake still waiting rather than being refused, so idle
-/// connections cannot keep a legitimate client out: the newcomer who
-/// speaks at once is through in milliseconds.
+/// `handshake_timeout`. A new connection past a handshake cap ends a
+/// waiting handshake rather than being refused (the oldest whose peer has
+/// sent nothing, else the oldest), so idle connections cannot keep a
+/// legitimate client out: the newcomer who speaks at once is through in
+/// milliseconds, and is evicted only after every silent connection.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -193,7 +243,6 @@ pub fn incoming(
     on_reject: OnReject,
 ) -> (ReceiverStream<std::io::Result<Counted>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let acceptor = TlsAcceptor::from(config);
     let gate = Arc::new(Mutex::new(Gate::default()));
     let task = tokio::spawn(async move {
         loop {
@@ -205,7 +254,7 @@ pub fn incoming(
                     continue;
                 }
             };
-            let addr = peer.ip();
+            let addr = source(peer.ip());
             let id = {
                 let Ok(mut g) = gate.lock() else { return };
                 if g.per_address.get(&addr).copied().unwrap_or(0) >= limits.max_per_address {
@@ -224,24 +273,55 @@ pub fn incoming(
                 let id = g.next;
                 g.next += 1;
                 g.open += 1;
-                g.pending.insert(id, (addr, None));
+                g.pending.insert(id, Pending { addr, handle: None, spoke: false });
                 *g.per_address.entry(addr).or_insert(0) += 1;
                 id
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let config = config.clone();
             let task_tx = tx.clone();
             let on_reject = on_reject.clone();
             let guard = PendingGuard { gate: gate.clone(), id };
             let handle = tokio::spawn(async move {
                 let guard = guard;
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                let handshake = async {
+                    // Once the peer has sent a whole ClientHello, its
+                    // handshake is evicted only after every one that has
+                    // not (a byte and a stall does not count).
+                    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+                    if let Ok(mut g) = guard.gate.lock() {
+                        if let Some(p) = g.pending.get_mut(&guard.id) {
+                            p.spoke = true;
+                        }
+                    }
+                    start.into_stream(config).await
+                };
+                match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                     Ok(Ok(stream)) => {
-                        // Still ours, or evicted meanwhile?
-                        let promoted = guard.gate.lock().map(|mut g| g.forget(guard.id).is_some()).unwrap_or(false);
-                        if promoted {
-                            let counted = Counted { inner: stream, gate: guard.gate.clone() };
-                            let _ = task_tx.send(Ok(counted)).await;
+                        // Still ours, or evicted meanwhile? And within its
+                        // identity's share, so one certificate cannot hold
+                        // every connection?
+                        let who = identity(&stream);
+                        let admitted = guard.gate.lock().map(|mut g| {
+                            if g.forget(guard.id).is_none() {
+                                return Err("evicted");
+                            }
+                            let n = g.per_identity.entry(who.clone()).or_insert(0);
+                            if *n >= limits.max_per_identity {
+                                g.open -= 1;
+                                return Err("too many connections for this client identity");
+                            }
+                            *n += 1;
+                            Ok(())
+                        }).map_err(|_| ());
+                        match admitted {
+                            Ok(Ok(())) => {
+                                let counted = Counted { inner: stream, gate: guard.gate.clone(), identity: who };
+                                let _ = task_tx.send(Ok(counted)).await;
+                            }
+                            Ok(Err("evicted")) => {}
+                            Ok(Err(why)) => on_reject(peer, format!("{why} ({who})")),
+                            Err(_) => {}
                         }
                     }
                     Ok(Err(e)) => on_reject(peer, e.to_string()),
@@ -250,7 +330,7 @@ pub fn incoming(
             });
             if let Ok(mut g) = gate.lock() {
                 if let Some(entry) = g.pending.get_mut(&id) {
-                    entry.1 = Some(handle.abort_handle());
+                    entry.handle = Some(handle.abort_handle());
                 }
             }
             if tx.is_closed() {

@@ -638,18 +638,26 @@ impl CardTrust {
         let mut oldest: Option<Duration> = None;
         let chain: Vec<(Vec<u8>, bool)> =
             std::iter::once((der.to_vec(), false)).chain(path.intermediate_certificates().map(|c| (c.der().to_vec(), true))).collect();
-        for (link, is_ca) in &chain {
-            let (link, is_ca) = (link.as_slice(), *is_ca);
-            let (_, c) = X509Certificate::from_der(link).map_err(|_| Deny::MalformedCertificate)?;
-            let serial = c.raw_serial();
-            let covering: Vec<&Crl> = crls.values().filter(|l| l.covers(&c, is_ca)).collect();
+        let parsed: Vec<(X509Certificate<'_>, bool)> = chain
+            .iter()
+            .map(|(link, is_ca)| X509Certificate::from_der(link).map(|(_, c)| (c, *is_ca)).map_err(|_| Deny::MalformedCertificate))
+            .collect::<Result<_, _>>()?;
+        // Revocation first, by every covering CRL of every certificate of
+        // the path: a stale CRL must not hide a revocation another lists.
+        for (c, is_ca) in &parsed {
+            for l in crls.values().filter(|l| l.covers(c, *is_ca)) {
+                if l.crl.find_serial(c.raw_serial()).ok().flatten().is_some() {
+                    return Err(Deny::RevokedCrl);
+                }
+            }
+        }
+        // Then coverage and freshness.
+        for (c, is_ca) in &parsed {
+            let covering: Vec<&Crl> = crls.values().filter(|l| l.covers(c, *is_ca)).collect();
             if covering.is_empty() && self.policy.require_crl {
                 return Err(Deny::CrlStale);
             }
             for l in covering {
-                if l.crl.find_serial(serial).ok().flatten().is_some() {
-                    return Err(Deny::RevokedCrl);
-                }
                 let age = now.duration_since(l.this_update).unwrap_or_default();
                 if self.policy.crl_strict && l.next_update.is_some_and(|n| now > n) {
                     return Err(Deny::CrlStale);
@@ -658,7 +666,7 @@ impl CardTrust {
                     return Err(Deny::CrlStale);
                 }
                 oldest = Some(oldest.map_or(age, |o| o.max(age)));
-                if !is_ca && !sources.contains(&l.source) {
+                if !*is_ca && !sources.contains(&l.source) {
                     sources.push(l.source.clone());
                 }
             }

@@ -103,3 +103,124 @@ impl Drop for GatewayProcess {
         self.kill();
     }
 }
+
+/// A site on the gateway binary: an operator with an enrolled card, an
+/// agent bound to terminal `t1`, an application, and their credentials.
+pub struct ProcessSite {
+    /// The gateway.
+    pub gateway: GatewayProcess,
+    /// The first administrator.
+    pub admin: pivgate_gateway::client::Credentials,
+    /// Agent `pi-1`, bound to `t1`.
+    pub agent: pivgate_gateway::client::Credentials,
+    /// Application `wallboard`.
+    pub application: pivgate_gateway::client::Credentials,
+    /// Operator `op-1`'s card (9A enrolled), PIN 123456.
+    pub card: pivgate_hw::vcard::Profile,
+    _dir: PathBuf,
+}
+
+impl ProcessSite {
+    /// Starts the gateway binary under an open-file limit of `nofile` (if
+    /// given) with `extra_config` appended to its configuration file, and
+    /// sets the site up through the Admin API.
+    pub async fn start(nofile: Option<u64>, extra_config: &str) -> Result<ProcessSite> {
+        use pivgate_gateway::client::{connect, Credentials};
+        use pivgate_proto::v1 as pb;
+        let dir = crate::site::scratch("process-site");
+        let issuer = pivgate_hw::vcard::IssuingCa::generate("test card issuer CA")?;
+        let anchor = dir.join("issuer.pem");
+        std::fs::write(&anchor, &issuer.cert_pem)?;
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, format!("{extra_config}\n[cards]\ntrust_anchors = [{:?}]\n", anchor.display().to_string()))?;
+        let data = dir.join("data");
+        let gateway = GatewayProcess::start_with(&data, &["--config", &config.display().to_string()], nofile)?;
+        let admin_creds = Credentials::admin_in(&data)?;
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(connect(&gateway.addr(), "localhost", &admin_creds).await?);
+        admin
+            .add_operator(pb::AddOperatorRequest {
+                operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Operator".into(), roles: vec![], enabled: true }),
+            })
+            .await?;
+        let card = pivgate_hw::vcard::Profile::generate_with_ca(issuer, &pivgate_hw::vcard::ProfileOptions::default())?;
+        admin
+            .enrol_card(pb::EnrolCardRequest {
+                operator_id: "op-1".into(),
+                certificate: card.certificates[&pivgate_hw::piv::Slot::Authentication].clone(),
+                slot: pb::KeySlot::PivAuthentication as i32,
+            })
+            .await?;
+        let mut issue = async |role: pb::ServiceRole, name: &str| -> Result<Credentials> {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            use rcgen::PublicKeyData;
+            let r = admin
+                .issue_certificate(pb::IssueCertificateRequest { role: role as i32, name: name.into(), public_key: key.subject_public_key_info(), validity_days: 1 })
+                .await?
+                .into_inner();
+            Ok(Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: key.serialize_pem() })
+        };
+        let agent = issue(pb::ServiceRole::Agent, "pi-1").await?;
+        let application = issue(pb::ServiceRole::Application, "wallboard").await?;
+        admin.bind_agent(pb::BindAgentRequest { agent_name: "pi-1".into(), terminal_ids: vec!["t1".into()] }).await?;
+        Ok(ProcessSite { gateway, admin: admin_creds, agent, application, card, _dir: dir })
+    }
+}
+
+/// An attacker that holds `n` idle TCP connections to a port, reopening
+/// those the server closes, until dropped.
+pub struct IdleFlood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IdleFlood {
+    /// Starts holding `n` connections to `127.0.0.1:port`; returns once the
+    /// first `n` are open (or could not all be opened).
+    pub fn start(port: u16, n: usize) -> IdleFlood {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held_count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, h) = (stop.clone(), held_count.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<std::net::TcpStream> = Vec::new();
+            let mut first = true;
+            while !s.load(Ordering::Relaxed) {
+                // Drop the ones the server closed, then top up.
+                held.retain(|c| {
+                    let _ = c.set_nonblocking(true);
+                    !matches!(c.peek(&mut [0u8; 1]), Ok(0))
+                });
+                while held.len() < n {
+                    match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                        Ok(c) => held.push(c),
+                        Err(_) => break,
+                    }
+                }
+                h.store(held.len(), Ordering::Relaxed);
+                if first {
+                    let _ = ready_tx.send(());
+                    first = false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(30));
+        IdleFlood { stop, held: held_count, thread: Some(thread) }
+    }
+
+    /// How many connections it held at its last count.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for IdleFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

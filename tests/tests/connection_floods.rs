@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pivgate_gateway::client::{connect, Credentials};
-use pivgate_hw::piv::{Algorithm, Slot};
-use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
-use pivgate_tests::process::GatewayProcess;
-use pivgate_tests::site::{scratch, tap, Tap};
+use pivgate_tests::process::{IdleFlood, ProcessSite};
+use pivgate_tests::site::{tap, Tap};
 
 const IDLE: usize = 1100;
 
@@ -36,63 +34,22 @@ async fn admin_call(addr: &str, creds: &Credentials) -> Result<Duration> {
 async fn idle_connections_and_stream_floods_lock_out_no_administrator_and_no_agent() -> Result<()> {
     // This test itself holds more than a thousand sockets.
     pivgate_gateway::raise_open_file_limit();
-    let dir = scratch("floods");
-    let issuer = IssuingCa::generate("test card issuer CA")?;
-    let anchor = dir.join("issuer.pem");
-    std::fs::write(&anchor, &issuer.cert_pem)?;
-    let config = dir.join("gateway.toml");
     // Idle handshakes are given a whole minute: far longer than the 20 s
     // the administrator is given below, so only evicting them (not their
     // timing out) lets the administrator in.
-    std::fs::write(&config, format!("[cards]\ntrust_anchors = [{:?}]\n[limits]\nhandshake_timeout_s = 60\n", anchor.display().to_string()))?;
-    let data = dir.join("data");
-    let gw = GatewayProcess::start_with(&data, &["--config", config.to_str().unwrap_or_default()], Some(1024))?;
+    let site = ProcessSite::start(Some(1024), "[limits]\nhandshake_timeout_s = 60").await?;
+    let gw = &site.gateway;
     let addr = gw.addr();
-    let admin_creds = Credentials::admin_in(&data)?;
+    let (admin_creds, agent_creds, app_creds, profile) = (&site.admin, &site.agent, &site.application, &site.card);
+    let undisturbed = admin_call(&addr, admin_creds).await?;
 
-    // A site: an operator with a card, an agent bound to a terminal, an
-    // application.
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(connect(&addr, "localhost", &admin_creds).await?);
-    admin
-        .add_operator(pb::AddOperatorRequest {
-            operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Operator".into(), roles: vec![], enabled: true }),
-        })
-        .await?;
-    let profile = Profile::generate_with_ca(issuer, &ProfileOptions { algorithm: Algorithm::EccP256, ..Default::default() })?;
-    admin
-        .enrol_card(pb::EnrolCardRequest {
-            operator_id: "op-1".into(),
-            certificate: profile.certificates[&Slot::Authentication].clone(),
-            slot: pb::KeySlot::PivAuthentication as i32,
-        })
-        .await?;
-    let issue = |role: pb::ServiceRole, name: &str| {
-        let mut admin = admin.clone();
-        let name = name.to_string();
-        async move {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            use rcgen::PublicKeyData;
-            let r = admin
-                .issue_certificate(pb::IssueCertificateRequest { role: role as i32, name, public_key: key.subject_public_key_info(), validity_days: 1 })
-                .await?
-                .into_inner();
-            anyhow::Ok(Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: key.serialize_pem() })
-        }
-    };
-    let agent_creds = issue(pb::ServiceRole::Agent, "pi-1").await?;
-    let app_creds = issue(pb::ServiceRole::Application, "wallboard").await?;
-    admin.bind_agent(pb::BindAgentRequest { agent_name: "pi-1".into(), terminal_ids: vec!["t1".into()] }).await?;
-    let undisturbed = admin_call(&addr, &admin_creds).await?;
-
-    // The attack: more idle connections than the gateway has descriptors.
+    // The attack: more idle connections than the gateway has descriptors,
+    // reopened as the gateway closes them.
     let port = gw.port;
-    let idle = tokio::task::spawn_blocking(move || {
-        (0..IDLE).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect::<Vec<_>>()
-    })
-    .await?;
-    assert!(idle.len() >= 1000, "only {} idle connections opened", idle.len());
+    let idle = tokio::task::spawn_blocking(move || IdleFlood::start(port, IDLE)).await?;
+    assert!(idle.held() >= 1000, "only {} idle connections opened", idle.held());
     // And a caller who opens thousands of streams on one connection.
-    let app = pb::access_service_client::AccessServiceClient::new(connect(&addr, "localhost", &app_creds).await?);
+    let app = pb::access_service_client::AccessServiceClient::new(connect(&addr, "localhost", app_creds).await?);
     let streams: Vec<_> = (0..3000)
         .map(|i| {
             let mut app = app.clone();
@@ -107,15 +64,15 @@ async fn idle_connections_and_stream_floods_lock_out_no_administrator_and_no_age
         .collect();
 
     // An administrator and an agent still get through.
-    let during = admin_call(&addr, &admin_creds).await?;
-    let mut agent = pb::agent_service_client::AgentServiceClient::new(connect(&addr, "localhost", &agent_creds).await?);
+    let during = admin_call(&addr, admin_creds).await?;
+    let mut agent = pb::agent_service_client::AgentServiceClient::new(connect(&addr, "localhost", agent_creds).await?);
     let t = Instant::now();
     match tokio::time::timeout(Duration::from_secs(20), tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified)).await {
         Ok(Ok(Tap::Granted(g))) => assert_eq!(g.operator_id, "op-1"),
         other => bail!("the agent's authentication failed under the flood: {other:?}"),
     }
     let tap_time = t.elapsed();
-    println!("admin call: {undisturbed:?} undisturbed, {during:?} with {} idle connections; authentication {tap_time:?}", idle.len());
+    println!("admin call: {undisturbed:?} undisturbed, {during:?} with {} idle connections; authentication {tap_time:?}", idle.held());
 
     // The stream flood was absorbed: every call answered, at most the
     // per-caller cap of watchers open.
@@ -129,6 +86,6 @@ async fn idle_connections_and_stream_floods_lock_out_no_administrator_and_no_age
         }
     }
     assert!(watchers.len() <= 16, "{} watchers open for one application", watchers.len());
-    drop(idle);
+    tokio::task::spawn_blocking(move || drop(idle)).await?;
     Ok(())
 }

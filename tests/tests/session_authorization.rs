@@ -85,10 +85,18 @@ async fn taking_away_the_operators_role_locks_the_session() -> Result<()> {
     site.policy(T, &[pb::Mechanism::CardAndPin], &["dispatcher"]).await?;
     let profile = site.enrolled_card("op-1", &["dispatcher", "trainer"], Algorithm::EccP256).await?;
     let mut watch = unlock(&site, &profile).await?;
-    // Another role changing leaves the session alone.
-    set_operator(&site, &["dispatcher"]).await?;
+    // A role added leaves the session alone.
+    set_operator(&site, &["dispatcher", "trainer", "supervisor"]).await?;
     assert!(state(&site).await?.unlocked);
+    // The role the terminal requires taken away: locked.
     set_operator(&site, &["trainer"]).await?;
+    expect_lock(&site, &mut watch, pb::LockReason::RoleRemoved).await?;
+
+    // Any role the session carries taken away, even one the terminal does
+    // not require: the consoles act on the session's roles, so it ends.
+    set_operator(&site, &["dispatcher", "trainer"]).await?;
+    let mut watch = unlock(&site, &profile).await?;
+    set_operator(&site, &["dispatcher"]).await?;
     expect_lock(&site, &mut watch, pb::LockReason::RoleRemoved).await
 }
 

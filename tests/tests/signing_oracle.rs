@@ -121,6 +121,7 @@ async fn a_gateway_asking_the_card_to_sign_a_foreign_message_gets_no_signature()
         max_handshakes: 16,
         max_per_address: 16,
         handshake_timeout: Duration::from_secs(5),
+        max_per_identity: 16,
     };
     let (incoming, _accept) = pivgate_gateway::tls::incoming(listener, tls, limits, Arc::new(|_, _| {}));
     tokio::spawn(tonic::transport::Server::builder().add_service(pb::agent_service_server::AgentServiceServer::new(impostor)).serve_with_incoming(incoming));
