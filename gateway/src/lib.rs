@@ -53,11 +53,9 @@ fn crl_tls(config: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
         return Ok(None);
     }
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&config.cards.crl_tls_roots).map_err(|e| Error::Config(format!("cards.crl_tls_roots: {e}")))? {
-        // A bundle may hold certificates rustls cannot use; skip those.
-        if let Ok(c) = c {
-            let _ = roots.add(c);
-        }
+    // A bundle may hold certificates rustls cannot use; skip those.
+    for c in CertificateDer::pem_file_iter(&config.cards.crl_tls_roots).map_err(|e| Error::Config(format!("cards.crl_tls_roots: {e}")))?.flatten() {
+        let _ = roots.add(c);
     }
     let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()

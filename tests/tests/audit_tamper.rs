@@ -154,3 +154,40 @@ async fn a_truncated_database_is_reported_and_applications_see_the_rollback() ->
     assert!(head.records < seen.index, "the gateway's head {} is not behind the head {} seen before", head.records, seen.index);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_altered_event_is_reported() -> Result<()> {
+    use pivgate_hw::piv::Algorithm;
+    use pivgate_tests::site::{tap, Tap};
+    let mut site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["t1"]).await?;
+    let Tap::Granted(g) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("refused") };
+    drop(agent);
+    site.stop().await?;
+    {
+        let mut tries = 0;
+        let db = loop {
+            match sled::open(site.config.data_dir.join("db")) {
+                Ok(db) => break db,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The unlock now names another operator.
+        let events = db.open_tree("events")?;
+        let key = g.sequence.to_be_bytes();
+        let old = events.get(key)?.context("the unlock event")?;
+        let forged = String::from_utf8(old.to_vec())?.replace("op-1", "op-9");
+        events.insert(key, forged.as_bytes())?;
+        db.flush()?;
+    }
+    let site = site.resume().await?;
+    let v = site.admin().await?.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
+    assert!(!v.intact, "{v:?}");
+    assert!(v.findings.iter().any(|f| f.starts_with(&format!("event {}", g.sequence))), "{v:?}");
+    Ok(())
+}

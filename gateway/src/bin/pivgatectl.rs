@@ -467,7 +467,8 @@ mod tests {
     #[test]
     fn control_sequences_are_shown_not_obeyed() {
         let mut out = Escaped(Vec::new());
-        writeln!(out, "{}\t{}", "op-1", "Ana\u{1b}[2J\u{9b}31m\u{7}").unwrap();
+        let name = "Ana\u{1b}[2J\u{9b}31m\u{7}";
+        writeln!(out, "op-1\t{name}").unwrap();
         let shown = String::from_utf8(out.0).unwrap();
         assert_eq!(shown, "op-1\tAna\\u{1b}[2J\\u{9b}31m\\u{7}\n");
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'));
