@@ -42,6 +42,15 @@ impl Clock for SystemClock {
 /// How many verification latency samples the metrics keep.
 pub const VERIFY_SAMPLES: usize = 4096;
 
+/// Adds a sample to a ring of at most [`VERIFY_SAMPLES`]: constant time,
+/// the oldest leaves as the newest arrives.
+fn push_sample(ring: &mut std::collections::VecDeque<u64>, v: u64) {
+    if ring.len() >= VERIFY_SAMPLES {
+        ring.pop_front();
+    }
+    ring.push_back(v);
+}
+
 /// Counters for metrics.
 #[derive(Default)]
 pub struct Counters {
@@ -478,10 +487,7 @@ impl Gateway {
         let generation = self.trust.generation();
         let decided = self.decide(caller, challenge_id, terminal, signature);
         if let Ok(mut v) = self.counters.verify_us.lock() {
-            if v.len() >= VERIFY_SAMPLES {
-                v.pop_front();
-            }
-            v.push_back(started.elapsed().as_micros() as u64);
+            push_sample(&mut v, started.elapsed().as_micros() as u64);
         }
         match decided? {
             Err((deny, detail)) => {
@@ -1002,5 +1008,21 @@ impl Gateway {
         })
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latency_ring_keeps_the_newest_samples() {
+        let mut ring = std::collections::VecDeque::new();
+        for v in 0..(VERIFY_SAMPLES as u64 + 10) {
+            push_sample(&mut ring, v);
+        }
+        assert_eq!(ring.len(), VERIFY_SAMPLES);
+        assert_eq!(ring.front(), Some(&10));
+        assert_eq!(ring.back(), Some(&(VERIFY_SAMPLES as u64 + 9)));
     }
 }

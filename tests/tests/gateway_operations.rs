@@ -18,7 +18,7 @@ async fn health_and_reflection_answer_over_mutual_tls() -> Result<()> {
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{svc}");
     }
     use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
-    let mut refl = ServerReflectionClient::new(ch);
+    let mut refl = ServerReflectionClient::new(ch.clone());
     let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
     let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) = stream.next().await.transpose()?.and_then(|r| r.message_response) else {
@@ -27,6 +27,20 @@ async fn health_and_reflection_answer_over_mutual_tls() -> Result<()> {
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for svc in ["pivgate.v1.AgentService", "pivgate.v1.AccessService", "pivgate.v1.AdminService", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == svc), "{svc} missing from {names:?}");
+    }
+    // v1alpha too: Python's grpcio-reflection and older grpcurl ask for it.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut refl = ServerReflectionClient::new(ch);
+        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) = stream.next().await.transpose()?.and_then(|r| r.message_response) else {
+            panic!("no v1alpha service list");
+        };
+        assert!(list.service.iter().any(|s| s.name == "pivgate.v1.AdminService"), "{:?}", list.service);
     }
     Ok(())
 }
