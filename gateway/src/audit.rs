@@ -179,10 +179,12 @@ impl std::fmt::Display for Finding {
 /// correctly and the findings (none: intact).
 pub fn verify(records: impl Iterator<Item = Result<AuditRecord>>, checkpoints: &[Checkpoint], pinned_key: Option<&str>) -> (u64, Vec<Finding>) {
     let mut findings = Vec::new();
-    let mut good: Vec<&Checkpoint> = Vec::new();
+    // By index, so each record is checked against its checkpoints in
+    // constant time however many there are.
+    let mut good: std::collections::BTreeMap<u64, Vec<&Checkpoint>> = std::collections::BTreeMap::new();
     for c in checkpoints {
         match c.verify(pinned_key) {
-            Ok(()) => good.push(c),
+            Ok(()) => good.entry(c.index).or_default().push(c),
             Err(why) => findings.push(Finding::BadCheckpoint { index: c.index, why }),
         }
     }
@@ -206,17 +208,13 @@ pub fn verify(records: impl Iterator<Item = Result<AuditRecord>>, checkpoints: &
         if !broken {
             n += 1;
         }
-        for c in good.iter().filter(|c| c.index == rec.index) {
-            if c.hash != rec.hash {
-                findings.push(Finding::Rewritten { index: c.index });
-            }
+        if good.get(&rec.index).is_some_and(|cs| cs.iter().any(|c| c.hash != rec.hash)) {
+            findings.push(Finding::Rewritten { index: rec.index });
         }
         prev = rec.hash;
     }
-    for c in &good {
-        if c.index > last {
-            findings.push(Finding::Truncated { log_ends_at: last, checkpoint_index: c.index });
-        }
+    for &index in good.keys().filter(|&&i| i > last) {
+        findings.push(Finding::Truncated { log_ends_at: last, checkpoint_index: index });
     }
     findings.dedup();
     (n, findings)
