@@ -25,6 +25,22 @@ fn ctl(dir: &Path, port: u16, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
+/// The database of a stopped gateway, opened as someone with the disk in
+/// hand would (the gateway lets go of it as its last tasks end).
+async fn stopped_db(site: &Site) -> Result<sled::Db> {
+    let mut tries = 0;
+    loop {
+        match sled::open(site.config.data_dir.join("db")) {
+            Ok(db) => return Ok(db),
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn rechain(records: &mut [AuditRecord]) {
     let mut prev = "0".repeat(64);
     for r in records {
@@ -125,18 +141,7 @@ async fn a_truncated_database_is_reported_and_applications_see_the_rollback() ->
 
     // The newest records go, and the signed checkpoints with them.
     {
-        // The stopped gateway lets go of its database as its last tasks end.
-        let mut tries = 0;
-        let db = loop {
-            match sled::open(site.config.data_dir.join("db")) {
-                Ok(db) => break db,
-                Err(_) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let db = stopped_db(&site).await?;
         let audit = db.open_tree("audit")?;
         for _ in 0..3 {
             audit.pop_max()?;
@@ -166,17 +171,7 @@ async fn an_altered_event_is_reported() -> Result<()> {
     drop(agent);
     site.stop().await?;
     {
-        let mut tries = 0;
-        let db = loop {
-            match sled::open(site.config.data_dir.join("db")) {
-                Ok(db) => break db,
-                Err(_) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let db = stopped_db(&site).await?;
         // The unlock now names another operator.
         let events = db.open_tree("events")?;
         let key = g.sequence.to_be_bytes();
