@@ -162,6 +162,7 @@ impl Gateway {
             Err(r) => return Ok(Err(r)),
         };
         let key = crl.key.id();
+        let expired = crl.next_update.is_some_and(|n| n < now);
         let this_update_s = crl.this_update.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         let mut refusal = None;
         let detail = json!({
@@ -176,7 +177,11 @@ impl Gateway {
         // Kept on disk before its watermark is recorded: a power cut can
         // leave a cached CRL without a watermark (harmless, it is re-offered)
         // but never a watermark without its CRL.
-        let newer = self.store.crl_watermark(&key)?.is_none_or(|w| this_update_s > w);
+        let watermark = self.store.crl_watermark(&key)?;
+        if watermark.is_none() && expired {
+            return Ok(Err(CrlRefusal::Expired));
+        }
+        let newer = watermark.is_none_or(|w| this_update_s > w);
         if newer {
             let dir = cache_dir(&self.data_dir);
             if !dir.exists() {
@@ -187,6 +192,10 @@ impl Gateway {
         }
         self.commit_with(|| {
             match self.store.crl_watermark(&key)? {
+                None if expired => {
+                    refusal = Some(CrlRefusal::Expired);
+                    Ok(None)
+                }
                 Some(w) if this_update_s < w => {
                     refusal = Some(CrlRefusal::Rollback);
                     Ok(None)

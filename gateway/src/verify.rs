@@ -260,6 +260,10 @@ pub enum CrlRefusal {
     /// Older than the CRL held (or last accepted, across restarts) for the
     /// same issuer and distribution point: a replayed CRL would un-revoke.
     Rollback,
+    /// Past its nextUpdate, for an issuer and distribution point no CRL was
+    /// ever accepted for: an old CRL under a scope nobody publishes any more
+    /// could only make that scope stale for good.
+    Expired,
 }
 
 impl CrlRefusal {
@@ -274,6 +278,7 @@ impl CrlRefusal {
             CrlRefusal::FromTheFuture => "this_update_in_the_future",
             CrlRefusal::NextUpdateBeforeThisUpdate => "next_update_before_this_update",
             CrlRefusal::Rollback => "rollback",
+            CrlRefusal::Expired => "expired",
         }
     }
 }
@@ -289,6 +294,7 @@ impl std::fmt::Display for CrlRefusal {
             CrlRefusal::FromTheFuture => f.write_str("the CRL's thisUpdate is in the future"),
             CrlRefusal::NextUpdateBeforeThisUpdate => f.write_str("the CRL's nextUpdate is before its thisUpdate"),
             CrlRefusal::Rollback => f.write_str("the CRL is older than the one already accepted for this issuer and distribution point"),
+            CrlRefusal::Expired => f.write_str("the CRL is past its nextUpdate and no CRL was ever accepted for its issuer and distribution point"),
         }
     }
 }

@@ -338,3 +338,25 @@ async fn crls_fetched_over_https() -> Result<()> {
     assert!(e.contains("revoked_crl"), "{e}");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_expired_crl_for_a_scope_never_seen_is_refused() -> Result<()> {
+    // A genuinely signed CRL from long ago, for a distribution point the
+    // issuer no longer publishes: accepted, it would make every card of
+    // that scope stale under a strict policy, for good.
+    let issuer = IssuingCa::generate("test card issuer CA")?;
+    let victim = card(&issuer, None)?;
+    let mut old = spec(&[], 1, OffsetDateTime::now_utc() - time::Duration::days(30));
+    old.next_update = OffsetDateTime::now_utc() - time::Duration::days(23);
+    old.idp_uris = vec!["http://crl.example/retired.crl".into()];
+    let current = pki::crl(&issuer, &spec(&[], 5, ago(1)))?;
+    let (site, _dir) = site_with(copy(&issuer), &[("current.crl", current), ("old.crl", pki::crl(&issuer, &old)?)], |c, _| c.cards.crl_strict = true).await?;
+    let r = audited(&site, "crl.refused", "old.crl").await?;
+    assert!(r.detail_json.contains("\"reason\":\"expired\""), "{}", r.detail_json);
+    site.enrol(&victim, "op-1", &["dispatcher"]).await?;
+    match tap_card(&site, &victim).await? {
+        Tap::Granted(g) => assert_eq!(g.operator_id, "op-1"),
+        other => bail!("a card was refused for a CRL that should never have counted: {other:?}"),
+    }
+    Ok(())
+}
