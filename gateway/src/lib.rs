@@ -318,12 +318,23 @@ pub async fn run(
         .add_service(pb::admin_service_server::AdminServiceServer::new(service::AdminApi(gateway.clone())).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(incoming, {
             let gw = gateway.clone();
+            let mut fatal = gateway.store.fatal();
             async move {
-                shutdown.await;
+                // Stop when asked, or when the disk refuses to keep writes.
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = fatal.wait_for(|f| f.is_some()) => {}
+                }
                 let _ = gw.stopping.send(true);
             }
         })
         .await;
+    if let Some(e) = gateway.store.fatal().borrow().clone() {
+        sweeper.abort();
+        crl_reloader.abort();
+        acceptor.abort();
+        return Err(Error::Durability(std::io::Error::other(format!("writes can no longer be made durable ({e}); stopped"))));
+    }
     sweeper.abort();
     crl_reloader.abort();
     acceptor.abort();

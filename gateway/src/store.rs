@@ -146,38 +146,50 @@ struct Watermarks {
     durable: AtomicU64,
 }
 
+/// What makes written data durable: sled's flush, then fdatasync of its
+/// data file. A function, so a test can make the disk fail.
+type Sync = Box<dyn FnMut() -> std::result::Result<(), String> + Send>;
+
 impl Committer {
-    fn start(db: sled::Db, data_file: File, marks: Arc<Watermarks>) -> std::io::Result<Committer> {
+    fn start(db: sled::Db, data_file: File, marks: Arc<Watermarks>, fatal: tokio::sync::watch::Sender<Option<String>>) -> std::io::Result<Committer> {
+        let sync: Sync = Box::new(move || db.flush().map_err(|e| e.to_string()).and_then(|_| data_file.sync_data().map_err(|e| e.to_string())));
+        Committer::start_with(sync, marks, fatal)
+    }
+
+    fn start_with(mut sync: Sync, marks: Arc<Watermarks>, fatal: tokio::sync::watch::Sender<Option<String>>) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<oneshot::Sender<std::result::Result<(), String>>>();
         let flushes = Arc::new(AtomicU64::new(0));
         let count = flushes.clone();
         std::thread::Builder::new().name("group commit".into()).spawn(move || {
+            let mut failed: Option<String> = None;
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
                 while let Ok(w) = rx.try_recv() {
                     batch.push(w);
                 }
-                let written = marks.written.load(Ordering::SeqCst);
-                let r = db
-                    .flush()
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
-                count.fetch_add(1, Ordering::Relaxed);
-                match &r {
-                    Ok(()) => {
-                        marks.durable.fetch_max(written, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        // The disk refused to keep what was written: what is
-                        // in memory can no longer be promised. Stop, and let
-                        // the service manager restart on what is on disk.
-                        tracing::error!(error = %e, "cannot make writes durable; stopping");
-                        for w in batch {
-                            let _ = w.send(r.clone());
+                // Once the disk has refused to keep what was written, what
+                // is in memory can no longer be promised: every waiter from
+                // then on is told so, and the gateway is told to stop (the
+                // service manager restarts it on what is on disk).
+                let r = match &failed {
+                    Some(e) => Err(e.clone()),
+                    None => {
+                        let written = marks.written.load(Ordering::SeqCst);
+                        let r = sync();
+                        count.fetch_add(1, Ordering::Relaxed);
+                        match &r {
+                            Ok(()) => {
+                                marks.durable.fetch_max(written, Ordering::SeqCst);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot make writes durable; the gateway stops");
+                                failed = Some(e.clone());
+                                let _ = fatal.send(Some(e.clone()));
+                            }
                         }
-                        std::process::exit(74);
+                        r
                     }
-                }
+                };
                 for w in batch {
                     let _ = w.send(r.clone());
                 }
@@ -205,6 +217,9 @@ pub struct Store {
     committer: Committer,
     marks: Arc<Watermarks>,
     live: broadcast::Sender<Event>,
+    /// Set when writes can no longer be made durable: nothing more is
+    /// recorded, and `run` stops with an error.
+    fatal: tokio::sync::watch::Sender<Option<String>>,
     path: PathBuf,
 }
 
@@ -260,7 +275,8 @@ impl Store {
         let last_seq = ledger.next_sequence - 1;
         marks.written.store(last_seq, Ordering::SeqCst);
         marks.durable.store(last_seq, Ordering::SeqCst);
-        let committer = Committer::start(db.clone(), data_file, marks.clone())?;
+        let fatal = tokio::sync::watch::channel(None).0;
+        let committer = Committer::start(db.clone(), data_file, marks.clone(), fatal.clone())?;
         let (live, _) = broadcast::channel(4096);
         Ok(Arc::new(Store {
             meta,
@@ -279,8 +295,14 @@ impl Store {
             committer,
             marks,
             live,
+            fatal,
             path: dir.to_path_buf(),
         }))
+    }
+
+    /// Resolves with the reason once writes can no longer be made durable.
+    pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
     }
 
     /// The database folder.
@@ -328,6 +350,9 @@ impl Store {
         decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>,
     ) -> Result<Option<(AuditRecord, Vec<Event>)>> {
         let mut ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
+        if let Some(e) = self.fatal.borrow().clone() {
+            return Err(Error::Durability(std::io::Error::other(format!("the disk refused an earlier write: {e}"))));
+        }
         let Some((entry, changes)) = decide()? else { return Ok(None) };
         // The record names the events it comes with, so an acknowledged
         // unlock can be matched to its audit record.
@@ -603,5 +628,35 @@ const T_CRL_STATE: u8 = 8;
 fn set_sequence(s: &mut Session, seq: u64) {
     match s {
         Session::Locked { sequence, .. } | Session::Unlocked { sequence, .. } => *sequence = seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_that_refuses_a_write_is_told_to_every_waiter_and_stops_the_gateway() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        // The second flush fails.
+        let sync: Sync = Box::new(move || if c.fetch_add(1, Ordering::SeqCst) == 1 { Err("EIO".into()) } else { Ok(()) });
+        let marks = Arc::new(Watermarks::default());
+        let (fatal_tx, fatal) = tokio::sync::watch::channel(None);
+        let committer = Committer::start_with(sync, marks.clone(), fatal_tx).unwrap();
+        let wait = |written: u64| {
+            marks.written.store(written, Ordering::SeqCst);
+            let (tx, rx) = oneshot::channel();
+            committer.tx.lock().unwrap().send(tx).unwrap();
+            rx.blocking_recv().unwrap()
+        };
+        assert_eq!(wait(1), Ok(()));
+        assert_eq!(marks.durable.load(Ordering::SeqCst), 1);
+        assert_eq!(wait(2), Err("EIO".to_string()));
+        // Nothing after it is promised either, and no flush is tried.
+        assert_eq!(wait(3), Err("EIO".to_string()));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(marks.durable.load(Ordering::SeqCst), 1);
+        assert_eq!(fatal.borrow().as_deref(), Some("EIO"));
     }
 }

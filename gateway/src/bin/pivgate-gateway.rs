@@ -80,10 +80,20 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    pivgate_gateway::run(listener, gateway, tls, config, async move {
+    let result = pivgate_gateway::run(listener, gateway, tls, config, async move {
         shutdown.await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     })
-    .await?;
-    Ok(())
+    .await;
+    match result {
+        Ok(()) => Ok(()),
+        // The disk refused to keep acknowledged writes: say so and exit
+        // with EX_IOERR, so the service manager restarts on what is on disk.
+        Err(e @ pivgate_gateway::Error::Durability(_)) => {
+            tracing::error!(error = %e, "stopping: storage failure");
+            eprintln!("pivgate-gateway: {e}");
+            std::process::exit(74);
+        }
+        Err(e) => Err(e.into()),
+    }
 }
