@@ -118,6 +118,8 @@ pub fn metrics_text(gw: &Gateway) -> String {
     }
     let _ = writeln!(s, "# TYPE pivgate_tls_handshakes_refused_total counter\npivgate_tls_handshakes_refused_total {}", gw.counters.tls_rejected.load(Ordering::Relaxed));
     let _ = writeln!(s, "# TYPE pivgate_group_commits_total counter\npivgate_group_commits_total {}", gw.store.flushes());
+    let _ = writeln!(s, "# HELP pivgate_sled_blob_files Files sled wrote under blobs/ (never fsynced); anything but 0 is an alarm.");
+    let _ = writeln!(s, "# TYPE pivgate_sled_blob_files gauge\npivgate_sled_blob_files {}", gw.store.blob_files());
     s
 }
 
@@ -293,6 +295,27 @@ pub async fn run(
     health_reporter.set_serving::<pb::agent_service_server::AgentServiceServer<service::AgentApi>>().await;
     health_reporter.set_serving::<pb::access_service_server::AccessServiceServer<service::AccessApi>>().await;
     health_reporter.set_serving::<pb::admin_service_server::AdminServiceServer<service::AdminApi>>().await;
+    // sled's blob files are never fsynced: the store keeps every value far
+    // below the threshold, and a blob file found means that promise broke.
+    // Checked at start and every two seconds: alarm in the log, the metric
+    // and health (NOT_SERVING).
+    let blob_watch = {
+        let (gw, reporter) = (gateway.clone(), health_reporter.clone());
+        tokio::spawn(async move {
+            let mut alarmed = false;
+            loop {
+                let n = gw.store.blob_files();
+                if n > 0 && !alarmed {
+                    alarmed = true;
+                    tracing::error!(files = n, dir = %gw.store.path().join("blobs").display(), "sled wrote blob files, which it never makes durable: acknowledged writes may not survive a power cut; see ARCHITECTURE.md (Durability)");
+                    reporter.set_not_serving::<pb::agent_service_server::AgentServiceServer<service::AgentApi>>().await;
+                    reporter.set_not_serving::<pb::access_service_server::AccessServiceServer<service::AccessApi>>().await;
+                    reporter.set_not_serving::<pb::admin_service_server::AdminServiceServer<service::AdminApi>>().await;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pivgate_proto::FILE_DESCRIPTOR_SET)
@@ -333,11 +356,16 @@ pub async fn run(
         sweeper.abort();
         crl_reloader.abort();
         acceptor.abort();
+        blob_watch.abort();
+        if let Some(m) = &metrics {
+            m.abort();
+        }
         return Err(Error::Durability(std::io::Error::other(format!("writes can no longer be made durable ({e}); stopped"))));
     }
     sweeper.abort();
     crl_reloader.abort();
     acceptor.abort();
+    blob_watch.abort();
     if let Some(m) = metrics {
         m.abort();
     }

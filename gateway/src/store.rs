@@ -28,6 +28,11 @@ use tokio::sync::{broadcast, oneshot};
 use crate::error::{Error, Result};
 use crate::model::{Agent, Card, Event, Operator, Session, Terminal};
 
+/// The largest value the store writes: well under sled 0.34's blob
+/// threshold (a quarter of its 512 KiB segment), past which sled writes the
+/// value as a file under `blobs/` that it never fsyncs.
+pub const MAX_VALUE: usize = 64 * 1024;
+
 /// The schema this code reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -300,6 +305,13 @@ impl Store {
         }))
     }
 
+    /// Files sled has put under `blobs/` (values over its blob threshold,
+    /// which it never fsyncs). Always 0 while [`MAX_VALUE`] holds; anything
+    /// else is an alarm.
+    pub fn blob_files(&self) -> usize {
+        std::fs::read_dir(self.path.join("blobs")).map(|d| d.flatten().count()).unwrap_or(0)
+    }
+
     /// Resolves with the reason once writes can no longer be made durable.
     pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.fatal.subscribe()
@@ -413,6 +425,13 @@ impl Store {
         }
         record.hash = record.compute_hash();
         let audit_value = enc(&record)?;
+        // sled 0.34 writes a value over about 128 KiB as a file under
+        // `blobs/` that it never fsyncs: no value may come near that.
+        if let Some(n) = std::iter::once(audit_value.len()).chain(writes.iter().map(|(_, _, v)| v.len())).find(|n| *n > MAX_VALUE) {
+            return Err(Error::InvalidRequest(format!(
+                "a stored value would be {n} bytes; pivgate keeps every value under {MAX_VALUE} (sled would write it as a blob file it never makes durable)"
+            )));
+        }
         let index_key = record.index.to_be_bytes();
         (&self.audit, &self.events, &self.terminals, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents, &self.crl_state)
             .transaction(|(audit, ev, term, ops, cards, fascn, deny, agents, crl_state)| {
@@ -634,6 +653,24 @@ fn set_sequence(s: &mut Session, seq: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_that_would_become_a_sled_blob_is_refused() {
+        let dir = std::env::temp_dir().join(format!("pivgate-store-blob-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let op = |name: String| Operator { id: "op-1".into(), name, roles: vec![], enabled: true };
+        let entry = || AuditEntry { kind: "admin.add_operator", actor: "admin:test".into(), terminal_id: String::new(), detail: serde_json::json!({}) };
+        store.record(entry(), vec![Change::Operator(op("a".repeat(1000)))], 0).unwrap();
+        let e = store.record(entry(), vec![Change::Operator(op("a".repeat(MAX_VALUE)))], 0).unwrap_err();
+        assert!(e.to_string().contains("blob"), "{e}");
+        // Nothing of the refused change was kept, and no blob file exists.
+        assert_eq!(store.operator("op-1").unwrap().unwrap().name.len(), 1000);
+        assert_eq!(store.audit_head().unwrap().0, 1);
+        assert_eq!(store.blob_files(), 0);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_disk_that_refuses_a_write_is_told_to_every_waiter_and_stops_the_gateway() {

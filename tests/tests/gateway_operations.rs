@@ -131,3 +131,29 @@ async fn metrics_and_crls_fetched_over_http() -> Result<()> {
     assert!(granted.detail_json.contains(&format!("crl:http://127.0.0.1:{crl_port}/issuer.crl")), "{}", granted.detail_json);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_sled_blob_file_makes_the_gateway_report_it() -> Result<()> {
+    // sled never fsyncs its blob files; the store keeps every value far
+    // below sled's threshold, so one appearing means a promise broke.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let site = Site::start(move |c, _| c.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap())).await?;
+    let ch = pivgate_gateway::client::connect(&site.addr, "localhost", &site.issue(pb::ServiceRole::Application, "probe").await?).await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let status = |r: tonic_health::pb::HealthCheckResponse| r.status;
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(status(health.check(tonic_health::pb::HealthCheckRequest { service: "pivgate.v1.AdminService".into() }).await?.into_inner()), serving);
+    let blobs = site.config.data_dir.join("db/blobs");
+    std::fs::create_dir_all(&blobs)?;
+    std::fs::write(blobs.join("9999999"), b"a value sled wrote on its own")?;
+    pivgate_tests::site::eventually(std::time::Duration::from_secs(10), || {
+        let mut health = health.clone();
+        async move {
+            let r = health.check(tonic_health::pb::HealthCheckRequest { service: "pivgate.v1.AdminService".into() }).await?.into_inner();
+            Ok(r.status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
+        }
+    })
+    .await?;
+    assert!(http_get(metrics_port).await?.contains("pivgate_sled_blob_files 1"));
+    Ok(())
+}
