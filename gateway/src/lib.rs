@@ -161,6 +161,10 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
     }
     let trust = verify::CardTrust::new(&anchors, &intermediates, config.card_policy()).map_err(|e| Error::Config(format!("cards: {e}")))?;
     let store = store::Store::open(&config.data_dir.join("db"))?;
+    // The database's folder name, durable, before the first start counts
+    // as complete.
+    std::fs::File::open(&config.data_dir)?.sync_all()?;
+    pki::mark_initialized(&config.data_dir)?;
     if !audit::CheckpointKey::path(&config.data_dir).exists() && store.latest_checkpoint()?.is_some() {
         return Err(Error::Pki(format!(
             "{} is missing but the audit log has signed checkpoints: restore the key from the backup of the data folder \

@@ -137,7 +137,7 @@ fn serial() -> Result<rcgen::SerialNumber> {
 fn write_file(path: &Path, data: &str, secret: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(if secret { 0o600 } else { 0o644 }).open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 }).open(path)?;
     f.write_all(data.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -214,31 +214,124 @@ impl ServiceCa {
     }
 }
 
+/// The file whose presence says a data folder's first start completed:
+/// PKI and database made and durable. Written by [`mark_initialized`].
+pub fn marker(dir: &Path) -> PathBuf {
+    dir.join("initialized")
+}
+
 /// Creates the service CA, server certificate and first administrator in
-/// `dir` when they are missing. Returns whether anything was created.
+/// `dir` on first start, so that a kill or a power cut at any moment
+/// leaves either nothing usable (the next start makes it again) or the
+/// whole PKI, never a mix. Returns whether anything was created.
+///
+/// Each file is written under a temporary name and fsynced; all but the CA
+/// certificate are renamed into place and the folder fsynced; the CA
+/// certificate, renamed last and fsynced, is the commit point. A folder
+/// that holds part of a PKI without that is an interrupted first start and
+/// is made again; one whose first start completed (`initialized`) but that
+/// lacks a file is refused with what to do, never papered over.
 pub fn bootstrap(dir: &Path, server_names: &[String]) -> Result<bool> {
     let files = Files::in_dir(dir);
+    let installed = marker(dir).exists();
+    if installed && !dir.join("db").exists() {
+        return Err(Error::Pki(format!(
+            "the data folder {} is an installed gateway's but its database ({}) is missing: restore it from the backup \
+             (starting on an empty database would lose every enrolment and the audit log)",
+            dir.display(),
+            dir.join("db").display()
+        )));
+    }
+    let all = [&files.ca, &files.ca_key, &files.server, &files.server_key, &files.admin, &files.admin_key];
     if files.ca.exists() {
-        if !files.server.exists() {
+        for f in [&files.ca_key, &files.admin, &files.admin_key] {
+            if !f.exists() {
+                return Err(Error::Pki(format!(
+                    "{} is missing from the data folder {}, whose service CA exists: restore it from the backup of the data folder \
+                     (do not delete the folder: its database holds the audit log)",
+                    f.display(),
+                    dir.display()
+                )));
+            }
+        }
+        if !files.server.exists() || !files.server_key.exists() {
+            // The server certificate can always be issued again.
             let ca = ServiceCa::load(&files)?;
             let (cert, key) = ca.issue_server(server_names)?;
-            write_file(&files.server_key, &key, true)?;
-            write_file(&files.server, &cert, false)?;
+            crate::store::write_file_durably(&files.server_key, key.as_bytes())?;
+            crate::store::write_file_durably(&files.server, cert.as_bytes())?;
             return Ok(true);
         }
         return Ok(false);
     }
-    std::fs::create_dir_all(dir)?;
+    if installed {
+        return Err(Error::Pki(format!(
+            "{} is missing from the data folder {}, whose first start completed: restore the service CA from the backup \
+             (a new CA would lock out every agent, application and administrator)",
+            files.ca.display(),
+            dir.display()
+        )));
+    }
+    if dir.join("db").exists() {
+        return Err(Error::Pki(format!(
+            "the data folder {} has a database but no service CA ({}): restore the CA from the backup, \
+             or move the folder away to start a new installation",
+            dir.display(),
+            files.ca.display()
+        )));
+    }
+    // A fresh folder, or one a first start left unfinished: make it all.
+    create_dir_durably(dir)?;
+    for f in all {
+        if f.exists() {
+            std::fs::remove_file(f)?;
+        }
+    }
     let ca = ServiceCa::generate(&hostname())?;
-    write_file(&files.ca_key, &ca.key_pem, true)?;
-    write_file(&files.ca, &ca.cert_pem, false)?;
-    let (cert, key) = ca.issue_server(server_names)?;
-    write_file(&files.server_key, &key, true)?;
-    write_file(&files.server, &cert, false)?;
-    let (cert, key) = ca.issue_client_with_key(Role::Admin, "admin", 365)?;
-    write_file(&files.admin_key, &key, true)?;
-    write_file(&files.admin, &cert, false)?;
+    let (server_cert, server_key) = ca.issue_server(server_names)?;
+    let (admin_cert, admin_key) = ca.issue_client_with_key(Role::Admin, "admin", 365)?;
+    let staged = |path: &Path| path.with_file_name(format!(".{}.new", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let parts: [(&PathBuf, &str); 6] = [
+        (&files.ca_key, &ca.key_pem),
+        (&files.server_key, &server_key),
+        (&files.server, &server_cert),
+        (&files.admin_key, &admin_key),
+        (&files.admin, &admin_cert),
+        (&files.ca, &ca.cert_pem),
+    ];
+    for (path, pem) in parts {
+        write_file(&staged(path), pem, path.to_string_lossy().ends_with("-key.pem"))?;
+    }
+    // Everything but the CA certificate, then the folder; then the CA
+    // certificate, the commit point, and the folder again.
+    for (path, _) in &parts[..5] {
+        std::fs::rename(staged(path), path)?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    std::fs::rename(staged(&files.ca), &files.ca)?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(true)
+}
+
+/// Records that the first start completed (PKI and database made and
+/// durable): from then on a missing part is refused, not made again.
+pub fn mark_initialized(dir: &Path) -> Result<()> {
+    if !marker(dir).exists() {
+        crate::store::write_file_durably(&marker(dir), b"pivgate data folder: first start completed\n")?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and its parents) so that its name survives a power cut.
+fn create_dir_durably(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn hostname() -> String {
