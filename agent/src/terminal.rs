@@ -319,6 +319,11 @@ impl Worker {
             if Instant::now() >= expires {
                 return Ok(Some(last_wrong.map(|tries| TapResult::WrongPin { tries }).unwrap_or(TapResult::NoPin)));
             }
+            // Keys pressed before the prompt are not the PIN; keys pressed
+            // once it shows are, however soon after.
+            if let PinSource::Keys(keys) = &mut self.pin {
+                keys.drain();
+            }
             if tries == 1 {
                 tracing::warn!(terminal = %self.terminal, "one PIN try left before the card blocks");
                 self.show(Pattern::LastTry);
@@ -355,7 +360,6 @@ impl Worker {
     fn read_pin(&mut self, expires: Instant) -> PinRead {
         let indicator = self.indicator.clone();
         let PinSource::Keys(keys) = &mut self.pin else { return PinRead::Cancelled };
-        keys.drain();
         let mut entry = PinEntry::new(self.rules, Instant::now());
         loop {
             match self.inputs.try_recv() {

@@ -2,6 +2,7 @@
 //! unlock and one lock, and the example console resuming after a restart.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -46,6 +47,9 @@ fn the_readmes_main_command_unlocks_and_locks_a_console() -> Result<()> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // Its own process group, so a failed run can end the demo's pcscd
+        // too (else it keeps the vpcd port and the next run sees no card).
+        .process_group(0)
         .spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let stdout = child.stdout.take().context("stdout")?;
@@ -68,6 +72,7 @@ fn the_readmes_main_command_unlocks_and_locks_a_console() -> Result<()> {
         Ok(())
     })();
     if result.is_err() {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
         let _ = child.kill();
     }
     let status = child.wait()?;
