@@ -116,7 +116,75 @@ macro_rules! unbounded {
     ($($t:ty),*) => { $(impl Bounded for $t { fn check(&self) -> Result<(), Status> { Ok(()) } })* };
 }
 // Requests with no field a caller could make large.
-unbounded!(pb::ListOperatorsRequest, pb::ListAgentsRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::ListTerminalStatesRequest, pb::GetAuditHeadRequest);
+unbounded!(pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::GetAuditHeadRequest);
+
+/// A list call's page size when the caller names none.
+pub const PAGE_DEFAULT: usize = 500;
+/// The largest page size; a larger request counts as this.
+pub const PAGE_MAX: usize = 1000;
+/// A page ends before this many encoded bytes (a client decodes 4 MiB by
+/// default).
+pub const PAGE_BYTES_MAX: usize = 1 << 20;
+/// A page token is the hex of a key, so at most twice the longest.
+pub const PAGE_TOKEN_MAX: usize = 2 * ID_MAX;
+
+/// Where a page of a list starts and how long it may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The key of the last item of the previous page (empty: the start).
+    pub after: Vec<u8>,
+    /// Most items.
+    pub size: usize,
+}
+
+impl Page {
+    /// From a request's page_size and page_token.
+    pub fn parse(page_size: u32, page_token: &str) -> Result<Page, Status> {
+        if page_token.len() > PAGE_TOKEN_MAX {
+            return Err(bad("page_token", &format!("longer than {PAGE_TOKEN_MAX} bytes")));
+        }
+        let after = hex::decode(page_token).map_err(|_| bad("page_token", "is not a token this gateway gave"))?;
+        let size = match page_size as usize {
+            0 => PAGE_DEFAULT,
+            n => n.min(PAGE_MAX),
+        };
+        Ok(Page { after, size })
+    }
+
+    /// The token that continues after `key`.
+    pub fn token(key: &[u8]) -> String {
+        hex::encode(key)
+    }
+}
+
+fn page_token(t: &str) -> Result<(), Status> {
+    Page::parse(0, t).map(|_| ())
+}
+
+impl Bounded for pb::ListOperatorsRequest {
+    fn check(&self) -> Result<(), Status> {
+        page_token(&self.page_token)
+    }
+}
+impl Bounded for pb::ListAgentsRequest {
+    fn check(&self) -> Result<(), Status> {
+        page_token(&self.page_token)
+    }
+}
+impl Bounded for pb::ListTerminalStatesRequest {
+    fn check(&self) -> Result<(), Status> {
+        page_token(&self.page_token)
+    }
+}
+impl Bounded for pb::ListCardsRequest {
+    fn check(&self) -> Result<(), Status> {
+        page_token(&self.page_token)?;
+        if !self.operator_id.is_empty() {
+            identifier("operator_id", &self.operator_id)?;
+        }
+        Ok(())
+    }
+}
 
 // A stream's messages are checked one by one as they arrive.
 impl<T> Bounded for tonic::Streaming<T> {

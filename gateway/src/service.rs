@@ -317,6 +317,32 @@ impl pb::agent_service_server::AgentService for AgentApi {
 /// The Access API.
 pub struct AccessApi(pub Arc<Gateway>);
 
+/// One page of a listing: at most `p.size` items and
+/// [`limits::PAGE_BYTES_MAX`] bytes, with the token of the next page if
+/// anything follows (empty on the last). `keep` turns an item into its
+/// message, or skips it.
+fn page<T, P: prost::Message>(
+    items: impl Iterator<Item = crate::error::Result<(Vec<u8>, T)>>,
+    p: &limits::Page,
+    mut keep: impl FnMut(T) -> Option<P>,
+) -> Result<(Vec<P>, String), Status> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut last: Vec<u8> = Vec::new();
+    for item in items {
+        let (key, item) = item.map_err(Status::from)?;
+        let Some(m) = keep(item) else { continue };
+        let n = m.encoded_len();
+        if out.len() == p.size || (bytes + n > limits::PAGE_BYTES_MAX && !out.is_empty()) {
+            return Ok((out, limits::Page::token(&last)));
+        }
+        bytes += n;
+        out.push(m);
+        last = key;
+    }
+    Ok((out, String::new()))
+}
+
 #[tonic::async_trait]
 impl pb::access_service_server::AccessService for AccessApi {
     type WatchEventsStream = Stream2<pb::WatchEventsResponse>;
@@ -330,8 +356,10 @@ impl pb::access_service_server::AccessService for AccessApi {
 
     async fn list_terminal_states(&self, req: Request<pb::ListTerminalStatesRequest>) -> Result<Response<pb::ListTerminalStatesResponse>, Status> {
         authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.ListTerminalStates").await?;
-        let states = self.0.store.terminals().map_err(Status::from)?.iter().map(terminal_state).collect();
-        Ok(Response::new(pb::ListTerminalStatesResponse { states }))
+        let r = req.into_inner();
+        let p = limits::Page::parse(r.page_size, &r.page_token)?;
+        let (states, next_page_token) = page(self.0.store.terminals_after(&p.after), &p, |t| Some(terminal_state(&t)))?;
+        Ok(Response::new(pb::ListTerminalStatesResponse { states, next_page_token }))
     }
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
@@ -454,8 +482,20 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn list_operators(&self, req: Request<pb::ListOperatorsRequest>) -> Result<Response<pb::ListOperatorsResponse>, Status> {
         authorize(&self.0, &req, &[Role::Admin], "AdminService.ListOperators").await?;
-        let operators = self.0.store.operators().map_err(Status::from)?.iter().map(operator_pb).collect();
-        Ok(Response::new(pb::ListOperatorsResponse { operators }))
+        let r = req.into_inner();
+        let p = limits::Page::parse(r.page_size, &r.page_token)?;
+        let (operators, next_page_token) = page(self.0.store.operators_after(&p.after), &p, |o| Some(operator_pb(&o)))?;
+        Ok(Response::new(pb::ListOperatorsResponse { operators, next_page_token }))
+    }
+
+    async fn list_cards(&self, req: Request<pb::ListCardsRequest>) -> Result<Response<pb::ListCardsResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.ListCards").await?;
+        let r = req.into_inner();
+        let p = limits::Page::parse(r.page_size, &r.page_token)?;
+        let only = r.operator_id;
+        let (cards, next_page_token) =
+            page(self.0.store.cards_after(&p.after), &p, |c| (only.is_empty() || c.operator_id == only).then(|| card_pb(&self.0, &c)))?;
+        Ok(Response::new(pb::ListCardsResponse { cards, next_page_token }))
     }
 
     async fn get_operator(&self, req: Request<pb::GetOperatorRequest>) -> Result<Response<pb::GetOperatorResponse>, Status> {
@@ -490,16 +530,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
         authorize(&self.0, &req, &[Role::Admin], "AdminService.ListAgents").await?;
-        let live = self.0.presence.lock().map(|p| p.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
-        let agents = self
-            .0
-            .store
-            .agents()
-            .map_err(Status::from)?
-            .into_iter()
-            .map(|a| pb::AgentBinding { connected: live.contains(&a.name), agent_name: a.name, terminal_ids: a.terminals })
-            .collect();
-        Ok(Response::new(pb::ListAgentsResponse { agents }))
+        let r = req.into_inner();
+        let p = limits::Page::parse(r.page_size, &r.page_token)?;
+        let live: std::collections::HashSet<String> = self.0.presence.lock().map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        let (agents, next_page_token) = page(self.0.store.agents_after(&p.after), &p, |a| {
+            Some(pb::AgentBinding { connected: live.contains(&a.name), agent_name: a.name, terminal_ids: a.terminals })
+        })?;
+        Ok(Response::new(pb::ListAgentsResponse { agents, next_page_token }))
     }
 
     async fn set_terminal_policy(&self, req: Request<pb::SetTerminalPolicyRequest>) -> Result<Response<pb::SetTerminalPolicyResponse>, Status> {

@@ -243,6 +243,16 @@ fn last_key(tree: &sled::Tree) -> Result<u64> {
     })
 }
 
+/// A tree's entries after `after` (exclusive), in key order.
+fn listing<'a, T: for<'de> Deserialize<'de>>(tree: &'a sled::Tree, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, T)>> + 'a {
+    use std::ops::Bound;
+    let start = if after.is_empty() { Bound::Unbounded } else { Bound::Excluded(after.to_vec()) };
+    tree.range::<Vec<u8>, _>((start, Bound::Unbounded)).map(|r| {
+        let (k, v) = r?;
+        Ok((k.to_vec(), dec(&v)?))
+    })
+}
+
 fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
 }
@@ -551,6 +561,27 @@ impl Store {
     /// All operators.
     pub fn operators(&self) -> Result<Vec<Operator>> {
         self.operators.iter().map(|r| dec(&r?.1)).collect()
+    }
+
+    /// Operators after key `after` (exclusive; empty: from the first), in
+    /// key order, with their keys: for paging.
+    pub fn operators_after<'a>(&'a self, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Operator)>> + 'a {
+        listing(&self.operators, after)
+    }
+
+    /// Cards after key `after`, like [`Store::operators_after`].
+    pub fn cards_after<'a>(&'a self, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Card)>> + 'a {
+        listing(&self.cards, after)
+    }
+
+    /// Agents after key `after`, like [`Store::operators_after`].
+    pub fn agents_after<'a>(&'a self, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Agent)>> + 'a {
+        listing(&self.agents, after)
+    }
+
+    /// Terminals after key `after`, like [`Store::operators_after`].
+    pub fn terminals_after<'a>(&'a self, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Terminal)>> + 'a {
+        listing(&self.terminals, after)
     }
 
     /// A card by UUID.

@@ -69,7 +69,7 @@ async fn start(site: &ProcessSite, abuse: Abuse) -> Arc<AtomicBool> {
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        let _ = app.list_terminal_states(pb::ListTerminalStatesRequest {}).await;
+                        let _ = app.list_terminal_states(pb::ListTerminalStatesRequest::default()).await;
                     }
                 });
             }
@@ -103,14 +103,14 @@ async fn measure(site: &ProcessSite) -> (Vec<Duration>, Vec<Duration>, Vec<Durat
     let end = Instant::now() + PHASE;
     while Instant::now() < end {
         let t = Instant::now();
-        admin.list_operators(pb::ListOperatorsRequest {}).await.expect("admin call");
+        admin.list_operators(pb::ListOperatorsRequest::default()).await.expect("admin call");
         calls.push(t.elapsed());
         // A new connection each time: what an administrator running
         // pivgatectl does, and what idle connections would starve.
         let t = Instant::now();
         match connect(&addr, "localhost", &site.admin).await {
             Ok(c) => {
-                pb::admin_service_client::AdminServiceClient::new(c).list_operators(pb::ListOperatorsRequest {}).await.expect("admin call on a new connection");
+                pb::admin_service_client::AdminServiceClient::new(c).list_operators(pb::ListOperatorsRequest::default()).await.expect("admin call on a new connection");
                 fresh.push(t.elapsed());
             }
             // Counted and reported: a handshake evicted by the flood.

@@ -119,7 +119,7 @@ fn main() {
             });
             tokio::time::sleep(Duration::from_millis(800)).await;
             let mut console = site.application("bench-console").await.expect("app");
-            let after = console.list_terminal_states(pb::ListTerminalStatesRequest {}).await.expect("states").into_inner().states.iter().map(|s| s.sequence).max().unwrap_or(0);
+            let after = console.list_terminal_states(pb::ListTerminalStatesRequest::default()).await.expect("states").into_inner().states.iter().map(|s| s.sequence).max().unwrap_or(0);
             let mut events = console
                 .watch_events(pb::WatchEventsRequest { after_sequence: after, terminal_ids: vec![terminal.into()] })
                 .await

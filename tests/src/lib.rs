@@ -174,6 +174,7 @@ pub fn restart_pcscd(reader: &Reader) -> Result<()> {
 
 pub mod agent;
 pub mod pki;
+pub mod powercut;
 pub mod process;
 pub mod site;
 

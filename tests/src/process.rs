@@ -18,6 +18,8 @@ pub struct GatewayProcess {
     extra: Vec<String>,
     /// Open-file limit (soft and hard) to run it under, with prlimit.
     nofile: Option<u64>,
+    /// Where its standard error goes (appended), if anywhere.
+    pub log: Option<PathBuf>,
 }
 
 /// A free loopback port.
@@ -42,12 +44,34 @@ impl GatewayProcess {
             port: free_port()?,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nofile,
+            log: None,
         };
         g.spawn()?;
         Ok(g)
     }
 
+    /// Starts the gateway without waiting for it: for killing it in the
+    /// middle of its start.
+    /// Its standard error is appended to `log`, if given.
+    pub fn launch(data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Result<GatewayProcess> {
+        let mut g = GatewayProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            port: free_port()?,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            nofile: None,
+            log: log.map(Path::to_path_buf),
+        };
+        g.spawn_child()?;
+        Ok(g)
+    }
+
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_child()?;
+        self.wait_ready()
+    }
+
+    fn spawn_child(&mut self) -> Result<()> {
         let mut cmd = match self.nofile {
             Some(n) => {
                 let mut c = Command::new("prlimit");
@@ -62,13 +86,24 @@ impl GatewayProcess {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match &self.log {
+                Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+                None => Stdio::null(),
+            })
             .spawn()?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the gateway serves its port (it opens it only once its
+    /// first start, if any, is complete).
+    pub fn wait_ready(&mut self) -> Result<()> {
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                bail!("the gateway exited: {status}");
+                let said = self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(5).collect();
+                bail!("the gateway exited: {status}; it said: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
             }
             if start.elapsed() > Duration::from_secs(20) {
                 bail!("the gateway did not start");

@@ -21,7 +21,7 @@ const IDLE: usize = 1100;
 async fn admin_call(addr: &str, creds: &Credentials) -> Result<Duration> {
     let t = Instant::now();
     let mut admin = pb::admin_service_client::AdminServiceClient::new(connect(addr, "localhost", creds).await?);
-    let ops = tokio::time::timeout(Duration::from_secs(20), admin.list_operators(pb::ListOperatorsRequest {}))
+    let ops = tokio::time::timeout(Duration::from_secs(20), admin.list_operators(pb::ListOperatorsRequest::default()))
         .await
         .context("the administrator's call did not finish")??
         .into_inner()
@@ -57,7 +57,7 @@ async fn idle_connections_and_stream_floods_lock_out_no_administrator_and_no_age
                 if i % 2 == 0 {
                     app.watch_events(pb::WatchEventsRequest { after_sequence: 0, terminal_ids: vec![] }).await.map(|s| Some(s.into_inner()))
                 } else {
-                    app.list_terminal_states(pb::ListTerminalStatesRequest {}).await.map(|_| None)
+                    app.list_terminal_states(pb::ListTerminalStatesRequest::default()).await.map(|_| None)
                 }
             })
         })

@@ -17,7 +17,7 @@ use pivgate_tests::{binary, site::scratch};
 async fn administrator_works(gw: &GatewayProcess) -> Result<()> {
     let creds = Credentials::admin_in(&gw.data_dir)?;
     let mut admin = pb::admin_service_client::AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
-    admin.list_operators(pb::ListOperatorsRequest {}).await?;
+    admin.list_operators(pb::ListOperatorsRequest::default()).await?;
     Ok(())
 }
 

@@ -54,6 +54,9 @@ fn an_administrator_sets_up_a_site_with_pivgatectl() -> Result<()> {
     assert!(terminals.contains("dispatch-03\tlocked"), "{terminals}");
     let revoked = ctl(&data, port, &["card", "revoke", &profile.chuid.uuid_string(), "--reason", "lost"])?;
     assert!(revoked.contains("revoked"));
+    let cards = ctl(&data, port, &["card", "list", "--operator", "op-17"])?;
+    assert!(cards.contains(&format!("{}\top-17\t", profile.chuid.uuid_string())) && cards.trim_end().ends_with("revoked"), "{cards}");
+    assert!(ctl(&data, port, &["card", "list", "--operator", "nobody"])?.trim().is_empty());
 
     // The audit log: every action is there; exported, it verifies offline,
     // and a single edited byte is caught.

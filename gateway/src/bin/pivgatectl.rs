@@ -119,6 +119,13 @@ enum CardCmd {
         #[arg(long, value_enum, default_value = "9a")]
         slot: SlotArg,
     },
+    /// List enrolled cards (tab-separated: UUID, operator, certificate
+    /// SHA-256, state).
+    List {
+        /// Only this operator's cards.
+        #[arg(long)]
+        operator: Option<String>,
+    },
     /// Revoke a card at once (lost, stolen, left the company).
     Revoke {
         uuid: String,
@@ -286,8 +293,16 @@ async fn main() -> Result<()> {
             writeln!(out, "operator {id} added")?;
         }
         Command::Operator(OperatorCmd::List) => {
-            for o in admin.list_operators(pb::ListOperatorsRequest {}).await?.into_inner().operators {
-                writeln!(out, "{}\t{}\t{}\t{}", o.operator_id, o.name, o.roles.join(","), if o.enabled { "enabled" } else { "disabled" })?;
+            let mut page_token = String::new();
+            loop {
+                let r = admin.list_operators(pb::ListOperatorsRequest { page_size: 0, page_token }).await?.into_inner();
+                for o in r.operators {
+                    writeln!(out, "{}\t{}\t{}\t{}", o.operator_id, o.name, o.roles.join(","), if o.enabled { "enabled" } else { "disabled" })?;
+                }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
             }
         }
         Command::Operator(OperatorCmd::Show { id }) => {
@@ -312,6 +327,19 @@ async fn main() -> Result<()> {
             let c = admin.enrol_card(pb::EnrolCardRequest { operator_id: operator, certificate: der, slot: slot as i32 }).await?.into_inner().card.unwrap_or_default();
             writeln!(out, "card {} enrolled for {}", c.card_uuid, c.operator_id)?;
         }
+        Command::Card(CardCmd::List { operator }) => {
+            let mut page_token = String::new();
+            loop {
+                let r = admin.list_cards(pb::ListCardsRequest { page_size: 0, page_token, operator_id: operator.clone().unwrap_or_default() }).await?.into_inner();
+                for c in r.cards {
+                    writeln!(out, "{}\t{}\t{}\t{}", c.card_uuid, c.operator_id, c.certificate_sha256, if c.revoked { "revoked" } else { "active" })?;
+                }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+        }
         Command::Card(CardCmd::Revoke { uuid, reason }) => {
             let r = admin.revoke_card(pb::RevokeCardRequest { card_uuid: uuid.clone(), reason }).await?.into_inner();
             writeln!(out, "card {uuid} revoked; locked terminals: {}", r.locked_terminals.join(", "))?;
@@ -321,8 +349,16 @@ async fn main() -> Result<()> {
             writeln!(out, "agent {name} serves {}", terminal.join(", "))?;
         }
         Command::Agent(AgentCmd::List) => {
-            for a in admin.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents {
-                writeln!(out, "{}\t{}\t{}", a.agent_name, a.terminal_ids.join(","), if a.connected { "connected" } else { "-" })?;
+            let mut page_token = String::new();
+            loop {
+                let r = admin.list_agents(pb::ListAgentsRequest { page_size: 0, page_token }).await?.into_inner();
+                for a in r.agents {
+                    writeln!(out, "{}\t{}\t{}", a.agent_name, a.terminal_ids.join(","), if a.connected { "connected" } else { "-" })?;
+                }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
             }
         }
         Command::Terminal(TerminalCmd::Policy { id, mechanism, role, max_session_s }) => {
@@ -344,12 +380,20 @@ async fn main() -> Result<()> {
         }
         Command::Terminal(TerminalCmd::List) => {
             let mut access = AccessServiceClient::new(channel);
-            for s in access.list_terminal_states(pb::ListTerminalStatesRequest {}).await?.into_inner().states {
-                if s.unlocked {
-                    writeln!(out, "{}\tunlocked by {} ({})\tseq {}", s.terminal_id, s.operator_id, s.operator_name, s.sequence)?;
-                } else {
-                    writeln!(out, "{}\tlocked\tseq {}", s.terminal_id, s.sequence)?;
+            let mut page_token = String::new();
+            loop {
+                let r = access.list_terminal_states(pb::ListTerminalStatesRequest { page_size: 0, page_token }).await?.into_inner();
+                for s in r.states {
+                    if s.unlocked {
+                        writeln!(out, "{}\tunlocked by {} ({})\tseq {}", s.terminal_id, s.operator_id, s.operator_name, s.sequence)?;
+                    } else {
+                        writeln!(out, "{}\tlocked\tseq {}", s.terminal_id, s.sequence)?;
+                    }
                 }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
             }
         }
         Command::Audit(AuditCmd::Tail { after, limit }) => {
