@@ -243,6 +243,69 @@ fn last_key(tree: &sled::Tree) -> Result<u64> {
     })
 }
 
+/// Makes a new, empty database at `dir`: in `.NAME.new` beside it, every
+/// file and folder fsynced, then renamed into place and the parent
+/// fsynced. A staging folder left by an interrupted attempt is removed
+/// first (nothing in it was ever acknowledged).
+fn create_whole(dir: &Path) -> Result<()> {
+    let name = dir.file_name().ok_or_else(|| Error::Corrupt(format!("{}: not a folder name", dir.display())))?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".{}.new", name.to_string_lossy()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    {
+        let db = sled::Config::new().path(&staging).open()?;
+        db.open_tree("meta")?.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+        db.flush()?;
+    }
+    sync_folder(&staging)?;
+    std::fs::rename(&staging, dir)?;
+    File::open(parent)?.sync_all()?;
+    Ok(())
+}
+
+/// sled 0.34.7 writes a snapshot at every open as `snap.LSN.generating`,
+/// fsyncs it, renames it to `snap.LSN`, then removes the older ones. But
+/// it reads the newest file named `snap.*`, `.generating` included, and
+/// refuses to open ("Read corrupted data") if that one is partial, as a
+/// kill while it is written leaves it. A `.generating` file was never
+/// renamed, so the older snapshots are all still there: removing it is
+/// safe, and sled then recovers from the older snapshot and its log.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing a snapshot sled did not finish writing (the gateway stopped while it started)");
+            std::fs::remove_file(dir.join(&*name))?;
+            removed = true;
+        }
+    }
+    if removed {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// fsyncs every file and folder in `dir` (one level down: sled keeps
+/// `blobs/` there), then `dir` itself.
+fn sync_folder(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            for inner in std::fs::read_dir(&path)? {
+                File::open(inner?.path())?.sync_all()?;
+            }
+        }
+        File::open(&path)?.sync_all()?;
+    }
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// A tree's entries after `after` (exclusive), in key order.
 fn listing<'a, T: for<'de> Deserialize<'de>>(tree: &'a sled::Tree, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, T)>> + 'a {
     use std::ops::Bound;
@@ -259,8 +322,17 @@ fn abort(e: Error) -> ConflictableTransactionError<Error> {
 
 impl Store {
     /// Opens (or creates) the database in `dir`.
+    ///
+    /// A new database is made whole in a staging folder beside `dir` and
+    /// renamed into place, so a kill or power cut while sled creates its
+    /// files (its `conf` is written in two steps and never fsynced by
+    /// sled) never leaves a `dir` that cannot be opened. Every file sled
+    /// keeps is fsynced, with the folder, at each open.
     pub fn open(dir: &Path) -> Result<Arc<Store>> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            create_whole(dir)?;
+        }
+        remove_unfinished_snapshots(dir)?;
         let db = sled::Config::new().path(dir).open()?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
@@ -282,10 +354,10 @@ impl Store {
         };
         let ledger = Ledger { next_audit: last_key(&audit)? + 1, next_sequence: last_key(&events)? + 1, last_hash };
         db.flush()?;
-        // sled keeps its log and heap in the file `db` in its folder.
+        // sled keeps its log and heap in the file `db` in its folder; its
+        // `conf` and the snapshot it wrote while opening are synced too.
+        sync_folder(dir)?;
         let data_file = File::open(dir.join("db"))?;
-        data_file.sync_all()?;
-        File::open(dir)?.sync_all()?;
         let marks = Arc::new(Watermarks::default());
         let last_seq = ledger.next_sequence - 1;
         marks.written.store(last_seq, Ordering::SeqCst);

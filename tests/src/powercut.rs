@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -146,13 +146,66 @@ impl Model {
     }
 }
 
+/// Stops the processes using the filesystem at an exact operation: the
+/// N-th change (create, write, truncate, rename, removal, sync) is held
+/// until [`PowerCut::release`] and then fails, as does every change after
+/// it until [`PowerCut::thaw`].
+///
+/// A process whose request the filesystem has taken cannot die before it
+/// is answered (the kernel waits it out), so a test sends SIGKILL, then
+/// releases: the process dies on the answer, without running another
+/// instruction of its own.
+#[derive(Default)]
+struct Gate {
+    /// Changes since the gate was last armed.
+    ops: u64,
+    stop_at: Option<u64>,
+    /// The stop was reached: changes fail until thawed.
+    frozen: bool,
+    /// The change that reached it is waiting for its answer.
+    held: bool,
+}
+
 #[derive(Clone)]
-struct Fs(Arc<Mutex<Model>>);
+struct Fs(Arc<Mutex<Model>>, Arc<(Mutex<Gate>, Condvar)>);
 
 impl Fs {
     fn model(&self) -> MutexGuard<'_, Model> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Called before every change: whether it may happen.
+    fn step(&self, what: impl FnOnce() -> String) -> Result<(), Errno> {
+        let (lock, cv) = &*self.1;
+        let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if g.frozen {
+            return Err(Errno::EIO);
+        }
+        g.ops += 1;
+        if std::env::var_os("PIVGATE_POWERCUT_TRACE").is_some() {
+            eprintln!("powercut: change {}: {}", g.ops, what());
+        }
+        if g.stop_at == Some(g.ops) {
+            g.frozen = true;
+            g.held = true;
+            cv.notify_all();
+            // Until the test has sent its SIGKILL and releases it; the
+            // change never lands.
+            while g.held {
+                g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! step {
+    ($fs:expr, $reply:expr, $what:expr) => {
+        if let Err(e) = $fs.step($what) {
+            return $reply.error(e);
+        }
+    };
 }
 
 const TTL: Duration = Duration::ZERO;
@@ -192,6 +245,9 @@ impl fuser::Filesystem for Fs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if mode.is_some() || size.is_some() {
+            step!(self, reply, || format!("setattr {} size {:?}", ino.0, size));
+        }
         let mut m = self.model();
         let Some(n) = m.live.get_mut(&ino.0) else { return reply.error(Errno::ENOENT) };
         if let Some(mode) = mode {
@@ -211,6 +267,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn mknod(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+        step!(self, reply, || format!("mknod {name:?}"));
         if mode & libc_s_ifmt() != libc_s_ifreg() {
             return reply.error(Errno::EPERM);
         }
@@ -221,6 +278,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        step!(self, reply, || format!("mkdir {name:?}"));
         match self.model().make(parent.0, name, true, mode) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -228,6 +286,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+        step!(self, reply, || format!("create {name:?}"));
         match self.model().make(parent.0, name, false, mode) {
             Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
@@ -235,6 +294,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        step!(self, reply, || format!("unlink {name:?}"));
         let mut m = self.model();
         let r = (|| {
             let ino = *m.live.get(&parent.0).and_then(|p| p.entries.get(name)).ok_or(Errno::ENOENT)?;
@@ -251,6 +311,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        step!(self, reply, || format!("rmdir {name:?}"));
         let mut m = self.model();
         let r = (|| {
             let ino = *m.live.get(&parent.0).and_then(|p| p.entries.get(name)).ok_or(Errno::ENOENT)?;
@@ -269,6 +330,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        step!(self, reply, || format!("rename {name:?} -> {newname:?}"));
         if !flags.is_empty() {
             return reply.error(Errno::EINVAL);
         }
@@ -330,6 +392,7 @@ impl fuser::Filesystem for Fs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        step!(self, reply, || format!("write {} at {offset} len {}", ino.0, data.len()));
         let mut m = self.model();
         match m.file_mut(ino.0) {
             Ok(n) => {
@@ -350,6 +413,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        step!(self, reply, || format!("fsync {}", ino.0));
         match self.model().sync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -373,6 +437,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        step!(self, reply, || format!("fsyncdir {}", ino.0));
         match self.model().sync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -392,6 +457,7 @@ impl fuser::Filesystem for Fs {
     }
 
     fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        step!(self, reply, || format!("fallocate {}", ino.0));
         if mode != 0 {
             return reply.error(Errno::EOPNOTSUPP);
         }
@@ -429,7 +495,8 @@ impl PowerCut {
     /// root and `/dev/fuse`.
     pub fn mount(mountpoint: &Path) -> Result<PowerCut> {
         std::fs::create_dir_all(mountpoint)?;
-        let mut p = PowerCut { fs: Fs(Arc::new(Mutex::new(Model::new()))), mountpoint: mountpoint.to_path_buf(), session: None };
+        let fs = Fs(Arc::new(Mutex::new(Model::new())), Arc::default());
+        let mut p = PowerCut { fs, mountpoint: mountpoint.to_path_buf(), session: None };
         p.attach()?;
         Ok(p)
     }
@@ -451,11 +518,47 @@ impl PowerCut {
     /// The power goes and comes back: everything not durable is dropped.
     /// Kill every process using the filesystem first.
     pub fn cut(&mut self) -> Result<()> {
+        self.thaw();
         if let Some(s) = self.session.take() {
             s.umount_and_join().context("unmounting the power-cut model")?;
         }
         self.fs.model().cut();
         self.attach()
+    }
+
+    /// Counts changes from now on and stops the processes making them at
+    /// the `n`-th (1: the first); `None` only counts.
+    pub fn stop_at(&self, n: Option<u64>) {
+        let (lock, cv) = &*self.fs.1;
+        let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Gate { ops: 0, stop_at: n, frozen: false, held: false };
+        cv.notify_all();
+    }
+
+    /// Changes made since [`PowerCut::stop_at`].
+    pub fn changes(&self) -> u64 {
+        self.fs.1 .0.lock().unwrap_or_else(|e| e.into_inner()).ops
+    }
+
+    /// Waits until the stop is reached, at most `timeout`; whether it was.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.fs.1;
+        let g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = cv.wait_timeout_while(g, timeout, |g| !g.frozen).unwrap_or_else(|e| e.into_inner());
+        g.frozen
+    }
+
+    /// Answers the held change with an error (send SIGKILL first); every
+    /// change after it fails too, until [`PowerCut::thaw`].
+    pub fn release(&self) {
+        let (lock, cv) = &*self.fs.1;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).held = false;
+        cv.notify_all();
+    }
+
+    /// Lets changes happen again (after the stopped processes are dead).
+    pub fn thaw(&self) {
+        self.stop_at(None);
     }
 
     /// What the model counted so far.
@@ -466,6 +569,7 @@ impl PowerCut {
 
 impl Drop for PowerCut {
     fn drop(&mut self) {
+        self.thaw();
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
         }

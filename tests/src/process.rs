@@ -118,12 +118,28 @@ impl GatewayProcess {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Sends SIGKILL without waiting for the process to end (it may be
+    /// held in a filesystem request: see `powercut`); [`GatewayProcess::kill`]
+    /// then reaps it.
+    pub fn send_kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+        }
+    }
+
     /// SIGKILL, no warning.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts it again on the same folder and port without waiting for it
+    /// (to kill it while it starts).
+    pub fn relaunch(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn_child()
     }
 
     /// Starts it again on the same folder and port.

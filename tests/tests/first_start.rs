@@ -5,13 +5,14 @@
 //! the gateway cannot start on. And an installation that later loses a
 //! part is refused with what to do, not started afresh.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
-use pivgate_tests::process::{free_port, GatewayProcess};
+use pivgate_tests::powercut::PowerCut;
+use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::{binary, site::scratch};
 
 async fn administrator_works(gw: &GatewayProcess) -> Result<()> {
@@ -21,27 +22,64 @@ async fn administrator_works(gw: &GatewayProcess) -> Result<()> {
     Ok(())
 }
 
+/// The gateway is stopped at every change its first start makes to the
+/// disk, in turn (the filesystem model holds that change back until the
+/// process is dead), and then either killed (SIGKILL: what it wrote stays)
+/// or the power cut (only what it synced stays). Each time, the next start
+/// makes a whole installation or finds one, and its first administrator
+/// works.
 #[tokio::test]
-async fn a_kill_during_the_first_start_never_leaves_a_half_made_installation() -> Result<()> {
-    for i in 0..24u64 {
-        let data = scratch("first-start").join("data");
-        let mut child = Command::new(binary("pivgate-gateway")?)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", &format!("127.0.0.1:{}", free_port()?)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        // From before anything is written to after the first start is done.
-        tokio::time::sleep(Duration::from_millis(i * 12)).await;
-        child.kill()?;
-        child.wait()?;
-        let gw = match GatewayProcess::start(&data, &[]) {
-            Ok(gw) => gw,
-            Err(e) => bail!("killed after {} ms, the gateway does not start again: {e:#}", i * 12),
+async fn a_kill_or_power_cut_at_any_step_of_the_first_start_never_leaves_a_half_made_installation() -> Result<()> {
+    anyhow::ensure!(std::path::Path::new("/dev/fuse").exists(), "this test needs /dev/fuse (and root) for its filesystem model");
+    let dir = scratch("first-start");
+    let mut disk = PowerCut::mount(&dir.join("disk"))?;
+    let log = dir.join("gateway.log");
+    // How many changes a whole first start makes.
+    disk.stop_at(None);
+    let mut gw = GatewayProcess::launch(&disk.path().join("whole"), &[], Some(&log))?;
+    gw.wait_ready()?;
+    let whole = disk.changes();
+    drop(gw);
+    // Every step while the PKI and the database's files are made, then
+    // every third (sled's own writes, fsyncs and the marker).
+    let points: Vec<u64> = (1..=whole).filter(|n| *n <= 60 || n % 3 == 0).collect();
+    let mut tested_to = 0;
+    for (i, n) in points.iter().copied().enumerate() {
+        let data = disk.path().join(format!("data-{n}"));
+        disk.stop_at(Some(n));
+        let mut gw = GatewayProcess::launch(&data, &[], Some(&log))?;
+        // A start makes about as many changes each time, not always
+        // exactly: one that completes before its n-th is past the end.
+        let t = std::time::Instant::now();
+        let stopped = loop {
+            if disk.wait_stopped(Duration::from_millis(50)) {
+                break true;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_ok() {
+                break false;
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                bail!("the first start neither reached its change {n} of about {whole} nor completed");
+            }
         };
-        administrator_works(&gw).await.map_err(|e| anyhow::anyhow!("killed after {} ms: the first administrator does not work: {e:#}", i * 12))?;
+        if !stopped {
+            tested_to = tested_to.max(n);
+            continue;
+        }
+        gw.send_kill();
+        disk.release();
+        gw.kill();
+        let how = if i % 2 == 0 { "killed" } else { "power cut" };
+        if i % 2 == 0 {
+            disk.thaw();
+        } else {
+            disk.cut()?;
+        }
+        gw.restart().map_err(|e| anyhow::anyhow!("{how} at change {n} of {whole}: the gateway does not start again: {e:#}"))?;
+        administrator_works(&gw).await.map_err(|e| anyhow::anyhow!("{how} at change {n} of {whole}: the first administrator does not work: {e:#}"))?;
     }
+    anyhow::ensure!(tested_to == 0 || tested_to + 5 >= whole, "first starts completed after {tested_to} changes of {whole}");
+    println!("{} stops over the {whole} changes of a first start, every one recovered", points.len());
     Ok(())
 }
 

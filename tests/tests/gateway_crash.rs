@@ -1,6 +1,7 @@
 //! Crash safety: the gateway process is killed with SIGKILL at random
-//! moments while proofs stream in from several agents, and restarted, many
-//! times in a row. Every time the database opens, and at the end the audit
+//! moments while proofs stream in from several agents, and restarted, a
+//! hundred times in a row (every fourth time killed again while it
+//! starts). Every time the database opens, and at the end the audit
 //! chain verifies and every success that any agent saw acknowledged has its
 //! audit record and its event.
 
@@ -19,7 +20,7 @@ use pb::admin_service_client::AdminServiceClient;
 use pb::agent_service_client::AgentServiceClient;
 
 const AGENTS: usize = 4;
-const CYCLES: usize = 15;
+const CYCLES: usize = 100;
 
 /// A small deterministic generator, seeded from the clock and printed, so a
 /// failing run can be replayed.
@@ -109,10 +110,16 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_millis(150 + rng.next() % 600)).await;
+        tokio::time::sleep(Duration::from_millis(50 + rng.next() % 400)).await;
         gw.kill();
         for t in tasks {
             attempts += t.await?;
+        }
+        if cycle % 4 == 3 {
+            // A kill while it starts again, too.
+            gw.relaunch()?;
+            tokio::time::sleep(Duration::from_millis(rng.next() % 250)).await;
+            gw.kill();
         }
         gw.restart().with_context(|| format!("restart after kill {cycle}"))?;
     }

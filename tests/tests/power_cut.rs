@@ -1,7 +1,8 @@
 //! Power cuts: the gateway binary runs on a filesystem that keeps, across
 //! a cut, only what was fsynced, names included ([`PowerCut`]). Several
 //! administrators add operators while the power goes at random moments:
-//! during first start, during writes and between them. After every cut
+//! during first start, during writes, between them and while the gateway
+//! starts again. After every cut
 //! the gateway starts again on what the disk kept, and
 //! - it is the same installation: the same service CA, the same first
 //!   administrator;
@@ -126,6 +127,14 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await.context("a writer hung after the gateway died")?;
         }
         disk.cut()?;
+        if rng.next() % 3 == 0 {
+            // And again while the gateway starts (sled writes a snapshot
+            // at every start).
+            gw.relaunch()?;
+            std::thread::sleep(Duration::from_millis(rng.next() % 300));
+            gw.kill();
+            disk.cut()?;
+        }
         gw.restart().with_context(|| format!("start after cut {round} (seed {seed})"))?;
 
         ensure!(std::fs::read(data.join("service-ca.pem"))? == ca, "cut {round}: the service CA changed");
@@ -145,5 +154,68 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
     let acked = acked.lock().unwrap().len();
     println!("{acked} acknowledged operators over {} cuts, none lost; {} file and {} folder syncs", counts.cuts, counts.file_syncs, counts.dir_syncs);
     ensure!(acked > cuts, "too few acknowledged writes to mean anything: {acked}");
+    Ok(())
+}
+
+/// Every step of a restart of an installed gateway, in turn: the process
+/// is stopped at that change to the disk, then killed or the power cut.
+/// sled writes a snapshot at every start; none of these stops may cost an
+/// acknowledged change or the ability to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_or_power_cut_at_any_step_of_a_restart_loses_nothing() -> Result<()> {
+    ensure!(std::path::Path::new("/dev/fuse").exists(), "this test needs /dev/fuse (and root) for its power-cut filesystem");
+    let dir = scratch("restart-steps");
+    let mut disk = PowerCut::mount(&dir.join("disk"))?;
+    let data = disk.path().join("pivgate");
+    let log = dir.join("gateway.log");
+    let mut gw = GatewayProcess::launch(&data, &[], Some(&log))?;
+    gw.wait_ready()?;
+    let creds = Credentials::admin_in(&data)?;
+    let mut want = BTreeSet::new();
+    let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
+    for i in 0..40 {
+        let id = format!("op-{i}");
+        admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name: id.clone(), roles: vec![], enabled: true }) }).await?;
+        want.insert(id);
+    }
+    drop(admin);
+    gw.kill();
+    disk.stop_at(None);
+    gw.restart()?;
+    let whole = disk.changes();
+    gw.kill();
+    let mut stops = 0;
+    for n in 1..=whole + 2 {
+        disk.stop_at(Some(n));
+        gw.relaunch()?;
+        let t = std::time::Instant::now();
+        let stopped = loop {
+            if disk.wait_stopped(Duration::from_millis(50)) {
+                break true;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_ok() {
+                break false;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(20), "the restart neither reached its change {n} nor completed");
+        };
+        gw.send_kill();
+        disk.release();
+        gw.kill();
+        if !stopped {
+            disk.thaw();
+            continue;
+        }
+        stops += 1;
+        let how = if n % 2 == 0 { disk.thaw(); "killed" } else { disk.cut()?; "power cut" };
+        gw.restart().with_context(|| format!("{how} at change {n} of a restart's {whole}: it does not start again"))?;
+        let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
+        let have = operators(&mut admin).await?;
+        ensure!(have == want, "{how} at change {n}: operators {} of {}", have.len(), want.len());
+        let v = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
+        ensure!(v.intact && v.findings.is_empty(), "{how} at change {n}: audit {:?}", v.findings);
+        gw.kill();
+    }
+    ensure!(stops + 3 >= whole, "only {stops} of a restart's {whole} changes were stopped at");
+    println!("{stops} stops over the {whole} changes of a restart, nothing lost");
     Ok(())
 }
