@@ -76,6 +76,14 @@ impl Checkpoint {
     }
 }
 
+/// Checks an ECDSA P-256 SHA-256 signature (DER, hex) by the key
+/// `spki_hex` over `message`.
+pub fn verify_bytes(spki_hex: &str, message: &[u8], signature_hex: &str) -> std::result::Result<(), &'static str> {
+    let key = hex::decode(spki_hex).map_err(|_| "the key is not hex")?;
+    let sig = hex::decode(signature_hex).map_err(|_| "the signature is not hex")?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key).verify(message, &sig).map_err(|_| "the signature does not verify")
+}
+
 /// The gateway's checkpoint signing key.
 pub struct CheckpointKey {
     pair: EcdsaKeyPair,
@@ -103,6 +111,22 @@ impl CheckpointKey {
         };
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der()).map_err(|_| bad(&"not a P-256 PKCS#8 key"))?;
         Ok(CheckpointKey { pair, spki_hex: hex::encode(rcgen::PublicKeyData::subject_public_key_info(&key)) })
+    }
+
+    /// Loads the key from a folder holding a copy of a data folder's key
+    /// files; never generates one.
+    pub fn load(dir: &Path) -> Result<CheckpointKey> {
+        if !Self::path(dir).exists() {
+            return Err(Error::Pki(format!("{} is missing", Self::path(dir).display())));
+        }
+        Self::load_or_create(dir)
+    }
+
+    /// Signs `message` (which must start with its own domain prefix);
+    /// the DER signature, hex.
+    pub fn sign_bytes(&self, message: &[u8]) -> Result<String> {
+        let sig = self.pair.sign(&aws_lc_rs::rand::SystemRandom::new(), message).map_err(|_| Error::Pki("could not sign".into()))?;
+        Ok(hex::encode(sig.as_ref()))
     }
 
     /// The public key (hex SPKI).

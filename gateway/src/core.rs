@@ -198,7 +198,7 @@ pub struct BeginRequest {
 }
 
 impl Gateway {
-    fn now_ms(&self) -> i64 {
+    pub fn now_ms(&self) -> i64 {
         self.clock.system().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     }
 
@@ -206,6 +206,17 @@ impl Gateway {
         if let Ok(mut m) = self.counters.outcomes.lock() {
             *m.entry(outcome).or_insert(0) += 1;
         }
+    }
+
+    /// A backup for `caller`: the action is audited (and so in the backup),
+    /// then the cut is taken and made durable, so the backup holds nothing
+    /// the gateway could still lose.
+    pub async fn backup_cut(&self, caller: &Caller) -> Result<crate::store::BackupCut> {
+        let entry = AuditEntry { kind: "admin.backup", actor: caller.to_string(), terminal_id: String::new(), detail: json!({}) };
+        self.commit(entry, vec![]).await?;
+        let cut = self.store.backup_cut()?;
+        self.store.durable().await?;
+        Ok(cut)
     }
 
     /// Appends an audit record with changes and waits until durable, then

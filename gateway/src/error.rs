@@ -50,6 +50,10 @@ pub enum Error {
     /// TLS setup failed.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A backup file is not whole, was altered, or cannot be restored
+    /// here.
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 /// Shorthand.

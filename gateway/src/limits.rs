@@ -116,7 +116,7 @@ macro_rules! unbounded {
     ($($t:ty),*) => { $(impl Bounded for $t { fn check(&self) -> Result<(), Status> { Ok(()) } })* };
 }
 // Requests with no field a caller could make large.
-unbounded!(pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::GetAuditHeadRequest);
+unbounded!(pb::BackupRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::GetAuditHeadRequest);
 
 /// A list call's page size when the caller names none.
 pub const PAGE_DEFAULT: usize = 500;

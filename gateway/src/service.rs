@@ -317,6 +317,55 @@ impl pb::agent_service_server::AgentService for AgentApi {
 /// The Access API.
 pub struct AccessApi(pub Arc<Gateway>);
 
+/// Writes a backup of `cut` as 64 KiB chunks to `tx` (see
+/// [`crate::backup`]); stops when the caller goes away.
+fn write_backup(gw: &Gateway, cut: crate::store::BackupCut, tx: &mpsc::Sender<Result<pb::BackupChunk, Status>>) -> crate::error::Result<()> {
+    const CHUNK: usize = 64 * 1024;
+    let gone = || crate::error::Error::Backup("the caller went away".into());
+    let header = crate::backup::Header {
+        format: crate::backup::FORMAT.into(),
+        version: crate::backup::VERSION,
+        created_unix_ms: gw.now_ms(),
+        audit_index: cut.audit_index,
+        audit_hash: cut.audit_hash.clone(),
+        event_sequence: cut.event_sequence,
+        signing_key: gw.checkpoint_key.public_key().to_string(),
+    };
+    let mut w = crate::backup::Writer::new(Vec::with_capacity(2 * CHUNK), &header)?;
+    let send = |w: &mut crate::backup::Writer<Vec<u8>>| -> crate::error::Result<()> {
+        let buf = w.output();
+        while buf.len() >= CHUNK {
+            let rest = buf.split_off(buf.len().min(CHUNK));
+            let data = std::mem::replace(buf, rest);
+            tx.blocking_send(Ok(pb::BackupChunk { data })).map_err(|_| gone())?;
+        }
+        Ok(())
+    };
+    for (tree, k, v) in &cut.state {
+        w.entry(tree, k, v)?;
+        send(&mut w)?;
+    }
+    for (tree, upto) in [("audit", cut.audit_index), ("events", cut.event_sequence)] {
+        let mut after = 0;
+        loop {
+            let batch = gw.store.raw_after(tree, after, upto, 512)?;
+            let Some((k, _)) = batch.last() else { break };
+            after = u64::from_be_bytes(k.as_slice().try_into().map_err(|_| crate::error::Error::Corrupt("bad key".into()))?);
+            for (k, v) in &batch {
+                w.entry(tree, k, v)?;
+                send(&mut w)?;
+            }
+        }
+    }
+    let (mut rest, _) = w.finish(&gw.checkpoint_key)?;
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().min(CHUNK));
+        let data = std::mem::replace(&mut rest, tail);
+        tx.blocking_send(Ok(pb::BackupChunk { data })).map_err(|_| gone())?;
+    }
+    Ok(())
+}
+
 /// One page of a listing: at most `p.size` items and
 /// [`limits::PAGE_BYTES_MAX`] bytes, with the token of the next page if
 /// anything follows (empty on the last). `keep` turns an item into its
@@ -471,6 +520,20 @@ fn audit_pb(r: &AuditRecord) -> pb::AuditRecord {
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
     type ExportAuditStream = Stream2<pb::ExportAuditResponse>;
+    type BackupStream = Stream2<pb::BackupChunk>;
+
+    async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.Backup").await?;
+        let cut = self.0.backup_cut(&caller).await?;
+        let gw = self.0.clone();
+        let (tx, rx) = mpsc::channel::<Result<pb::BackupChunk, Status>>(16);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = write_backup(&gw, cut, &tx) {
+                let _ = tx.blocking_send(Err(Status::from(e)));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn add_operator(&self, req: Request<pb::AddOperatorRequest>) -> Result<Response<pb::AddOperatorResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.AddOperator").await?;

@@ -306,6 +306,23 @@ fn sync_folder(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The trees that hold state (everything but the append-only audit log
+/// and events), in [`Store::state_trees`] order.
+const STATE_TREES: [&str; 9] = ["meta", "operators", "cards", "fascn_index", "deny", "agents", "crl_state", "checkpoints", "terminals"];
+
+/// A backup's cut: see [`Store::backup_cut`].
+#[derive(Debug, Clone)]
+pub struct BackupCut {
+    /// The newest audit record at the cut.
+    pub audit_index: u64,
+    /// Its hash.
+    pub audit_hash: String,
+    /// The newest event at the cut.
+    pub event_sequence: u64,
+    /// Every state tree's entries: tree, key, value.
+    pub state: Vec<(&'static str, Vec<u8>, Vec<u8>)>,
+}
+
 /// A tree's entries after `after` (exclusive), in key order.
 fn listing<'a, T: for<'de> Deserialize<'de>>(tree: &'a sled::Tree, after: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, T)>> + 'a {
     use std::ops::Bound;
@@ -565,6 +582,91 @@ impl Store {
         let start = after.saturating_add(1).to_be_bytes();
         let end = durable.to_be_bytes();
         self.events.range(start..=end).take(limit).map(|r| dec(&r?.1)).collect()
+    }
+
+    /// A consistent cut for a backup: every state tree copied while no
+    /// record can be written, with the audit head and event sequence of
+    /// that moment. The audit log and events up to there are read after
+    /// with [`Store::raw_after`]: they are append-only.
+    pub fn backup_cut(&self) -> Result<BackupCut> {
+        let ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
+        let mut state = Vec::new();
+        for (name, tree) in self.state_trees() {
+            for r in tree.iter() {
+                let (k, v) = r?;
+                state.push((name, k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(BackupCut { audit_index: ledger.next_audit - 1, audit_hash: ledger.last_hash.clone(), event_sequence: ledger.next_sequence - 1, state })
+    }
+
+    fn state_trees(&self) -> [(&'static str, &sled::Tree); 9] {
+        let t = [&self.meta, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents, &self.crl_state, &self.checkpoints, &self.terminals];
+        std::array::from_fn(|i| (STATE_TREES[i], t[i]))
+    }
+
+    /// Raw entries of the audit log (`audit`) or events (`events`) with
+    /// index greater than `after` and at most `upto`, at most `limit`.
+    pub fn raw_after(&self, tree: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let t = match tree {
+            "audit" => &self.audit,
+            "events" => &self.events,
+            other => return Err(Error::Corrupt(format!("no append-only tree {other}"))),
+        };
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        t.range(after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes()).take(limit).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Error::from)).collect()
+    }
+
+    /// Builds a database at `staging` (which must not exist) from a
+    /// backup's entries: `read` is given a sink for them. Only the trees a
+    /// gateway keeps are accepted; the audit log and events must come in
+    /// order. Every file is fsynced before this returns.
+    pub fn restore_staged<S>(staging: &Path, read: impl FnOnce(&mut dyn FnMut(&crate::backup::Header, &str, Vec<u8>, Vec<u8>) -> Result<()>) -> Result<S>) -> Result<S> {
+        if staging.exists() {
+            std::fs::remove_dir_all(staging)?;
+        }
+        let summary = {
+            let db = sled::Config::new().path(staging).open()?;
+            let mut trees: std::collections::HashMap<String, sled::Tree> = Default::default();
+            let mut last: std::collections::HashMap<&'static str, u64> = Default::default();
+            let mut sink = |h: &crate::backup::Header, tree: &str, key: Vec<u8>, value: Vec<u8>| -> Result<()> {
+                let bad = |why: String| Error::Backup(why);
+                if value.len() > MAX_VALUE {
+                    return Err(bad(format!("a value in {tree} is longer than the gateway writes")));
+                }
+                let name: &'static str = if let Some(n) = STATE_TREES.iter().find(|n| **n == tree) {
+                    n
+                } else if tree == "audit" || tree == "events" {
+                    let n = u64::from_be_bytes(key.as_slice().try_into().map_err(|_| bad(format!("a {tree} key is not an index")))?);
+                    let (name, upto) = if tree == "audit" { ("audit", h.audit_index) } else { ("events", h.event_sequence) };
+                    let prev = last.entry(name).or_insert(0);
+                    if n != *prev + 1 || n > upto {
+                        return Err(bad(format!("{tree} entry {n} out of order (after {prev}, up to {upto})")));
+                    }
+                    *prev = n;
+                    name
+                } else {
+                    return Err(bad(format!("unknown tree {tree:?}")));
+                };
+                let t = match trees.get(name) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = db.open_tree(name)?;
+                        trees.insert(name.to_string(), t.clone());
+                        t
+                    }
+                };
+                t.insert(key, value)?;
+                Ok(())
+            };
+            let summary = read(&mut sink)?;
+            db.flush()?;
+            summary
+        };
+        sync_folder(staging)?;
+        Ok(summary)
     }
 
     /// The last event sequence number (0 if none).
