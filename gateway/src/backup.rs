@@ -212,9 +212,12 @@ pub fn read(input: &mut impl BufRead, signing_key: &str, mut entry: impl FnMut(&
 
 /// Restores a backup into `data_dir` (which must not exist, or be empty),
 /// with the key files from `keys` (a copy of a data folder's, see
-/// [`KEY_FILES`]). The database is built and verified in a staging folder;
-/// only a backup that is whole, signed with the audit-signing key in
-/// `keys` and whose audit chain verifies is moved into place.
+/// [`KEY_FILES`]). The whole data folder is built in a staging folder
+/// beside `data_dir`: the database from the backup, verified (its chain,
+/// checkpoints and events, and that it ends where the header says), the
+/// key files and the `initialized` marker, all fsynced; only then is it
+/// renamed to `data_dir`. A kill or power cut at any moment leaves either
+/// no restored folder or a whole one; a refused backup leaves nothing.
 pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
     if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
         return Err(bad(format!("{} is not empty: restore into a new folder", data_dir.display())));
@@ -226,23 +229,33 @@ pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
     }
     let key = crate::audit::CheckpointKey::load(keys)?;
     let mut input = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| bad(format!("{}: {e}", file.display())))?);
-    std::fs::create_dir_all(data_dir)?;
-    let staging = data_dir.join(".restore.new");
+    let name = data_dir.file_name().ok_or_else(|| bad(format!("{}: not a folder name", data_dir.display())))?;
+    let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".{}.restoring", name.to_string_lossy()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    crate::pki::create_dir_durably(&staging)?;
     let result = (|| {
-        let summary = crate::store::Store::restore_staged(&staging, |sink| read(&mut input, key.public_key(), |h, tree, k, v| sink(h, tree, k, v)))?;
-        // The rebuilt database, opened as the gateway will: its chain, its
-        // checkpoints and its events must all verify, and it must end
-        // where the header says.
-        let store = crate::store::Store::open(&staging)?;
-        let (records, findings) = store.verify_audit(Some(key.public_key()))?;
-        if !findings.is_empty() {
-            return Err(bad(format!("the restored audit log does not verify: {}", findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))));
+        let db = staging.join("db");
+        let summary = crate::store::Store::restore_staged(&db, |sink| read(&mut input, key.public_key(), |h, tree, k, v| sink(h, tree, k, v)))?;
+        {
+            // The rebuilt database, opened as the gateway will.
+            let store = crate::store::Store::open(&db)?;
+            let (records, findings) = store.verify_audit(Some(key.public_key()))?;
+            if !findings.is_empty() {
+                return Err(bad(format!("the restored audit log does not verify: {}", findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))));
+            }
+            let (index, hash) = store.audit_head()?;
+            if index != summary.header.audit_index || records != index || hash != summary.header.audit_hash || store.last_sequence()? != summary.header.event_sequence {
+                return Err(bad("the restored database does not end where the backup's header says"));
+            }
+            store.sync()?;
         }
-        let (index, hash) = store.audit_head()?;
-        if index != summary.header.audit_index || records != index || hash != summary.header.audit_hash || store.last_sequence()? != summary.header.event_sequence {
-            return Err(bad("the restored database does not end where the backup's header says"));
+        for f in KEY_FILES {
+            crate::store::write_file_durably(&staging.join(f), &std::fs::read(keys.join(f))?)?;
         }
-        store.sync()?;
+        crate::pki::mark_initialized(&staging)?;
         Ok(summary)
     })();
     let summary = match result {
@@ -252,14 +265,10 @@ pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
             return Err(e);
         }
     };
-    for f in KEY_FILES {
-        crate::store::write_file_durably(&data_dir.join(f), &std::fs::read(keys.join(f))?)?;
+    if data_dir.exists() {
+        std::fs::remove_dir(data_dir)?;
     }
-    std::fs::rename(&staging, data_dir.join("db"))?;
-    std::fs::File::open(data_dir)?.sync_all()?;
-    crate::pki::mark_initialized(data_dir)?;
-    if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
+    std::fs::rename(&staging, data_dir)?;
+    std::fs::File::open(parent)?.sync_all()?;
     Ok(summary)
 }

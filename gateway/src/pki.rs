@@ -322,14 +322,18 @@ pub fn mark_initialized(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` (and its parents) so that its name survives a power cut.
-fn create_dir_durably(dir: &Path) -> Result<()> {
+/// Creates `dir` and any missing parents so that every new name survives
+/// a power cut: each new folder's parent is fsynced after it is made.
+pub(crate) fn create_dir_durably(dir: &Path) -> Result<()> {
     if dir.exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir)?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durably(parent)?;
+        std::fs::create_dir(dir)?;
         std::fs::File::open(parent)?.sync_all()?;
+    } else {
+        std::fs::create_dir(dir)?;
     }
     Ok(())
 }
