@@ -8,8 +8,9 @@
 //! 2. every entry of every tree ([`Entry`]: tree, key and value in hex):
 //!    first the state (operators, cards, agents, terminals, deny list, CRL
 //!    watermarks, checkpoints, meta), copied while no record could be
-//!    written, then the audit log up to the head and the events up to the
-//!    sequence (append-only, so read after the cut);
+//!    written, then the cached CRL files in pieces, then the audit log up
+//!    to the head and the events up to the sequence (append-only, so read
+//!    after the cut);
 //! 3. a trailer ([`Trailer`]): SHA-256 of every byte before it, signed
 //!    with the gateway's audit-signing key.
 //!
@@ -38,6 +39,26 @@ pub const DOMAIN: &[u8] = b"pivgate.v1 backup\0";
 /// The longest line a restore reads (a value is at most 64 KiB, twice
 /// that in hex).
 pub const LINE_MAX: usize = 256 * 1024;
+
+/// The pseudo-tree of the CRL cache's files, in pieces.
+pub const CRL_TREE: &str = "crl-cache";
+/// The size of one piece of a cached CRL.
+pub const CRL_PIECE: usize = 48 * 1024;
+
+/// The key of piece `i` of the cached CRL file `name`.
+pub fn crl_piece_key(name: &str, i: u32) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+/// A cached CRL's file name as the gateway writes them.
+fn crl_file_name(name: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(name).ok()?;
+    let ok = s.len() <= 200 && s.ends_with(".crl") && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then_some(s)
+}
 
 /// The files of a data folder a restore needs beside the backup: they do
 /// not change after the first start.
@@ -210,7 +231,7 @@ pub fn read(input: &mut impl BufRead, signing_key: &str, mut entry: impl FnMut(&
     }
 }
 
-/// Restores a backup into `data_dir` (which must not exist, or be empty),
+/// Restores a backup into `data_dir` (which must not exist),
 /// with the key files from `keys` (a copy of a data folder's, see
 /// [`KEY_FILES`]). The whole data folder is built in a staging folder
 /// beside `data_dir`: the database from the backup, verified (its chain,
@@ -219,8 +240,8 @@ pub fn read(input: &mut impl BufRead, signing_key: &str, mut entry: impl FnMut(&
 /// renamed to `data_dir`. A kill or power cut at any moment leaves either
 /// no restored folder or a whole one; a refused backup leaves nothing.
 pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
-    if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
-        return Err(bad(format!("{} is not empty: restore into a new folder", data_dir.display())));
+    if data_dir.exists() {
+        return Err(bad(format!("{} exists: restore into a new folder (it is created whole at the end)", data_dir.display())));
     }
     for f in KEY_FILES {
         if !keys.join(f).exists() {
@@ -228,7 +249,12 @@ pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
         }
     }
     let key = crate::audit::CheckpointKey::load(keys)?;
-    let mut input = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| bad(format!("{}: {e}", file.display())))?);
+    let open = || -> Result<std::io::BufReader<std::fs::File>> {
+        Ok(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| bad(format!("{}: {e}", file.display())))?))
+    };
+    // First the whole file's signature, in constant memory, before
+    // anything is written; the second pass checks it again.
+    read(&mut open()?, key.public_key(), |_, _, _, _| Ok(()))?;
     let name = data_dir.file_name().ok_or_else(|| bad(format!("{}: not a folder name", data_dir.display())))?;
     let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let staging = parent.join(format!(".{}.restoring", name.to_string_lossy()));
@@ -238,7 +264,38 @@ pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
     crate::pki::create_dir_durably(&staging)?;
     let result = (|| {
         let db = staging.join("db");
-        let summary = crate::store::Store::restore_staged(&db, |sink| read(&mut input, key.public_key(), |h, tree, k, v| sink(h, tree, k, v)))?;
+        let crls = crate::crl::cache_dir(&staging);
+        let mut crl_at: Option<(String, u32)> = None;
+        let mut input = open()?;
+        let summary = crate::store::Store::restore_staged(&db, |sink| {
+            read(&mut input, key.public_key(), |h, tree, k, v| {
+                if tree != CRL_TREE {
+                    return sink(h, tree, k, v);
+                }
+                // A cached CRL, piece by piece, in order.
+                let split = k.len().checked_sub(5).filter(|i| k[*i] == 0).ok_or_else(|| bad("a CRL piece with a bad key"))?;
+                let name = crl_file_name(&k[..split]).ok_or_else(|| bad("a CRL piece with a bad file name"))?.to_string();
+                let i = u32::from_be_bytes(k[split + 1..].try_into().map_err(|_| bad("a CRL piece with a bad key"))?);
+                let expected = match &crl_at {
+                    Some((n, last)) if *n == name => last + 1,
+                    _ => 0,
+                };
+                if i != expected || v.len() > CRL_PIECE {
+                    return Err(bad("CRL pieces out of order"));
+                }
+                std::fs::create_dir_all(&crls)?;
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(crls.join(&name))?;
+                f.write_all(&v)?;
+                crl_at = Some((name, i));
+                Ok(())
+            })
+        })?;
+        if crls.exists() {
+            for e in std::fs::read_dir(&crls)? {
+                std::fs::File::open(e?.path())?.sync_all()?;
+            }
+            std::fs::File::open(&crls)?.sync_all()?;
+        }
         {
             // The rebuilt database, opened as the gateway will.
             let store = crate::store::Store::open(&db)?;
@@ -265,9 +322,6 @@ pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
             return Err(e);
         }
     };
-    if data_dir.exists() {
-        std::fs::remove_dir(data_dir)?;
-    }
     std::fs::rename(&staging, data_dir)?;
     std::fs::File::open(parent)?.sync_all()?;
     Ok(summary)

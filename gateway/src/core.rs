@@ -150,6 +150,8 @@ pub struct Gateway {
     pub verdict_cache: Mutex<HashMap<[u8; 32], (u64, SystemTime)>>,
     /// The key that signs audit checkpoints.
     pub checkpoint_key: crate::audit::CheckpointKey,
+    /// Set while a backup is taken: one at a time.
+    pub backup_running: std::sync::atomic::AtomicBool,
     /// Audit records of refusals each caller may still cause.
     pub audit_budget: Mutex<crate::limits::AuditBudget>,
     /// Live event watchers.
@@ -209,12 +211,14 @@ impl Gateway {
     }
 
     /// A backup for `caller`: the action is audited (and so in the backup),
-    /// then the cut is taken and made durable, so the backup holds nothing
+    /// then the cut is taken (off the async workers: it copies the state
+    /// under the ledger lock) and made durable, so the backup holds nothing
     /// the gateway could still lose.
-    pub async fn backup_cut(&self, caller: &Caller) -> Result<crate::store::BackupCut> {
+    pub async fn backup_cut(self: &Arc<Self>, caller: &Caller) -> Result<crate::store::BackupCut> {
         let entry = AuditEntry { kind: "admin.backup", actor: caller.to_string(), terminal_id: String::new(), detail: json!({}) };
         self.commit(entry, vec![]).await?;
-        let cut = self.store.backup_cut()?;
+        let gw = self.clone();
+        let cut = tokio::task::spawn_blocking(move || gw.store.backup_cut()).await.map_err(|e| Error::Backup(e.to_string()))??;
         self.store.durable().await?;
         Ok(cut)
     }

@@ -101,6 +101,25 @@ pub fn read_cache(data_dir: &std::path::Path) -> Vec<Fetched> {
     out
 }
 
+/// The cached CRL files as they are (file name, bytes), for a backup.
+pub fn cached(data_dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let dir = cache_dir(data_dir);
+    if !dir.exists() {
+        return Ok(vec![]);
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "crl") {
+            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                out.push((name.to_string(), std::fs::read(&path)?));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Reads the cached CRLs, then the configured CRL files, and fetches the
 /// CRL locations.
 pub async fn fetch_all(config: &Config, tls: Option<&std::sync::Arc<rustls::ClientConfig>>) -> Vec<Fetched> {

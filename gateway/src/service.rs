@@ -318,10 +318,24 @@ impl pb::agent_service_server::AgentService for AgentApi {
 pub struct AccessApi(pub Arc<Gateway>);
 
 /// Writes a backup of `cut` as 64 KiB chunks to `tx` (see
-/// [`crate::backup`]); stops when the caller goes away.
-fn write_backup(gw: &Gateway, cut: crate::store::BackupCut, tx: &mpsc::Sender<Result<pb::BackupChunk, Status>>) -> crate::error::Result<()> {
+/// [`crate::backup`]): the state, the CRL cache, the audit log and the
+/// events. Stops when the caller goes away or reads nothing for a minute.
+fn write_backup(
+    gw: &Gateway,
+    cut: crate::store::BackupCut,
+    tx: &mpsc::Sender<Result<pb::BackupChunk, Status>>,
+    rt: &tokio::runtime::Handle,
+) -> crate::error::Result<()> {
+    use crate::error::Error;
     const CHUNK: usize = 64 * 1024;
-    let gone = || crate::error::Error::Backup("the caller went away".into());
+    const STALL: std::time::Duration = std::time::Duration::from_secs(60);
+    let deliver = |data: Vec<u8>| -> crate::error::Result<()> {
+        match rt.block_on(tokio::time::timeout(STALL, tx.send(Ok(pb::BackupChunk { data })))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::Backup("the caller went away".into())),
+            Err(_) => Err(Error::Backup("the caller read nothing for a minute".into())),
+        }
+    };
     let header = crate::backup::Header {
         format: crate::backup::FORMAT.into(),
         version: crate::backup::VERSION,
@@ -335,9 +349,8 @@ fn write_backup(gw: &Gateway, cut: crate::store::BackupCut, tx: &mpsc::Sender<Re
     let send = |w: &mut crate::backup::Writer<Vec<u8>>| -> crate::error::Result<()> {
         let buf = w.output();
         while buf.len() >= CHUNK {
-            let rest = buf.split_off(buf.len().min(CHUNK));
-            let data = std::mem::replace(buf, rest);
-            tx.blocking_send(Ok(pb::BackupChunk { data })).map_err(|_| gone())?;
+            let rest = buf.split_off(CHUNK);
+            deliver(std::mem::replace(buf, rest))?;
         }
         Ok(())
     };
@@ -345,12 +358,20 @@ fn write_backup(gw: &Gateway, cut: crate::store::BackupCut, tx: &mpsc::Sender<Re
         w.entry(tree, k, v)?;
         send(&mut w)?;
     }
+    // The CRLs in force, so a restored gateway has them before any source
+    // answers (their watermarks are in the state).
+    for (name, der) in crate::crl::cached(&gw.data_dir)? {
+        for (i, piece) in der.chunks(crate::backup::CRL_PIECE).enumerate() {
+            w.entry(crate::backup::CRL_TREE, &crate::backup::crl_piece_key(&name, i as u32), piece)?;
+            send(&mut w)?;
+        }
+    }
     for (tree, upto) in [("audit", cut.audit_index), ("events", cut.event_sequence)] {
         let mut after = 0;
         loop {
             let batch = gw.store.raw_after(tree, after, upto, 512)?;
             let Some((k, _)) = batch.last() else { break };
-            after = u64::from_be_bytes(k.as_slice().try_into().map_err(|_| crate::error::Error::Corrupt("bad key".into()))?);
+            after = u64::from_be_bytes(k.as_slice().try_into().map_err(|_| Error::Corrupt("bad key".into()))?);
             for (k, v) in &batch {
                 w.entry(tree, k, v)?;
                 send(&mut w)?;
@@ -360,8 +381,7 @@ fn write_backup(gw: &Gateway, cut: crate::store::BackupCut, tx: &mpsc::Sender<Re
     let (mut rest, _) = w.finish(&gw.checkpoint_key)?;
     while !rest.is_empty() {
         let tail = rest.split_off(rest.len().min(CHUNK));
-        let data = std::mem::replace(&mut rest, tail);
-        tx.blocking_send(Ok(pb::BackupChunk { data })).map_err(|_| gone())?;
+        deliver(std::mem::replace(&mut rest, tail))?;
     }
     Ok(())
 }
@@ -524,12 +544,29 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.Backup").await?;
+        // One at a time: each holds a copy of the state while it streams.
+        struct Slot(Arc<Gateway>);
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                self.0.backup_running.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if self.0.backup_running.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::resource_exhausted("a backup is already being taken"));
+        }
+        let slot = Slot(self.0.clone());
         let cut = self.0.backup_cut(&caller).await?;
         let gw = self.0.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::BackupChunk, Status>>(16);
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = write_backup(&gw, cut, &tx) {
-                let _ = tx.blocking_send(Err(Status::from(e)));
+            let _slot = slot;
+            match write_backup(&gw, cut, &tx, &rt) {
+                Ok(()) => {}
+                Err(e @ crate::error::Error::Backup(_)) => tracing::info!(error = %e, "backup not completed"),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::from(e)));
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -265,6 +265,25 @@ fn create_whole(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Opens sled at `dir`. Just after [`create_whole`] or a restore, the sled
+/// that made the database may still hold its file lock for a moment (its
+/// I/O threads close the file as they finish), as may a gateway that is
+/// stopping: a lock held is waited for, up to 10 s.
+fn open_sled(dir: &Path) -> Result<sled::Db> {
+    // sled 0.34.7 reports a held lock as ErrorKind::Other with this text.
+    let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
+    let start = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if locked(&e) && start.elapsed() < std::time::Duration::from_secs(10) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// sled 0.34.7 writes a snapshot at every open as `snap.LSN.generating`,
 /// fsyncs it, renames it to `snap.LSN`, then removes the older ones. But
 /// it reads the newest file named `snap.*`, `.generating` included, and
@@ -350,7 +369,7 @@ impl Store {
             create_whole(dir)?;
         }
         remove_unfinished_snapshots(dir)?;
-        let db = sled::Config::new().path(dir).open()?;
+        let db = open_sled(dir)?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             None => {
@@ -633,6 +652,9 @@ impl Store {
             let mut last: std::collections::HashMap<&'static str, u64> = Default::default();
             let mut sink = |h: &crate::backup::Header, tree: &str, key: Vec<u8>, value: Vec<u8>| -> Result<()> {
                 let bad = |why: String| Error::Backup(why);
+                if key.len() > 1024 {
+                    return Err(bad(format!("a key in {tree} is longer than the gateway writes")));
+                }
                 if value.len() > MAX_VALUE {
                     return Err(bad(format!("a value in {tree} is longer than the gateway writes")));
                 }

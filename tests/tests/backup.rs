@@ -5,6 +5,7 @@
 //! sequence, its chain verifies, and the administrators and agents it had
 //! still get in. A backup that was altered, cut short or is restored with
 //! another gateway's keys is refused and leaves nothing behind.
+//! The CRLs in force and the signed checkpoints come back too.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -54,7 +55,17 @@ async fn operators(admin: &mut AdminServiceClient<tonic::transport::Channel>) ->
 async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_refused() -> Result<()> {
     let dir = scratch("backup");
     let data = dir.join("data");
-    let gw = GatewayProcess::start(&data, &[])?;
+    // A card issuer with a CRL in force (so the CRL cache is in the backup)
+    // and checkpoints every second (so they are too).
+    let issuer = pivgate_tests::pki::root("backup test issuer")?;
+    std::fs::write(dir.join("issuer.pem"), &issuer.cert_pem)?;
+    std::fs::write(dir.join("issuer.crl"), pivgate_tests::pki::crl(&issuer, &pivgate_tests::pki::CrlSpec::revoking(&[vec![7]], 1))?)?;
+    std::fs::write(
+        dir.join("gateway.toml"),
+        format!("audit_checkpoint_s = 1\n[cards]\ntrust_anchors = [{:?}]\ncrl_files = [{:?}]\n", dir.join("issuer.pem"), dir.join("issuer.crl")),
+    )?;
+    let config = dir.join("gateway.toml");
+    let gw = GatewayProcess::start(&data, &["--config", config.to_str().context("path")?])?;
     let creds = Credentials::admin_in(&data)?;
 
     // Load: three administrators adding operators the whole time.
@@ -76,7 +87,7 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let file = dir.join("site.pgb");
     let (before_backup, _) = (acked.lock().unwrap().clone(), ());
     let addr = gw.addr();
@@ -105,7 +116,10 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
     let restored = dir.join("restored");
     let (ok, said) = restore(&file, &keys, &restored)?;
     ensure!(ok && said.contains("verified"), "{said}");
-    let gw2 = GatewayProcess::start(&restored, &[])?;
+    ensure!(first.contains("\"tree\":\"checkpoints\""), "no signed checkpoint in the backup");
+    let cache = |d: &Path| -> Result<Vec<(String, Vec<u8>)>> { Ok(pivgate_gateway::crl::cached(d)?) };
+    ensure!(!cache(&data)?.is_empty() && cache(&restored)? == cache(&data)?, "the CRL cache was not restored as it was");
+    let gw2 = GatewayProcess::start(&restored, &["--config", config.to_str().context("path")?])?;
     let mut admin2 = AdminServiceClient::new(connect(&gw2.addr(), "localhost", &creds).await.context("the first administrator on the restored gateway")?);
     let v = admin2.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
     ensure!(v.intact && v.findings.is_empty(), "restored audit: {:?}", v.findings);
@@ -149,6 +163,13 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
     let tampered = dir.join("tampered.pgb");
     std::fs::write(&tampered, altered.join("\n") + "\n")?;
     refused("altered", &tampered, &keys, "altered")?;
+    // Altered, and the digest made again to match: the signature catches it.
+    let body = altered[..altered.len() - 1].join("\n") + "\n";
+    let trailer: serde_json::Value = serde_json::from_str(altered[altered.len() - 1])?;
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    let resigned = dir.join("resigned.pgb");
+    std::fs::write(&resigned, format!("{body}{}\n", serde_json::json!({ "sha256": digest, "signature": trailer["signature"] })))?;
+    refused("new digest", &resigned, &keys, "not signed by this gateway")?;
     // Cut short: the trailer gone.
     let short = dir.join("short.pgb");
     std::fs::write(&short, lines[..lines.len() - 1].join("\n") + "\n")?;
@@ -157,8 +178,8 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
     let other = GatewayProcess::start(&dir.join("other"), &[])?;
     drop(other);
     refused("other keys", &file, &dir.join("other"), "another gateway")?;
-    // A folder that is not empty.
+    // A folder that exists.
     let (ok, said) = restore(&file, &keys, &data)?;
-    ensure!(!ok && said.contains("not empty"), "{said}");
+    ensure!(!ok && said.contains("exists"), "{said}");
     Ok(())
 }

@@ -425,29 +425,41 @@ async fn main() -> Result<()> {
             sink.flush()?;
         }
         Command::Backup { out: path } => {
-            let tmp = path.with_file_name(format!(".{}.partial", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-            let mut file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
-            let mut stream = admin.backup(pb::BackupRequest {}).await?.into_inner();
-            let mut bytes = 0u64;
-            while let Some(chunk) = stream.message().await? {
-                bytes += chunk.data.len() as u64;
-                file.write_all(&chunk.data)?;
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf();
+            let tmp = dir.join(format!(".{}.partial", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+            let taken = async {
+                use std::os::unix::fs::OpenOptionsExt;
+                // The audit log and every card: readable by its owner alone.
+                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| tmp.display().to_string())?;
+                let mut stream = admin.backup(pb::BackupRequest {}).await?.into_inner();
+                let mut bytes = 0u64;
+                while let Some(chunk) = stream.message().await? {
+                    bytes += chunk.data.len() as u64;
+                    file.write_all(&chunk.data)?;
+                }
+                file.sync_all()?;
+                drop(file);
+                // Whole and as signed: checked against its own key here
+                // (the restore checks it against the key folder's).
+                let key = {
+                    let mut first = String::new();
+                    std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::open(&tmp)?), &mut first)?;
+                    serde_json::from_str::<pivgate_gateway::backup::Header>(&first).map(|h| h.signing_key).unwrap_or_default()
+                };
+                let summary = pivgate_gateway::backup::read(&mut std::io::BufReader::new(std::fs::File::open(&tmp)?), &key, |_, _, _, _| Ok(()))
+                    .map_err(|e| anyhow::anyhow!("the backup received is not whole: {e}"))?;
+                anyhow::Ok((summary, bytes))
             }
-            file.sync_all()?;
-            drop(file);
-            // Whole and as signed: checked against its own key here (the
-            // restore checks it against the key folder's).
-            let key = {
-                let mut first = String::new();
-                std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::open(&tmp)?), &mut first)?;
-                serde_json::from_str::<pivgate_gateway::backup::Header>(&first).map(|h| h.signing_key).unwrap_or_default()
+            .await;
+            let (summary, bytes) = match taken {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
             };
-            let summary = pivgate_gateway::backup::read(&mut std::io::BufReader::new(std::fs::File::open(&tmp)?), &key, |_, _, _, _| Ok(()))
-                .map_err(|e| anyhow::anyhow!("the backup received is not whole: {e}"))?;
             std::fs::rename(&tmp, &path)?;
-            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
+            std::fs::File::open(&dir)?.sync_all()?;
             let h = summary.header;
             writeln!(out, "backup written to {}: audit records 1..{} (head {}), events 1..{}, {} entries, {bytes} bytes", path.display(), h.audit_index, h.audit_hash, h.event_sequence, summary.entries)?;
         }
