@@ -125,6 +125,8 @@ pub const PAGE_MAX: usize = 1000;
 /// A page ends before this many encoded bytes (a client decodes 4 MiB by
 /// default).
 pub const PAGE_BYTES_MAX: usize = 1 << 20;
+/// Most items a filtered list skips in one call.
+pub const PAGE_SCAN_MAX: usize = 10 * PAGE_MAX;
 /// A page token is the hex of a key, so at most twice the longest.
 pub const PAGE_TOKEN_MAX: usize = 2 * ID_MAX;
 

@@ -389,7 +389,8 @@ fn write_backup(
 /// One page of a listing: at most `p.size` items and
 /// [`limits::PAGE_BYTES_MAX`] bytes, with the token of the next page if
 /// anything follows (empty on the last). `keep` turns an item into its
-/// message, or skips it.
+/// message, or skips it; after [`limits::PAGE_SCAN_MAX`] skipped items the
+/// page ends (perhaps empty, with a token to go on).
 fn page<T, P: prost::Message>(
     items: impl Iterator<Item = crate::error::Result<(Vec<u8>, T)>>,
     p: &limits::Page,
@@ -398,9 +399,18 @@ fn page<T, P: prost::Message>(
     let mut out = Vec::new();
     let mut bytes = 0;
     let mut last: Vec<u8> = Vec::new();
+    let mut skipped = 0;
     for item in items {
         let (key, item) = item.map_err(Status::from)?;
-        let Some(m) = keep(item) else { continue };
+        let Some(m) = keep(item) else {
+            // A filter that matches little must not scan a whole table in
+            // one call: the page ends, its token after what was scanned.
+            skipped += 1;
+            if skipped >= limits::PAGE_SCAN_MAX {
+                return Ok((out, limits::Page::token(&key)));
+            }
+            continue;
+        };
         let n = m.encoded_len();
         if out.len() == p.size || (bytes + n > limits::PAGE_BYTES_MAX && !out.is_empty()) {
             return Ok((out, limits::Page::token(&last)));

@@ -183,3 +183,88 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
     ensure!(!ok && said.contains("exists"), "{said}");
     Ok(())
 }
+
+/// A restore is stopped at its changes to the disk in turn, then killed
+/// or the power cut: the target folder is never there half-made (a gateway
+/// started on it would begin empty on the site's CA). It is either absent,
+/// and the restore run again succeeds, or whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_interrupted_at_any_step_leaves_no_half_made_folder() -> Result<()> {
+    ensure!(Path::new("/dev/fuse").exists(), "this test needs /dev/fuse (and root) for its filesystem model");
+    let dir = scratch("restore-steps");
+    let data = dir.join("data");
+    let gw = GatewayProcess::start(&data, &[])?;
+    let creds = Credentials::admin_in(&data)?;
+    let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
+    for i in 0..20 {
+        let id = format!("op-{i}");
+        admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name: id, roles: vec![], enabled: true }) }).await?;
+    }
+    let file = dir.join("site.pgb");
+    let (ok, said) = run("pivgatectl", &["--gateway", &gw.addr(), "--data-dir", &data.to_string_lossy(), "backup", "--out", &file.to_string_lossy()])?;
+    ensure!(ok, "{said}");
+    let want = operators(&mut admin).await?;
+    drop(admin);
+    drop(gw);
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys)?;
+    for f in KEY_FILES {
+        std::fs::copy(data.join(f), keys.join(f))?;
+    }
+
+    let mut disk = pivgate_tests::powercut::PowerCut::mount(&dir.join("disk"))?;
+    let restore_cmd = |target: &Path| -> Result<std::process::Child> {
+        Ok(Command::new(binary("pivgate-gateway")?)
+            .args(["restore", &file.to_string_lossy(), "--keys", &keys.to_string_lossy(), "--data-dir", &target.to_string_lossy()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?)
+    };
+    disk.stop_at(None);
+    ensure!(restore_cmd(&disk.path().join("whole"))?.wait()?.success(), "the restore failed on the model");
+    let whole = disk.changes();
+    let mut stops = 0;
+    // Every change of the last fifteen (key files, marker, the rename),
+    // every fourth before (the database being built).
+    let points: Vec<u64> = (1..=whole).filter(|n| n + 15 > whole || n % 4 == 1).collect();
+    for (n, cut) in points.iter().flat_map(|n| [(*n, false), (*n, true)]) {
+        let target = disk.path().join(format!("restored-{n}-{cut}"));
+        disk.stop_at(Some(n));
+        let mut child = restore_cmd(&target)?;
+        let t = std::time::Instant::now();
+        let stopped = loop {
+            if disk.wait_stopped(Duration::from_millis(50)) {
+                break true;
+            }
+            if child.try_wait()?.is_some() {
+                break false;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(30), "the restore neither reached its change {n} nor ended");
+        };
+        let _ = child.kill();
+        disk.release();
+        let _ = child.wait();
+        if cut {
+            disk.cut()?;
+        } else {
+            disk.thaw();
+        }
+        if !stopped {
+            continue;
+        }
+        stops += 1;
+        let how = if cut { "power cut" } else { "killed" };
+        if !target.exists() {
+            let (ok, said) = restore(&file, &keys, &target)?;
+            ensure!(ok, "{how} at change {n} of {whole}: the restore run again fails: {said}");
+        }
+        // Whole: the gateway starts on it with every operator.
+        let gw = GatewayProcess::start(&target, &[]).with_context(|| format!("{how} at change {n} of {whole}"))?;
+        let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
+        let have = operators(&mut admin).await?;
+        ensure!(have == want, "{how} at change {n} of {whole}: {} operators of {}", have.len(), want.len());
+    }
+    ensure!(stops + 6 >= 2 * points.len(), "only {stops} stops over a restore's {whole} changes");
+    println!("{stops} stops (killed and cut) over the {whole} changes of a restore, never a half-made folder");
+    Ok(())
+}
