@@ -770,3 +770,44 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::IssueCertificateResponse { certificate_pem, ca_pem: ca.cert_pem }))
     }
 }
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    fn items(n: u32) -> impl Iterator<Item = crate::error::Result<(Vec<u8>, u32)>> {
+        (0..n).map(|i| Ok((i.to_be_bytes().to_vec(), i)))
+    }
+
+    #[test]
+    fn a_page_ends_at_its_size_and_its_token_resumes_after_its_last_item() {
+        let p = limits::Page { after: vec![], size: 3 };
+        let (out, token) = page(items(10), &p, |i| Some(pb::Operator { operator_id: i.to_string(), ..Default::default() })).unwrap();
+        assert_eq!(out.iter().map(|o| o.operator_id.as_str()).collect::<Vec<_>>(), ["0", "1", "2"]);
+        assert_eq!(limits::Page::parse(3, &token).unwrap().after, 2u32.to_be_bytes());
+        let (out, token) = page(items(3), &p, |i| Some(pb::Operator { operator_id: i.to_string(), ..Default::default() })).unwrap();
+        assert_eq!((out.len(), token.as_str()), (3, ""), "no token on the last page");
+    }
+
+    #[test]
+    fn a_filter_that_matches_nothing_scans_a_bounded_number_of_items() {
+        let p = limits::Page { after: vec![], size: 10 };
+        let mut seen = 0;
+        let (out, token) = page(items(50_000), &p, |_| -> Option<pb::Operator> {
+            seen += 1;
+            None
+        })
+        .unwrap();
+        assert!(out.is_empty() && seen == limits::PAGE_SCAN_MAX, "scanned {seen}");
+        assert_eq!(limits::Page::parse(10, &token).unwrap().after, (limits::PAGE_SCAN_MAX as u32 - 1).to_be_bytes());
+    }
+
+    #[test]
+    fn a_page_ends_before_its_byte_bound() {
+        let p = limits::Page { after: vec![], size: 1000 };
+        let big = "x".repeat(4000);
+        let (out, token) = page(items(1000), &p, |i| Some(pb::Operator { operator_id: i.to_string(), name: big.clone(), ..Default::default() })).unwrap();
+        let bytes: usize = out.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes <= limits::PAGE_BYTES_MAX && out.len() < 1000 && !token.is_empty(), "{} items, {bytes} bytes", out.len());
+    }
+}
