@@ -495,6 +495,12 @@ impl PowerCut {
     /// root and `/dev/fuse`.
     pub fn mount(mountpoint: &Path) -> Result<PowerCut> {
         std::fs::create_dir_all(mountpoint)?;
+        // fusectl, to end a session whose mount another namespace copied
+        // (best effort: without it such a session's thread is left).
+        let ctl = Path::new("/sys/fs/fuse/connections");
+        if ctl.is_dir() && std::fs::read_dir(ctl).map(|mut d| d.next().is_none()).unwrap_or(false) {
+            let _ = std::process::Command::new("mount").args(["-t", "fusectl", "fusectl"]).arg(ctl).stderr(std::process::Stdio::null()).status();
+        }
         let fs = Fs(Arc::new(Mutex::new(Model::new())), Arc::default());
         let mut p = PowerCut { fs, mountpoint: mountpoint.to_path_buf(), session: None };
         p.attach()?;
@@ -519,11 +525,25 @@ impl PowerCut {
     /// Kill every process using the filesystem first.
     pub fn cut(&mut self) -> Result<()> {
         self.thaw();
-        if let Some(s) = self.session.take() {
-            s.umount_and_join().context("unmounting the power-cut model")?;
-        }
+        self.detach();
         self.fs.model().cut();
         self.attach()
+    }
+
+    /// Unmounts (lazily) without waiting for the session to end: a mount
+    /// namespace made while the model was mounted (the rig's pcscd
+    /// restarts under `unshare -m`) holds a copy of the mount, which keeps
+    /// the connection open after this one goes. The connection is then
+    /// aborted through fusectl, where it is mounted, so the session ends.
+    fn detach(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(s) = self.session.take() else { return };
+        let dev = std::fs::metadata(&self.mountpoint).map(|m| m.dev()).ok();
+        drop(s);
+        if let Some(dev) = dev {
+            let minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+        }
     }
 
     /// Counts changes from now on and stops the processes making them at
@@ -570,8 +590,6 @@ impl PowerCut {
 impl Drop for PowerCut {
     fn drop(&mut self) {
         self.thaw();
-        if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
-        }
+        self.detach();
     }
 }

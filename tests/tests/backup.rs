@@ -224,9 +224,9 @@ async fn a_restore_interrupted_at_any_step_leaves_no_half_made_folder() -> Resul
     ensure!(restore_cmd(&disk.path().join("whole"))?.wait()?.success(), "the restore failed on the model");
     let whole = disk.changes();
     let mut stops = 0;
-    // Every change of the last fifteen (key files, marker, the rename),
-    // every fourth before (the database being built).
-    let points: Vec<u64> = (1..=whole).filter(|n| n + 15 > whole || n % 4 == 1).collect();
+    // Every change of the last twelve (key files, marker, the rename),
+    // every fifth before (the database being built).
+    let points: Vec<u64> = (1..=whole).filter(|n| n + 12 > whole || n % 5 == 1).collect();
     for (n, cut) in points.iter().flat_map(|n| [(*n, false), (*n, true)]) {
         let target = disk.path().join(format!("restored-{n}-{cut}"));
         disk.stop_at(Some(n));
