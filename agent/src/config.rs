@@ -202,7 +202,10 @@ impl Config {
             if let KeypadConfig::Matrix { rows, cols, layout } = &t.keypad {
                 let ok = rows.len() == 4 && matches!((layout.as_str(), cols.len()), ("3x4", 3) | ("4x4", 4));
                 if !ok {
-                    return Err(ConfigError(format!("terminal[{i}].keypad: a {layout} matrix needs 4 rows and {} columns", if layout == "4x4" { 4 } else { 3 })));
+                    return Err(ConfigError(format!(
+                        "terminal[{i}].keypad: a {layout} matrix needs 4 rows and {} columns",
+                        if layout == "4x4" { 4 } else { 3 }
+                    )));
                 }
             }
         }

@@ -122,10 +122,7 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
     let link = link::Link::new(&config.gateway, &ids)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let presence = tokio::spawn(link.clone().presence_loop(stop_rx));
-    let rules = EntryRules {
-        idle_timeout: Duration::from_secs(config.pin.idle_timeout_s),
-        total_timeout: Duration::from_secs(config.pin.total_timeout_s),
-    };
+    let rules = EntryRules { idle_timeout: Duration::from_secs(config.pin.idle_timeout_s), total_timeout: Duration::from_secs(config.pin.total_timeout_s) };
 
     // One worker per terminal.
     let mut senders: Vec<(config::TerminalConfig, mpsc::Sender<Input>, SharedIndicator)> = Vec::new();

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pivgate_proto::v1 as pb;
 use pb::agent_service_client::AgentServiceClient;
+use pivgate_proto::v1 as pb;
 use tokio::sync::{broadcast, Notify};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 

@@ -304,7 +304,11 @@ pub fn restore(file: &Path, keys: &Path, data_dir: &Path) -> Result<Summary> {
                 return Err(bad(format!("the restored audit log does not verify: {}", findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))));
             }
             let (index, hash) = store.audit_head()?;
-            if index != summary.header.audit_index || records != index || hash != summary.header.audit_hash || store.last_sequence()? != summary.header.event_sequence {
+            if index != summary.header.audit_index
+                || records != index
+                || hash != summary.header.audit_hash
+                || store.last_sequence()? != summary.header.event_sequence
+            {
                 return Err(bad("the restored database does not end where the backup's header says"));
             }
             store.sync()?;

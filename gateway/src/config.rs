@@ -286,10 +286,7 @@ impl Config {
         let c = &self.cards;
         CardPolicy {
             required_eku: BTreeMap::from([(Slot::PivAuthentication, c.eku_9a.clone()), (Slot::CardAuthentication, c.eku_9e.clone())]),
-            required_policies: BTreeMap::from([
-                (Slot::PivAuthentication, c.policies_9a.clone()),
-                (Slot::CardAuthentication, c.policies_9e.clone()),
-            ]),
+            required_policies: BTreeMap::from([(Slot::PivAuthentication, c.policies_9a.clone()), (Slot::CardAuthentication, c.policies_9e.clone())]),
             crl_strict: c.crl_strict,
             max_crl_age: c.max_crl_age_s.map(Duration::from_secs),
             require_crl: c.require_crl,

@@ -233,10 +233,7 @@ impl Gateway {
 
     /// Like [`Gateway::commit`], deciding under the ledger lock (see
     /// [`Store::record_with`]). Returns `None` when `decide` recorded nothing.
-    pub async fn commit_with(
-        &self,
-        decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>,
-    ) -> Result<Option<(AuditRecord, Vec<Event>)>> {
+    pub async fn commit_with(&self, decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>) -> Result<Option<(AuditRecord, Vec<Event>)>> {
         match self.store.record_with(self.now_ms(), decide)? {
             Some((rec, events)) => Ok(Some((rec, self.settle(events).await?))),
             None => Ok(None),
@@ -300,8 +297,7 @@ impl Gateway {
             return Ok(());
         }
         let total: u64 = counts.iter().map(|(_, _, n)| n).sum();
-        let listed: Vec<serde_json::Value> =
-            counts.iter().take(100).map(|(caller, kind, n)| json!({ "caller": caller, "kind": kind, "count": n })).collect();
+        let listed: Vec<serde_json::Value> = counts.iter().take(100).map(|(caller, kind, n)| json!({ "caller": caller, "kind": kind, "count": n })).collect();
         let unlisted: u64 = counts.iter().skip(100).map(|(_, _, n)| n).sum();
         tracing::warn!(total, "refusals past their callers' audit budget were counted, not recorded one by one");
         self.commit(
@@ -480,17 +476,7 @@ impl Gateway {
             Ok(BeginCheck::Ready { mechanism, algorithm, der, supplied }) => {
                 // A supplied certificate is kept only once a proof with its
                 // key succeeds (see `complete`).
-                let issued = self.challenges.issue(
-                    &caller.name,
-                    t,
-                    req.card_uuid,
-                    mechanism,
-                    algorithm,
-                    der,
-                    supplied,
-                    self.clock.instant(),
-                    self.now_ms(),
-                )?;
+                let issued = self.challenges.issue(&caller.name, t, req.card_uuid, mechanism, algorithm, der, supplied, self.clock.instant(), self.now_ms())?;
                 Ok(Begin::Challenge { id: issued.id, message: issued.message, mechanism, algorithm, ttl: self.challenges.ttl() })
             }
         }
@@ -559,10 +545,7 @@ impl Gateway {
                         let mut changes = Vec::new();
                         if let Session::Unlocked { .. } = term.session {
                             changes.push(Change::Session {
-                                terminal: Terminal {
-                                    session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 },
-                                    ..term.clone()
-                                },
+                                terminal: Terminal { session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 }, ..term.clone() },
                             });
                         }
                         changes.push(Change::Session {
@@ -863,7 +846,8 @@ impl Gateway {
         for t in self.store.terminals()? {
             if t.policy.max_session_s > 0 {
                 let limit = i64::from(t.policy.max_session_s) * 1000;
-                self.lock_if("gateway", &t.id, LockReason::MaxSession, |s| matches!(s, Session::Unlocked { since_ms, .. } if now_ms - since_ms >= limit)).await?;
+                self.lock_if("gateway", &t.id, LockReason::MaxSession, |s| matches!(s, Session::Unlocked { since_ms, .. } if now_ms - since_ms >= limit))
+                    .await?;
             }
         }
         Ok(())
@@ -917,15 +901,9 @@ impl Gateway {
         if self.store.denied(&hex::encode(uuid))? {
             return Err(Error::InvalidRequest("card is on the deny list".into()));
         }
-        self.trust
-            .validate(der, slot, self.clock.system())
-            .map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
-        let mut card = self.store.card(&uuid)?.unwrap_or(Card {
-            uuid,
-            fascn: info.fascn.clone(),
-            operator_id: operator_id.to_string(),
-            certificates: Default::default(),
-        });
+        self.trust.validate(der, slot, self.clock.system()).map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
+        let mut card =
+            self.store.card(&uuid)?.unwrap_or(Card { uuid, fascn: info.fascn.clone(), operator_id: operator_id.to_string(), certificates: Default::default() });
         if card.operator_id != operator_id {
             return Err(Error::AlreadyExists(format!("card {} belongs to operator {}", uuid_text(&uuid), card.operator_id)));
         }
@@ -950,7 +928,8 @@ impl Gateway {
                     }
                 }
             }
-            let mut changes = self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
+            let mut changes =
+                self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
             locked = changes
                 .iter()
                 .filter_map(|c| match c {

@@ -252,12 +252,8 @@ impl Gateway {
             *m.entry(refusal.name()).or_insert(0) += 1;
         }
         tracing::warn!(source, reason = refusal.name(), why = %refusal, "CRL refused; the CRL held before stays in force");
-        let new = self
-            .crl_intake
-            .last_refusal
-            .lock()
-            .map(|mut m| m.insert(source.to_string(), (refusal.name(), sha)) != Some((refusal.name(), sha)))
-            .unwrap_or(true);
+        let new =
+            self.crl_intake.last_refusal.lock().map(|mut m| m.insert(source.to_string(), (refusal.name(), sha)) != Some((refusal.name(), sha))).unwrap_or(true);
         if new {
             self.commit(
                 AuditEntry {

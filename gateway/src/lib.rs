@@ -99,7 +99,8 @@ pub fn metrics_text(gw: &Gateway) -> String {
     let _ = writeln!(s, "# TYPE pivgate_connected_agents gauge\npivgate_connected_agents {agents}");
     let _ = writeln!(s, "# TYPE pivgate_watchers gauge\npivgate_watchers {}", gw.watcher_count());
     let _ = writeln!(s, "# HELP pivgate_audit_suppressed_total Refusals past their caller's audit budget: counted and summarised, not recorded one by one.");
-    let _ = writeln!(s, "# TYPE pivgate_audit_suppressed_total counter\npivgate_audit_suppressed_total {}", gw.counters.audit_suppressed.load(Ordering::Relaxed));
+    let _ =
+        writeln!(s, "# TYPE pivgate_audit_suppressed_total counter\npivgate_audit_suppressed_total {}", gw.counters.audit_suppressed.load(Ordering::Relaxed));
     let unlocked = gw.store.terminals().map(|t| t.iter().filter(|t| matches!(t.session, model::Session::Unlocked { .. })).count()).unwrap_or(0);
     let _ = writeln!(s, "# TYPE pivgate_unlocked_terminals gauge\npivgate_unlocked_terminals {unlocked}");
     let _ = writeln!(s, "# HELP pivgate_crl_refused_total CRLs refused, by reason (the CRL held before stays in force).");
@@ -111,13 +112,21 @@ pub fn metrics_text(gw: &Gateway) -> String {
             let _ = writeln!(s, "pivgate_crl_refused_total{{reason=\"{k}\"}} {n}");
         }
     }
-    let _ = writeln!(s, "# TYPE pivgate_crl_fetch_failures_total counter\npivgate_crl_fetch_failures_total {}", gw.crl_intake.failed_fetches.load(Ordering::Relaxed));
+    let _ = writeln!(
+        s,
+        "# TYPE pivgate_crl_fetch_failures_total counter\npivgate_crl_fetch_failures_total {}",
+        gw.crl_intake.failed_fetches.load(Ordering::Relaxed)
+    );
     let _ = writeln!(s, "# TYPE pivgate_crl_accepted_total counter\npivgate_crl_accepted_total {}", gw.crl_intake.accepted.load(Ordering::Relaxed));
     let _ = writeln!(s, "# TYPE pivgate_crl_age_seconds gauge");
     for (source, age) in gw.trust.crl_ages(SystemTime::now()) {
         let _ = writeln!(s, "pivgate_crl_age_seconds{{source={source:?}}} {age}");
     }
-    let _ = writeln!(s, "# TYPE pivgate_tls_handshakes_refused_total counter\npivgate_tls_handshakes_refused_total {}", gw.counters.tls_rejected.load(Ordering::Relaxed));
+    let _ = writeln!(
+        s,
+        "# TYPE pivgate_tls_handshakes_refused_total counter\npivgate_tls_handshakes_refused_total {}",
+        gw.counters.tls_rejected.load(Ordering::Relaxed)
+    );
     let _ = writeln!(s, "# TYPE pivgate_group_commits_total counter\npivgate_group_commits_total {}", gw.store.flushes());
     let _ = writeln!(s, "# HELP pivgate_sled_blob_files Files sled wrote under blobs/ (never fsynced); anything but 0 is an alarm.");
     let _ = writeln!(s, "# TYPE pivgate_sled_blob_files gauge\npivgate_sled_blob_files {}", gw.store.blob_files());

@@ -420,10 +420,7 @@ mod tests {
         assert!(b.allow("agent:pi-2", "auth.denied", t0));
         // One token a second.
         assert!(b.allow("agent:pi-1", "auth.denied", t0 + Duration::from_millis(1100)));
-        assert_eq!(
-            b.take_suppressed(),
-            vec![("agent:pi-1".to_string(), "auth.denied", 1), ("agent:pi-1".to_string(), "rpc.refused", 1)]
-        );
+        assert_eq!(b.take_suppressed(), vec![("agent:pi-1".to_string(), "auth.denied", 1), ("agent:pi-1".to_string(), "rpc.refused", 1)]);
         assert!(b.take_suppressed().is_empty());
         assert_eq!(b.suppressed_total, 2);
     }

@@ -64,10 +64,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, render: Arc<dyn Fn
                 let text = render();
                 async move {
                     Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(text)))
-                            .unwrap_or_default(),
+                        Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(text))).unwrap_or_default(),
                     )
                 }
             });

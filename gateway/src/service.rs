@@ -289,10 +289,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(pb::BeginAuthenticationResponse { outcome: Some(outcome) }))
     }
 
-    async fn complete_authentication(
-        &self,
-        req: Request<pb::CompleteAuthenticationRequest>,
-    ) -> Result<Response<pb::CompleteAuthenticationResponse>, Status> {
+    async fn complete_authentication(&self, req: Request<pb::CompleteAuthenticationRequest>) -> Result<Response<pb::CompleteAuthenticationResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.CompleteAuthentication").await?;
         let r = req.into_inner();
         use pb::complete_authentication_response::Outcome;
@@ -663,7 +660,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         if allowed.is_empty() {
             return Err(Status::invalid_argument("allowed_mechanisms is empty"));
         }
-        let policy = TerminalPolicy { allowed_mechanisms: allowed, allowed_roles: r.allowed_roles, idle_timeout_s: r.idle_timeout_s, max_session_s: r.max_session_s };
+        let policy =
+            TerminalPolicy { allowed_mechanisms: allowed, allowed_roles: r.allowed_roles, idle_timeout_s: r.idle_timeout_s, max_session_s: r.max_session_s };
         self.0.set_policy(&caller, &r.terminal_id, policy).await?;
         Ok(Response::new(pb::SetTerminalPolicyResponse {}))
     }

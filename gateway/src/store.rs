@@ -474,11 +474,7 @@ impl Store {
     /// current state and returns what to record (or nothing), and no other
     /// change can slip in between its reads and the write. `decide` must
     /// not call `record` itself.
-    pub fn record_with(
-        &self,
-        now_ms: i64,
-        decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>,
-    ) -> Result<Option<(AuditRecord, Vec<Event>)>> {
+    pub fn record_with(&self, now_ms: i64, decide: impl FnOnce() -> Result<Option<(AuditEntry, Vec<Change>)>>) -> Result<Option<(AuditRecord, Vec<Event>)>> {
         let mut ledger = self.ledger.lock().map_err(|_| Error::Transaction("ledger lock poisoned".into()))?;
         if let Some(e) = self.fatal.borrow().clone() {
             return Err(Error::Durability(std::io::Error::other(format!("the disk refused an earlier write: {e}"))));
@@ -527,9 +523,7 @@ impl Store {
                     }
                 }
                 Change::Agent(a) => writes.push((T_AGENTS, a.name.as_bytes().to_vec(), enc(a)?)),
-                Change::CrlWatermark { key, this_update_s } => {
-                    writes.push((T_CRL_STATE, key.as_bytes().to_vec(), this_update_s.to_be_bytes().to_vec()))
-                }
+                Change::CrlWatermark { key, this_update_s } => writes.push((T_CRL_STATE, key.as_bytes().to_vec(), this_update_s.to_be_bytes().to_vec())),
             }
         }
         // The record names the events it comes with, and their hashes, so
@@ -635,14 +629,20 @@ impl Store {
         if after >= upto {
             return Ok(Vec::new());
         }
-        t.range(after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes()).take(limit).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Error::from)).collect()
+        t.range(after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes())
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Error::from))
+            .collect()
     }
 
     /// Builds a database at `staging` (which must not exist) from a
     /// backup's entries: `read` is given a sink for them. Only the trees a
     /// gateway keeps are accepted; the audit log and events must come in
     /// order. Every file is fsynced before this returns.
-    pub fn restore_staged<S>(staging: &Path, read: impl FnOnce(&mut dyn FnMut(&crate::backup::Header, &str, Vec<u8>, Vec<u8>) -> Result<()>) -> Result<S>) -> Result<S> {
+    pub fn restore_staged<S>(
+        staging: &Path,
+        read: impl FnOnce(&mut dyn FnMut(&crate::backup::Header, &str, Vec<u8>, Vec<u8>) -> Result<()>) -> Result<S>,
+    ) -> Result<S> {
         if staging.exists() {
             std::fs::remove_dir_all(staging)?;
         }

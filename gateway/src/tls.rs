@@ -43,8 +43,7 @@ pub fn server_config(files: &Files) -> Result<Arc<ServerConfig>> {
         roots.add(c.map_err(tls)?).map_err(tls)?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(tls)?;
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(&files.server).map_err(tls)?.collect::<std::result::Result<_, _>>().map_err(tls)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.server).map_err(tls)?.collect::<std::result::Result<_, _>>().map_err(tls)?;
     let key = PrivateKeyDer::from_pem_file(&files.server_key).map_err(tls)?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -115,12 +114,7 @@ impl Gate {
     /// those whose peer has sent nothing yet, else the oldest.
     fn evict_oldest(&mut self, addr: Option<IpAddr>) -> bool {
         let from = |p: &Pending| addr.is_none_or(|a| p.addr == a);
-        let id = self
-            .pending
-            .iter()
-            .find(|(_, p)| from(p) && !p.spoke)
-            .or_else(|| self.pending.iter().find(|(_, p)| from(p)))
-            .map(|(id, _)| *id);
+        let id = self.pending.iter().find(|(_, p)| from(p) && !p.spoke).or_else(|| self.pending.iter().find(|(_, p)| from(p))).map(|(id, _)| *id);
         let Some(handle) = id.and_then(|id| self.forget(id)) else { return false };
         if let Some(h) = handle {
             h.abort();
@@ -302,18 +296,22 @@ pub fn incoming(
                         // identity's share, so one certificate cannot hold
                         // every connection?
                         let who = identity(&stream);
-                        let admitted = guard.gate.lock().map(|mut g| {
-                            if g.forget(guard.id).is_none() {
-                                return Err("evicted");
-                            }
-                            let n = g.per_identity.entry(who.clone()).or_insert(0);
-                            if *n >= limits.max_per_identity {
-                                g.open -= 1;
-                                return Err("too many connections for this client identity");
-                            }
-                            *n += 1;
-                            Ok(())
-                        }).map_err(|_| ());
+                        let admitted = guard
+                            .gate
+                            .lock()
+                            .map(|mut g| {
+                                if g.forget(guard.id).is_none() {
+                                    return Err("evicted");
+                                }
+                                let n = g.per_identity.entry(who.clone()).or_insert(0);
+                                if *n >= limits.max_per_identity {
+                                    g.open -= 1;
+                                    return Err("too many connections for this client identity");
+                                }
+                                *n += 1;
+                                Ok(())
+                            })
+                            .map_err(|_| ());
                         match admitted {
                             Ok(Ok(())) => {
                                 let counted = Counted { inner: stream, gate: guard.gate.clone(), identity: who };

@@ -11,10 +11,10 @@ use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::signature::{UnparsedPublicKey, VerificationAlgorithm};
+use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use rustls::pki_types::TrustAnchor;
 use webpki::{CertRevocationList, EndEntityCert, OwnedCertRevocationList, RevocationCheckDepth, UnknownStatusPolicy};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
@@ -482,14 +482,7 @@ impl CardTrust {
                 return Err(format!("intermediate {} does not chain to a trusted card issuer", subject_text(&pending[0].1)));
             }
         }
-        Ok(CardTrust {
-            anchors,
-            intermediates,
-            issuers,
-            crls: RwLock::new(BTreeMap::new()),
-            generation: Default::default(),
-            policy,
-        })
+        Ok(CardTrust { anchors, intermediates, issuers, crls: RwLock::new(BTreeMap::new()), generation: Default::default(), policy })
     }
 
     /// Checks a CRL before it may count: parsed, signed by a trust anchor
@@ -516,9 +509,8 @@ impl CardTrust {
         if SHA1_SIGNATURES.contains(&parsed.signature_algorithm.algorithm.to_id_string().as_str()) {
             return Err(CrlRefusal::WeakAlgorithm);
         }
-        let signer = candidates.into_iter().find(|c| {
-            X509Certificate::from_der(&c.der).is_ok_and(|(_, cert)| parsed.verify_signature(cert.public_key()).is_ok())
-        });
+        let signer =
+            candidates.into_iter().find(|c| X509Certificate::from_der(&c.der).is_ok_and(|(_, cert)| parsed.verify_signature(cert.public_key()).is_ok()));
         let Some(signer) = signer else { return Err(CrlRefusal::BadSignature) };
         if !signer.may_sign_crls {
             return Err(CrlRefusal::IssuerMayNotSignCrls);
@@ -633,9 +625,8 @@ impl CardTrust {
                     .build()
             })
         };
-        let path = ee
-            .verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, &self.intermediates, unix, AnyEku, revocation, None)
-            .map_err(map_webpki)?;
+        let path =
+            ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, &self.intermediates, unix, AnyEku, revocation, None).map_err(map_webpki)?;
 
         // webpki consults the first CRL that speaks for each certificate;
         // every CRL that covers it counts here (partitioned CRLs, a full
@@ -738,9 +729,10 @@ impl CardTrust {
 
 fn signed_by_any(der: &[u8], issuers: &[IssuerCert]) -> bool {
     let Ok((_, c)) = X509Certificate::from_der(der) else { return false };
-    issuers.iter().filter(|i| i.subject == c.issuer().as_raw()).any(|i| {
-        X509Certificate::from_der(&i.der).is_ok_and(|(_, issuer)| c.verify_signature(Some(issuer.public_key())).is_ok())
-    })
+    issuers
+        .iter()
+        .filter(|i| i.subject == c.issuer().as_raw())
+        .any(|i| X509Certificate::from_der(&i.der).is_ok_and(|(_, issuer)| c.verify_signature(Some(issuer.public_key())).is_ok()))
 }
 
 fn subject_text(der: &[u8]) -> String {
@@ -796,7 +788,6 @@ fn looks_like_ecdsa_der(sig: &[u8]) -> bool {
     let Some((0x02, s)) = body.get(hdr + r.len()..).and_then(der_tlv) else { return false };
     !r.is_empty() && !s.is_empty()
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -50,11 +50,7 @@ impl Command {
     /// 0x10 on all but the last) when the data exceeds 255 bytes. Each
     /// buffer is zeroized on drop.
     pub fn to_short_apdus(&self) -> Vec<Zeroizing<Vec<u8>>> {
-        let chunks: Vec<&[u8]> = if self.data.is_empty() {
-            vec![&[]]
-        } else {
-            self.data.chunks(255).collect()
-        };
+        let chunks: Vec<&[u8]> = if self.data.is_empty() { vec![&[]] } else { self.data.chunks(255).collect() };
         let last = chunks.len() - 1;
         chunks
             .into_iter()

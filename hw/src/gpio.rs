@@ -131,11 +131,7 @@ impl GpioIndicator {
                     r.write(step.red.into());
                     b.write(step.buzzer.into());
                     // A zero-length step holds until the next pattern.
-                    let next = if step.duration.is_zero() {
-                        rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-                    } else {
-                        rx.recv_timeout(step.duration)
-                    };
+                    let next = if step.duration.is_zero() { rx.recv().map_err(|_| RecvTimeoutError::Disconnected) } else { rx.recv_timeout(step.duration) };
                     match next {
                         Ok(p) => {
                             current = p;

@@ -66,7 +66,13 @@ impl Pattern {
                 step(false, true, false, 1500),
                 step(false, false, false, 0),
             ],
-            Pattern::PinBlocked => vec![step(false, true, true, 1000), step(false, false, false, 100), step(false, true, false, 100), step(false, false, false, 100), step(false, true, false, 0)],
+            Pattern::PinBlocked => vec![
+                step(false, true, true, 1000),
+                step(false, false, false, 100),
+                step(false, true, false, 100),
+                step(false, false, false, 100),
+                step(false, true, false, 0),
+            ],
             Pattern::GatewayUnreachable => vec![step(false, true, false, 500), step(false, false, false, 0)],
         }
     }
@@ -105,15 +111,7 @@ mod tests {
 
     #[test]
     fn patterns_are_distinguishable() {
-        let all = [
-            Pattern::EnterPin,
-            Pattern::Working,
-            Pattern::LastTry,
-            Pattern::Granted,
-            Pattern::Denied,
-            Pattern::PinBlocked,
-            Pattern::GatewayUnreachable,
-        ];
+        let all = [Pattern::EnterPin, Pattern::Working, Pattern::LastTry, Pattern::Granted, Pattern::Denied, Pattern::PinBlocked, Pattern::GatewayUnreachable];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a.steps(), b.steps(), "{a:?} and {b:?} look and sound the same");

@@ -84,7 +84,11 @@ async fn start(site: &ProcessSite, abuse: Abuse) -> Arc<AtomicBool> {
                     while !stop.load(Ordering::Relaxed) {
                         i = i.wrapping_add(1);
                         let _ = agent
-                            .complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![i ^ t; 16], terminal_id: "t1".into(), signature: vec![1] })
+                            .complete_authentication(pb::CompleteAuthenticationRequest {
+                                challenge_id: vec![i ^ t; 16],
+                                terminal_id: "t1".into(),
+                                signature: vec![1],
+                            })
                             .await;
                     }
                 });
@@ -110,7 +114,10 @@ async fn measure(site: &ProcessSite) -> (Vec<Duration>, Vec<Duration>, Vec<Durat
         let t = Instant::now();
         match connect(&addr, "localhost", &site.admin).await {
             Ok(c) => {
-                pb::admin_service_client::AdminServiceClient::new(c).list_operators(pb::ListOperatorsRequest::default()).await.expect("admin call on a new connection");
+                pb::admin_service_client::AdminServiceClient::new(c)
+                    .list_operators(pb::ListOperatorsRequest::default())
+                    .await
+                    .expect("admin call on a new connection");
                 fresh.push(t.elapsed());
             }
             // Counted and reported: a handshake evicted by the flood.

@@ -123,9 +123,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let site = Arc::new(
-            Site::start(move |c, _| c.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap())).await.expect("gateway"),
-        );
+        let site = Arc::new(Site::start(move |c, _| c.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap())).await.expect("gateway"));
         let mut cards = Vec::new();
         for i in 0..256 {
             cards.push(Arc::new(site.enrolled_card(&format!("op-{i}"), &[], Algorithm::EccP256).await.expect("card")));

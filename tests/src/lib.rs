@@ -28,9 +28,7 @@ pub struct Reader {
 }
 
 fn env(name: &str) -> Result<String> {
-    std::env::var(name).map_err(|_| {
-        anyhow!("{name} is not set: these scenarios need the test rig's pcscd; run them with `deploy/dev test`")
-    })
+    std::env::var(name).map_err(|_| anyhow!("{name} is not set: these scenarios need the test rig's pcscd; run them with `deploy/dev test`"))
 }
 
 /// The rig's working folder.
@@ -74,12 +72,7 @@ pub fn reader() -> Result<Reader> {
                 if !pivgate_hw::pcsc::wait_for_card(&ctx, &name, false, Duration::from_secs(10))? {
                     bail!("reader {name} did not become empty");
                 }
-                return Ok(Reader {
-                    instance: k,
-                    name,
-                    addr: SocketAddr::from(([127, 0, 0, 1], base + 2 * k as u16)),
-                    _lock: f,
-                });
+                return Ok(Reader { instance: k, name, addr: SocketAddr::from(([127, 0, 0, 1], base + 2 * k as u16)), _lock: f });
             }
         }
         if start.elapsed() > Duration::from_secs(60) {
@@ -91,12 +84,7 @@ pub fn reader() -> Result<Reader> {
 
 /// Waits for the next event about `reader` that `want` accepts, skipping
 /// events about other readers (other scenarios run in parallel).
-pub fn wait_event(
-    rx: &Receiver<ReaderEvent>,
-    reader: &str,
-    timeout: Duration,
-    want: impl Fn(&ReaderEvent) -> bool,
-) -> Result<ReaderEvent> {
+pub fn wait_event(rx: &Receiver<ReaderEvent>, reader: &str, timeout: Duration, want: impl Fn(&ReaderEvent) -> bool) -> Result<ReaderEvent> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -162,10 +150,7 @@ pub fn verify_signature(cert_der: &[u8], digest: &[u8], sig: &[u8]) -> Result<()
 /// pcscd may be restarted under a running agent.
 pub fn restart_pcscd(reader: &Reader) -> Result<()> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev");
-    let status = std::process::Command::new(script)
-        .args(["restart-pcscd", &reader.instance.to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()?;
+    let status = std::process::Command::new(script).args(["restart-pcscd", &reader.instance.to_string()]).stdout(std::process::Stdio::null()).status()?;
     if !status.success() {
         bail!("restarting pcscd instance {} failed", reader.instance);
     }

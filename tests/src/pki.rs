@@ -71,10 +71,8 @@ impl CrlSpec {
 /// A CRL (DER) signed by `ca`.
 pub fn crl(ca: &IssuingCa, spec: &CrlSpec) -> Result<Vec<u8>> {
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.cert_pem, rcgen::KeyPair::from_pem(&ca.key_pem)?)?;
-    let idp = (!spec.idp_uris.is_empty() || spec.scope.is_some()).then(|| rcgen::CrlIssuingDistributionPoint {
-        distribution_point: rcgen::CrlDistributionPoint { uris: spec.idp_uris.clone() },
-        scope: spec.scope,
-    });
+    let idp = (!spec.idp_uris.is_empty() || spec.scope.is_some())
+        .then(|| rcgen::CrlIssuingDistributionPoint { distribution_point: rcgen::CrlDistributionPoint { uris: spec.idp_uris.clone() }, scope: spec.scope });
     let params = rcgen::CertificateRevocationListParams {
         this_update: spec.this_update,
         next_update: spec.next_update,

@@ -205,7 +205,12 @@ impl ProcessSite {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             use rcgen::PublicKeyData;
             let r = admin
-                .issue_certificate(pb::IssueCertificateRequest { role: role as i32, name: name.into(), public_key: key.subject_public_key_info(), validity_days: 1 })
+                .issue_certificate(pb::IssueCertificateRequest {
+                    role: role as i32,
+                    name: name.into(),
+                    public_key: key.subject_public_key_info(),
+                    validity_days: 1,
+                })
                 .await?
                 .into_inner();
             Ok(Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: key.serialize_pem() })

@@ -7,15 +7,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use pb::access_service_client::AccessServiceClient;
+use pb::admin_service_client::AdminServiceClient;
+use pb::agent_service_client::AgentServiceClient;
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_gateway::Config;
 use pivgate_hw::piv::{Algorithm, PivClient, Slot};
 use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions, VirtualCard};
 use pivgate_hw::Pin;
 use pivgate_proto::v1 as pb;
-use pb::access_service_client::AccessServiceClient;
-use pb::admin_service_client::AdminServiceClient;
-use pb::agent_service_client::AgentServiceClient;
 use tonic::transport::Channel;
 
 /// OID arcs of id-PIV-cardAuth.

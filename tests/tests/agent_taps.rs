@@ -134,12 +134,9 @@ async fn two_terminals_on_one_agent_stay_independent() -> Result<()> {
     let site = Site::start(|_, _| {}).await?;
     let a = site.enrolled_card("op-a", &[], Algorithm::EccP256).await?;
     let b = site.enrolled_card("op-b", &[], Algorithm::EccP384).await?;
-    let agent = start_agent(
-        &site,
-        "pi-1",
-        &[TerminalSpec { id: "t1", reader: &r.name, keypad: true }, TerminalSpec { id: "t2", reader: &name2, keypad: true }],
-    )
-    .await?;
+    let agent =
+        start_agent(&site, "pi-1", &[TerminalSpec { id: "t1", reader: &r.name, keypad: true }, TerminalSpec { id: "t2", reader: &name2, keypad: true }])
+            .await?;
     let in_a = vpcd::insert(a.card(), r.addr)?;
     agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("t1", "123456#");

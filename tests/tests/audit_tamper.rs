@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use pivgate_gateway::store::AuditRecord;
 use pivgate_proto::v1 as pb;
+use pivgate_tests::binary;
 use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::site::{scratch, Site};
-use pivgate_tests::binary;
 
 fn ctl(dir: &Path, port: u16, args: &[&str]) -> Result<String> {
     let out = Command::new(binary("pivgatectl")?).args(["--gateway", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(dir).args(args).output()?;
@@ -88,7 +88,9 @@ fn truncated_and_rewritten_exports_are_reported_as_such() -> Result<()> {
     let c: pivgate_gateway::audit::Checkpoint = serde_json::from_slice(&std::fs::read(&cp)?)?;
     let key = c.public_key.clone();
     let exported: Vec<AuditRecord> = records.into_iter().filter(|r| r.index <= c.index).collect();
-    let verify = |file: &Path| ctl(&data, gw.port, &["audit", "verify", "--file", file.to_str().unwrap_or_default(), "--checkpoint", cp.to_str().unwrap_or_default(), "--key", &key]);
+    let verify = |file: &Path| {
+        ctl(&data, gw.port, &["audit", "verify", "--file", file.to_str().unwrap_or_default(), "--checkpoint", cp.to_str().unwrap_or_default(), "--key", &key])
+    };
 
     let intact = dir.join("intact.jsonl");
     write_log(&intact, &exported)?;

@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use pb::admin_service_client::AdminServiceClient;
 use pivgate_gateway::backup::{Header, KEY_FILES};
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::{binary, site::scratch};
-use pb::admin_service_client::AdminServiceClient;
 
 fn run(bin: &str, args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new(binary(bin)?).args(args).output()?;
@@ -79,7 +79,11 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let id = format!("w{w}-{n}");
-                    admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name: id.clone(), roles: vec![], enabled: true }) }).await?;
+                    admin
+                        .add_operator(pb::AddOperatorRequest {
+                            operator: Some(pb::Operator { operator_id: id.clone(), name: id.clone(), roles: vec![], enabled: true }),
+                        })
+                        .await?;
                     acked.lock().unwrap().push(id);
                     n += 1;
                 }

@@ -87,10 +87,7 @@ fn full_authentication(alg: Algorithm, compress: bool) -> Result<()> {
         let digest = digest_for(alg, b"challenge from the gateway");
         assert_eq!(piv.pin_status()?, PinStatus::TriesLeft(3));
         // 9A refuses before the PIN.
-        assert!(matches!(
-            piv.sign(Slot::Authentication, alg, &digest),
-            Err(Error::SecurityStatusNotSatisfied { .. })
-        ));
+        assert!(matches!(piv.sign(Slot::Authentication, alg, &digest), Err(Error::SecurityStatusNotSatisfied { .. })));
         // 9E needs no PIN.
         let sig_9e = piv.sign(Slot::CardAuthentication, alg, &digest)?;
         verify_signature(&cert_9e, &digest, &sig_9e)?;
@@ -106,10 +103,7 @@ fn full_authentication(alg: Algorithm, compress: bool) -> Result<()> {
 
         // After the tap the PIN state is reset: the next person gets nothing.
         assert!(piv.reset_pin_state()?);
-        assert!(matches!(
-            piv.sign(Slot::Authentication, alg, &digest),
-            Err(Error::SecurityStatusNotSatisfied { .. })
-        ));
+        assert!(matches!(piv.sign(Slot::Authentication, alg, &digest), Err(Error::SecurityStatusNotSatisfied { .. })));
         assert_eq!(piv.pin_status()?, PinStatus::TriesLeft(3));
     }
     card.disconnect(false)?;
@@ -176,10 +170,7 @@ fn a_card_pulled_mid_exchange_gives_an_error_and_the_next_card_works() -> Result
         piv.read_certificate(Slot::Authentication)
     })();
     let err = result.expect_err("reading from a card that left must fail");
-    assert!(
-        matches!(err, Error::CardRemoved | Error::ReaderUnavailable | Error::Pcsc(_)),
-        "unexpected error {err:?}"
-    );
+    assert!(matches!(err, Error::CardRemoved | Error::ReaderUnavailable | Error::Pcsc(_)), "unexpected error {err:?}");
     wait_event(&rx, &r.name, T, |e| matches!(e, ReaderEvent::CardRemoved { .. }))?;
     let _ = card.disconnect(false);
     let _ = inserted.remove();

@@ -89,7 +89,8 @@ async fn an_installation_that_lost_a_part_is_refused_with_what_to_do() -> Result
     let gw = GatewayProcess::start(&data, &[])?;
     administrator_works(&gw).await?;
     drop(gw);
-    let start = |data: &std::path::Path| Command::new(binary("pivgate-gateway").unwrap()).arg("--data-dir").arg(data).args(["--listen", "127.0.0.1:0"]).output();
+    let start =
+        |data: &std::path::Path| Command::new(binary("pivgate-gateway").unwrap()).arg("--data-dir").arg(data).args(["--listen", "127.0.0.1:0"]).output();
 
     // The database gone: refused, not started empty on the same CA.
     let db = data.join("db");

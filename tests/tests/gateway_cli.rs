@@ -6,17 +6,13 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use pivgate_tests::process::GatewayProcess;
 use pivgate_hw::piv::Algorithm;
 use pivgate_hw::vcard::{Profile, ProfileOptions};
+use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::{binary, site::scratch};
 
 fn ctl(dir: &Path, port: u16, args: &[&str]) -> Result<String> {
-    let out = Command::new(binary("pivgatectl")?)
-        .args(["--gateway", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir)
-        .args(args)
-        .output()?;
+    let out = Command::new(binary("pivgatectl")?).args(["--gateway", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(dir).args(args).output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         bail!("pivgatectl {args:?} failed: {text}");

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use pb::admin_service_client::AdminServiceClient;
+use pb::agent_service_client::AgentServiceClient;
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_hw::piv::Slot;
 use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::site::{scratch, tap, Tap};
-use pb::admin_service_client::AdminServiceClient;
-use pb::agent_service_client::AgentServiceClient;
 
 const AGENTS: usize = 4;
 const CYCLES: usize = 100;
@@ -56,7 +56,9 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
         let ca = IssuingCa { cert_pem: issuer.cert_pem.clone(), key_pem: issuer.key_pem.clone() };
         let p = Profile::generate_with_ca(ca, &ProfileOptions::default())?;
         admin
-            .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: format!("op-{i}"), name: format!("Op {i}"), roles: vec![], enabled: true }) })
+            .add_operator(pb::AddOperatorRequest {
+                operator: Some(pb::Operator { operator_id: format!("op-{i}"), name: format!("Op {i}"), roles: vec![], enabled: true }),
+            })
             .await?;
         admin
             .enrol_card(pb::EnrolCardRequest {
@@ -72,7 +74,12 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
     use rcgen::PublicKeyData;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let issued = admin
-        .issue_certificate(pb::IssueCertificateRequest { role: pb::ServiceRole::Agent as i32, name: "pi".into(), public_key: key.subject_public_key_info(), validity_days: 1 })
+        .issue_certificate(pb::IssueCertificateRequest {
+            role: pb::ServiceRole::Agent as i32,
+            name: "pi".into(),
+            public_key: key.subject_public_key_info(),
+            validity_days: 1,
+        })
         .await?
         .into_inner();
     let agent_creds = Credentials { ca_pem: issued.ca_pem, cert_pem: issued.certificate_pem, key_pem: key.serialize_pem() };
@@ -100,11 +107,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
                         Ok(Tap::Denied(d)) => panic!("cycle {cycle}: a valid proof was denied: {d:?}"),
                         Err(_) => return n, // the gateway died under us
                     }
-                    if agent
-                        .report_card_removed(pb::ReportCardRemovedRequest { terminal_id: terminal.clone(), card_uuid: vec![] })
-                        .await
-                        .is_err()
-                    {
+                    if agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: terminal.clone(), card_uuid: vec![] }).await.is_err() {
                         return n;
                     }
                 }

@@ -17,7 +17,10 @@ async fn health_and_reflection_answer_over_mutual_tls() -> Result<()> {
         let r = health.check(tonic_health::pb::HealthCheckRequest { service: svc.into() }).await?.into_inner();
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{svc}");
     }
-    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
     let mut refl = ServerReflectionClient::new(ch.clone());
     let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
     let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use pb::agent_service_client::AgentServiceClient;
 use pivgate_hw::piv::{Algorithm, Slot};
 use pivgate_hw::vcard::{IssuingCa, Profile, Validity};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::site::{begin, complete, scratch, sign, sign_digest, tap, Site, Tap};
-use pb::agent_service_client::AgentServiceClient;
 use tonic::transport::Channel;
 
 const T: &str = "admin-panel";
@@ -85,7 +85,9 @@ async fn card_authentication_certificate_offered_for_the_pin_slot() -> Result<()
     let mut agent = site.agent("pi-1", &[T]).await?;
     let profile = site.card(Algorithm::EccP256)?;
     let mut admin = site.admin().await?;
-    admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Op".into(), roles: vec![], enabled: true }) }).await?;
+    admin
+        .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Op".into(), roles: vec![], enabled: true }) })
+        .await?;
     admin
         .enrol_card(pb::EnrolCardRequest {
             operator_id: "op-1".into(),
@@ -160,10 +162,8 @@ async fn wrong_extended_key_usage() -> Result<()> {
 async fn wrong_certificate_policy() -> Result<()> {
     card_only_refusal(pb::DenyReason::WrongPolicy, |s, p| {
         issue_9e(s, p, Validity::days(30), |params| {
-            params.custom_extensions[1] = rcgen::CustomExtension::from_oid_content(
-                &[2, 5, 29, 32],
-                pivgate_hw::vcard::profile::certificate_policies(&[1, 3, 6, 1, 4, 1, 99999, 1]),
-            )
+            params.custom_extensions[1] =
+                rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 32], pivgate_hw::vcard::profile::certificate_policies(&[1, 3, 6, 1, 4, 1, 99999, 1]))
         })
     })
     .await
@@ -204,10 +204,7 @@ async fn key_algorithm_pivgate_does_not_accept() -> Result<()> {
 #[tokio::test]
 async fn card_on_the_deny_list() -> Result<()> {
     let (site, mut agent, profile) = setup(&[pb::Mechanism::CardAndPin]).await?;
-    site.admin()
-        .await?
-        .revoke_card(pb::RevokeCardRequest { card_uuid: profile.chuid.uuid_string(), reason: "lost".into() })
-        .await?;
+    site.admin().await?.revoke_card(pb::RevokeCardRequest { card_uuid: profile.chuid.uuid_string(), reason: "lost".into() }).await?;
     expect_refusal(&site, pb::DenyReason::RevokedDenyList, tap(&mut agent, T, &mut profile.card(), "123456", pb::Mechanism::Unspecified)).await
 }
 
@@ -242,7 +239,6 @@ async fn certificate_revoked_by_the_issuers_crl() -> Result<()> {
     assert!(granted.detail_json.contains("deny-list+crl:") && granted.detail_json.contains("crl_age_s"), "{}", granted.detail_json);
     Ok(())
 }
-
 
 #[tokio::test]
 async fn crl_past_its_next_update_under_a_strict_policy() -> Result<()> {
@@ -436,9 +432,7 @@ async fn transport_refusals_are_audited_and_unlock_nothing() -> Result<()> {
 
     // 1. A client with no certificate: the handshake fails.
     let admin = site.admin_credentials()?;
-    let no_cert = tonic::transport::ClientTlsConfig::new()
-        .domain_name("localhost")
-        .ca_certificate(tonic::transport::Certificate::from_pem(&admin.ca_pem));
+    let no_cert = tonic::transport::ClientTlsConfig::new().domain_name("localhost").ca_certificate(tonic::transport::Certificate::from_pem(&admin.ca_pem));
     let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", site.addr))?.tls_config(no_cert)?.connect().await;
     if let Ok(ch) = ch {
         let r = AgentServiceClient::new(ch).complete_authentication(complete_req.clone()).await;

@@ -49,7 +49,8 @@ async fn a_hundred_thousand_operators_page_whole_and_in_order() -> Result<()> {
                     Change::Operator(pivgate_gateway::model::Operator { name: format!("Operator {id}"), id, roles: vec!["dispatcher".into()], enabled: true })
                 })
                 .collect();
-            let entry = AuditEntry { kind: "admin.add_operator", actor: "test".into(), terminal_id: String::new(), detail: serde_json::json!({ "batch": batch }) };
+            let entry =
+                AuditEntry { kind: "admin.add_operator", actor: "test".into(), terminal_id: String::new(), detail: serde_json::json!({ "batch": batch }) };
             store.record(entry, changes, 0)?;
         }
         store.sync()?;
@@ -71,11 +72,14 @@ async fn every_list_pages_and_a_page_resumes_after_its_last_item_while_the_list_
     let mut admin = site.admin().await?;
     for i in 0..7 {
         admin
-            .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: format!("o{i}"), name: String::new(), roles: vec![], enabled: true }) })
+            .add_operator(pb::AddOperatorRequest {
+                operator: Some(pb::Operator { operator_id: format!("o{i}"), name: String::new(), roles: vec![], enabled: true }),
+            })
             .await?;
         admin.bind_agent(pb::BindAgentRequest { agent_name: format!("pi-{i}"), terminal_ids: vec![format!("t{i}")] }).await?;
     }
-    let cards = [site.enrolled_card("o1", &[], pivgate_hw::piv::Algorithm::EccP256).await?, site.enrolled_card("o1", &[], pivgate_hw::piv::Algorithm::EccP256).await?];
+    let cards =
+        [site.enrolled_card("o1", &[], pivgate_hw::piv::Algorithm::EccP256).await?, site.enrolled_card("o1", &[], pivgate_hw::piv::Algorithm::EccP256).await?];
     site.enrolled_card("o2", &[], pivgate_hw::piv::Algorithm::EccP256).await?;
 
     // Operators, three at a time; one added behind the cursor and one ahead
@@ -84,7 +88,9 @@ async fn every_list_pages_and_a_page_resumes_after_its_last_item_while_the_list_
     let mut seen: Vec<String> = r.operators.iter().map(|o| o.operator_id.clone()).collect();
     ensure!(seen == ["o0", "o1", "o2"], "{seen:?}");
     for id in ["a-behind", "z-ahead"] {
-        admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.into(), name: String::new(), roles: vec![], enabled: true }) }).await?;
+        admin
+            .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.into(), name: String::new(), roles: vec![], enabled: true }) })
+            .await?;
     }
     let mut token = r.next_page_token;
     while !token.is_empty() {
@@ -127,7 +133,8 @@ async fn every_list_pages_and_a_page_resumes_after_its_last_item_while_the_list_
     ensure!(first.cards.len() == 1 && !first.next_page_token.is_empty());
     let second = admin.list_cards(pb::ListCardsRequest { page_token: first.next_page_token, ..list_cards("o1", 1) }).await?.into_inner();
     let o1: BTreeSet<String> = first.cards.iter().chain(&second.cards).map(|c| c.certificate_sha256.clone()).collect();
-    let want: BTreeSet<String> = cards.iter().map(|p| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&p.certificates[&pivgate_hw::piv::Slot::Authentication]))).collect();
+    let want: BTreeSet<String> =
+        cards.iter().map(|p| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&p.certificates[&pivgate_hw::piv::Slot::Authentication]))).collect();
     ensure!(o1 == want && second.cards.iter().all(|c| c.operator_id == "o1"), "o1's cards: {o1:?}");
 
     // A token the gateway did not give is refused, and says which field.

@@ -157,10 +157,7 @@ fn an_integrator_personalises_the_virtual_card_with_yubico_piv_tool() -> Result<
         piv.verify_pin(&Pin::new(b"135790")?)?;
         let sig = piv.sign(Slot::Signature, Algorithm::EccP256, &digest)?;
         verify_signature(&cert, &digest, &sig)?;
-        assert!(
-            piv.sign(Slot::Signature, Algorithm::EccP256, &digest).is_err(),
-            "9C signed twice on one VERIFY"
-        );
+        assert!(piv.sign(Slot::Signature, Algorithm::EccP256, &digest).is_err(), "9C signed twice on one VERIFY");
     }
     card.disconnect(false)?;
     inserted.remove();

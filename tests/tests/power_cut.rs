@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use pb::admin_service_client::AdminServiceClient;
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::powercut::PowerCut;
 use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::site::scratch;
-use pb::admin_service_client::AdminServiceClient;
 
 const WRITERS: usize = 3;
 
@@ -116,7 +116,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
     for round in 0..cuts {
         let tasks = writers(gw.addr(), admin_creds.clone(), round, acked.clone());
         tokio::time::sleep(Duration::from_millis(50 + rng.next() % 700)).await;
-        if rng.next() % 4 == 0 {
+        if rng.next().is_multiple_of(4) {
             // Between writes: the administrators stop, then the power goes.
             for t in &tasks {
                 t.abort();
@@ -127,7 +127,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await.context("a writer hung after the gateway died")?;
         }
         disk.cut()?;
-        if rng.next() % 3 == 0 {
+        if rng.next().is_multiple_of(3) {
             // And again while the gateway starts (sled writes a snapshot
             // at every start).
             gw.relaunch()?;
@@ -138,7 +138,9 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
         gw.restart().with_context(|| format!("start after cut {round} (seed {seed})"))?;
 
         ensure!(std::fs::read(data.join("service-ca.pem"))? == ca, "cut {round}: the service CA changed");
-        let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &admin_creds).await.with_context(|| format!("cut {round}: the first administrator no longer gets in"))?);
+        let mut admin = AdminServiceClient::new(
+            connect(&gw.addr(), "localhost", &admin_creds).await.with_context(|| format!("cut {round}: the first administrator no longer gets in"))?,
+        );
         let have = operators(&mut admin).await?;
         let lost: Vec<_> = acked.lock().unwrap().iter().filter(|id| !have.contains(*id)).cloned().collect();
         if !lost.is_empty() {
@@ -175,7 +177,9 @@ async fn a_kill_or_power_cut_at_any_step_of_a_restart_loses_nothing() -> Result<
     let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
     for i in 0..40 {
         let id = format!("op-{i}");
-        admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name: id.clone(), roles: vec![], enabled: true }) }).await?;
+        admin
+            .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name: id.clone(), roles: vec![], enabled: true }) })
+            .await?;
         want.insert(id);
     }
     drop(admin);

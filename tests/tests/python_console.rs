@@ -12,7 +12,8 @@ use pivgate_tests::site::{scratch, tap, Site, Tap};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_console_sees_unlocks_and_locks() -> Result<()> {
-    let pythonpath = std::env::var("PIVGATE_PYTHONPATH").context("PIVGATE_PYTHONPATH is not set: run the suite with `deploy/dev test`, which installs grpcio")?;
+    let pythonpath =
+        std::env::var("PIVGATE_PYTHONPATH").context("PIVGATE_PYTHONPATH is not set: run the suite with `deploy/dev test`, which installs grpcio")?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = scratch("python");
     let gen = dir.join("gen");

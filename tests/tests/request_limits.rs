@@ -57,11 +57,7 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
         }
         too_large("AddOperator.roles", admin.add_operator(op("op-1", "n", vec![big.clone()])).await, f("operator.roles"))?;
         too_large("GetOperator", admin.get_operator(pb::GetOperatorRequest { operator_id: big.clone() }).await, f("operator_id"))?;
-        too_large(
-            "EnrolCard",
-            admin.enrol_card(pb::EnrolCardRequest { operator_id: big.clone(), certificate: vec![], slot: 1 }).await,
-            f("operator_id"),
-        )?;
+        too_large("EnrolCard", admin.enrol_card(pb::EnrolCardRequest { operator_id: big.clone(), certificate: vec![], slot: 1 }).await, f("operator_id"))?;
         if big.len() > 300 {
             too_large(
                 "RevokeCard.reason",
@@ -69,11 +65,7 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
                 f("reason"),
             )?;
         }
-        too_large(
-            "BindAgent.agent_name",
-            admin.bind_agent(pb::BindAgentRequest { agent_name: big.clone(), terminal_ids: vec![] }).await,
-            f("agent_name"),
-        )?;
+        too_large("BindAgent.agent_name", admin.bind_agent(pb::BindAgentRequest { agent_name: big.clone(), terminal_ids: vec![] }).await, f("agent_name"))?;
         too_large(
             "BindAgent.terminal_ids",
             admin.bind_agent(pb::BindAgentRequest { agent_name: "pi-1".into(), terminal_ids: vec![big.clone()] }).await,
@@ -81,9 +73,7 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
         )?;
         too_large(
             "SetTerminalPolicy.terminal_id",
-            admin
-                .set_terminal_policy(pb::SetTerminalPolicyRequest { terminal_id: big.clone(), allowed_mechanisms: vec![1], ..Default::default() })
-                .await,
+            admin.set_terminal_policy(pb::SetTerminalPolicyRequest { terminal_id: big.clone(), allowed_mechanisms: vec![1], ..Default::default() }).await,
             f("terminal_id"),
         )?;
         too_large(
@@ -106,16 +96,12 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
         )?;
         too_large(
             "BeginAuthentication",
-            agent
-                .begin_authentication(pb::BeginAuthenticationRequest { terminal_id: big.clone(), card_uuid: vec![0; 16], ..Default::default() })
-                .await,
+            agent.begin_authentication(pb::BeginAuthenticationRequest { terminal_id: big.clone(), card_uuid: vec![0; 16], ..Default::default() }).await,
             f("terminal_id"),
         )?;
         too_large(
             "CompleteAuthentication",
-            agent
-                .complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: big.clone(), signature: vec![] })
-                .await,
+            agent.complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: big.clone(), signature: vec![] }).await,
             f("terminal_id"),
         )?;
         too_large(
@@ -124,17 +110,11 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
             f("terminal_id"),
         )?;
         too_large("GetTerminalState", app.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: big.clone() }).await, f("terminal_id"))?;
-        too_large(
-            "WatchEvents",
-            app.watch_events(pb::WatchEventsRequest { after_sequence: 0, terminal_ids: vec![big.clone()] }).await,
-            f("terminal_ids"),
-        )?;
+        too_large("WatchEvents", app.watch_events(pb::WatchEventsRequest { after_sequence: 0, terminal_ids: vec![big.clone()] }).await, f("terminal_ids"))?;
         // A presence message with an oversized terminal ends the stream
         // with INVALID_ARGUMENT.
-        let report = pb::PresenceRequest {
-            agent_version: "test".into(),
-            terminals: vec![pb::TerminalReport { terminal_id: big.clone(), ..Default::default() }],
-        };
+        let report =
+            pb::PresenceRequest { agent_version: "test".into(), terminals: vec![pb::TerminalReport { terminal_id: big.clone(), ..Default::default() }] };
         let mut replies = agent.presence(tokio_stream::iter(vec![report])).await?.into_inner();
         match tokio::time::timeout(Duration::from_secs(5), replies.message()).await? {
             Err(s) if s.code() == Code::InvalidArgument || (field.is_none() && s.code() == Code::OutOfRange) => {}
@@ -207,9 +187,7 @@ async fn a_flood_of_refusals_from_one_caller_writes_at_most_its_budget() -> Resu
     // Another caller is not affected by the flood.
     let mut other = site.agent("pi-2", &["t2"]).await?;
     let before = site.audit_len().await?;
-    other
-        .complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: "t2".into(), signature: vec![1] })
-        .await?;
+    other.complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: "t2".into(), signature: vec![1] }).await?;
     assert!(site.audit_after(before).await?.iter().any(|r| r.kind == "auth.denied" && r.actor == "agent:pi-2"));
     Ok(())
 }

@@ -122,10 +122,7 @@ async fn a_policy_change_locks_the_sessions_it_no_longer_allows() -> Result<()> 
 #[tokio::test]
 async fn a_crl_that_revokes_the_certificate_locks_the_session() -> Result<()> {
     let issuer = IssuingCa::generate("test card issuer CA")?;
-    let profile = Profile::generate_with_ca(
-        IssuingCa { cert_pem: issuer.cert_pem.clone(), key_pem: issuer.key_pem.clone() },
-        &ProfileOptions::default(),
-    )?;
+    let profile = Profile::generate_with_ca(IssuingCa { cert_pem: issuer.cert_pem.clone(), key_pem: issuer.key_pem.clone() }, &ProfileOptions::default())?;
     let dir = scratch("session-crl");
     let crl_path = dir.join("issuer.crl");
     std::fs::write(&crl_path, pki::crl(&issuer, &CrlSpec::revoking(&[], 1))?)?;

@@ -67,10 +67,7 @@ impl pb::agent_service_server::AgentService for Impostor {
         Ok(Response::new(pb::BeginAuthenticationResponse { outcome: Some(pb::begin_authentication_response::Outcome::Challenge(challenge)) }))
     }
 
-    async fn complete_authentication(
-        &self,
-        _: Request<pb::CompleteAuthenticationRequest>,
-    ) -> Result<Response<pb::CompleteAuthenticationResponse>, Status> {
+    async fn complete_authentication(&self, _: Request<pb::CompleteAuthenticationRequest>) -> Result<Response<pb::CompleteAuthenticationResponse>, Status> {
         self.completions.fetch_add(1, Ordering::SeqCst);
         Err(Status::unavailable("the impostor got a signature"))
     }

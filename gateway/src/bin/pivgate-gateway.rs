@@ -57,9 +57,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
     let args = Args::parse();
     if let Some(Cmd::Restore { file, keys, data_dir }) = &args.command {
         let s = pivgate_gateway::backup::restore(file, keys, data_dir).with_context(|| format!("restoring {}", file.display()))?;

@@ -17,12 +17,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use pivgate_gateway::client::{connect, Credentials};
-use pivgate_gateway::audit::{self, Checkpoint};
-use pivgate_gateway::store::AuditRecord;
-use pivgate_proto::v1 as pb;
 use pb::access_service_client::AccessServiceClient;
 use pb::admin_service_client::AdminServiceClient;
+use pivgate_gateway::audit::{self, Checkpoint};
+use pivgate_gateway::client::{connect, Credentials};
+use pivgate_gateway::store::AuditRecord;
+use pivgate_proto::v1 as pb;
 
 /// Administer a pivgate gateway.
 #[derive(Parser)]
@@ -297,7 +297,9 @@ async fn main() -> Result<()> {
     let mut out = Escaped(std::io::stdout().lock());
     match args.command {
         Command::Operator(OperatorCmd::Add { id, name, role, disabled }) => {
-            admin.add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name, roles: role, enabled: !disabled }) }).await?;
+            admin
+                .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name, roles: role, enabled: !disabled }) })
+                .await?;
             writeln!(out, "operator {id} added")?;
         }
         Command::Operator(OperatorCmd::List) => {
@@ -332,13 +334,19 @@ async fn main() -> Result<()> {
                 SlotArg::A => pb::KeySlot::PivAuthentication,
                 SlotArg::E => pb::KeySlot::CardAuthentication,
             };
-            let c = admin.enrol_card(pb::EnrolCardRequest { operator_id: operator, certificate: der, slot: slot as i32 }).await?.into_inner().card.unwrap_or_default();
+            let c = admin
+                .enrol_card(pb::EnrolCardRequest { operator_id: operator, certificate: der, slot: slot as i32 })
+                .await?
+                .into_inner()
+                .card
+                .unwrap_or_default();
             writeln!(out, "card {} enrolled for {}", c.card_uuid, c.operator_id)?;
         }
         Command::Card(CardCmd::List { operator }) => {
             let mut page_token = String::new();
             loop {
-                let r = admin.list_cards(pb::ListCardsRequest { page_size: 0, page_token, operator_id: operator.clone().unwrap_or_default() }).await?.into_inner();
+                let r =
+                    admin.list_cards(pb::ListCardsRequest { page_size: 0, page_token, operator_id: operator.clone().unwrap_or_default() }).await?.into_inner();
                 for c in r.cards {
                     writeln!(out, "{}\t{}\t{}\t{}", c.card_uuid, c.operator_id, c.certificate_sha256, if c.revoked { "revoked" } else { "active" })?;
                 }
@@ -378,7 +386,13 @@ async fn main() -> Result<()> {
                 })
                 .collect();
             admin
-                .set_terminal_policy(pb::SetTerminalPolicyRequest { terminal_id: id.clone(), allowed_mechanisms: mechs, allowed_roles: role, idle_timeout_s: 0, max_session_s })
+                .set_terminal_policy(pb::SetTerminalPolicyRequest {
+                    terminal_id: id.clone(),
+                    allowed_mechanisms: mechs,
+                    allowed_roles: role,
+                    idle_timeout_s: 0,
+                    max_session_s,
+                })
                 .await?;
             writeln!(out, "terminal {id} policy set")?;
         }
@@ -430,7 +444,8 @@ async fn main() -> Result<()> {
             let taken = async {
                 use std::os::unix::fs::OpenOptionsExt;
                 // The audit log and every card: readable by its owner alone.
-                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| tmp.display().to_string())?;
+                let mut file =
+                    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| tmp.display().to_string())?;
                 let mut stream = admin.backup(pb::BackupRequest {}).await?.into_inner();
                 let mut bytes = 0u64;
                 while let Some(chunk) = stream.message().await? {
@@ -461,7 +476,15 @@ async fn main() -> Result<()> {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&dir)?.sync_all()?;
             let h = summary.header;
-            writeln!(out, "backup written to {}: audit records 1..{} (head {}), events 1..{}, {} entries, {bytes} bytes", path.display(), h.audit_index, h.audit_hash, h.event_sequence, summary.entries)?;
+            writeln!(
+                out,
+                "backup written to {}: audit records 1..{} (head {}), events 1..{}, {} entries, {bytes} bytes",
+                path.display(),
+                h.audit_index,
+                h.audit_hash,
+                h.event_sequence,
+                summary.entries
+            )?;
         }
         Command::Audit(AuditCmd::Verify { .. }) => {
             let r = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
@@ -491,7 +514,12 @@ async fn main() -> Result<()> {
                 RoleArg::Admin => pb::ServiceRole::Admin,
             };
             let r = admin
-                .issue_certificate(pb::IssueCertificateRequest { role: role as i32, name: name.clone(), public_key: key.subject_public_key_info(), validity_days: days })
+                .issue_certificate(pb::IssueCertificateRequest {
+                    role: role as i32,
+                    name: name.clone(),
+                    public_key: key.subject_public_key_info(),
+                    validity_days: days,
+                })
                 .await?
                 .into_inner();
             std::fs::create_dir_all(&out_dir)?;
@@ -508,7 +536,9 @@ async fn main() -> Result<()> {
             while let Some(m) = s.message().await? {
                 let e = m.event.unwrap_or_default();
                 match e.kind {
-                    Some(pb::event::Kind::Unlocked(u)) => writeln!(out, "{}\t{}\tunlocked by {} ({})", e.sequence, e.terminal_id, u.operator_id, u.operator_name)?,
+                    Some(pb::event::Kind::Unlocked(u)) => {
+                        writeln!(out, "{}\t{}\tunlocked by {} ({})", e.sequence, e.terminal_id, u.operator_id, u.operator_name)?
+                    }
                     Some(pb::event::Kind::Locked(l)) => writeln!(
                         out,
                         "{}\t{}\tlocked ({})",

@@ -64,7 +64,6 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-
     let args = Args::parse();
     let opts = ProfileOptions {
         algorithm: match args.algorithm {
@@ -102,5 +101,3 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
-
-

@@ -17,8 +17,7 @@ use crate::error::{Error, Result};
 /// Layout of the common 3x4 telephone keypad.
 pub const LAYOUT_3X4: [[char; 3]; 4] = [['1', '2', '3'], ['4', '5', '6'], ['7', '8', '9'], ['*', '0', '#']];
 /// Layout of the common 4x4 keypad.
-pub const LAYOUT_4X4: [[char; 4]; 4] =
-    [['1', '2', '3', 'A'], ['4', '5', '6', 'B'], ['7', '8', '9', 'C'], ['*', '0', '#', 'D']];
+pub const LAYOUT_4X4: [[char; 4]; 4] = [['1', '2', '3', 'A'], ['4', '5', '6', 'B'], ['7', '8', '9', 'C'], ['*', '0', '#', 'D']];
 
 /// A matrix keypad with `R` rows and `C` columns.
 pub struct MatrixKeypad<O, I, const R: usize, const C: usize> {

@@ -172,12 +172,7 @@ fn sleep_unless_stopped(shared: &Shared, d: Duration) {
 }
 
 /// Watches until stopped (`Ok`) or until pcscd fails (`Err`).
-fn watch(
-    ctx: &Context,
-    shared: &Shared,
-    known: &mut BTreeMap<String, Known>,
-    sink: &mut impl FnMut(ReaderEvent),
-) -> Result<(), ::pcsc::Error> {
+fn watch(ctx: &Context, shared: &Shared, known: &mut BTreeMap<String, Known>, sink: &mut impl FnMut(ReaderEvent)) -> Result<(), ::pcsc::Error> {
     let pnp = pnp_reader().to_owned();
     let mut states = vec![ReaderState::new(pnp.clone(), State::UNAWARE)];
     loop {

@@ -88,14 +88,7 @@ pub struct PivClient<T> {
 impl<T: Transport> PivClient<T> {
     /// A client with default limits and the system clock.
     pub fn new(transport: T) -> Self {
-        PivClient {
-            transport,
-            clock: Box::new(SystemClock),
-            limits: Limits::default(),
-            deadline: None,
-            pin_blocked: false,
-            stats: Stats::default(),
-        }
+        PivClient { transport, clock: Box::new(SystemClock), limits: Limits::default(), deadline: None, pin_blocked: false, stats: Stats::default() }
     }
 
     /// Replaces the limits.
@@ -268,9 +261,7 @@ impl<T: Transport> PivClient<T> {
         tlv::write(&mut inner, 0x82, &[]);
         tlv::write(&mut inner, 0x81, &input);
         let le = if self.transport.supports_extended() { 65536 } else { 256 };
-        let cmd = Command::new(Ins::GeneralAuthenticate, algorithm.id(), slot.key_ref())
-            .with_data(tlv::encode(0x7C, &inner))
-            .with_le(le);
+        let cmd = Command::new(Ins::GeneralAuthenticate, algorithm.id(), slot.key_ref()).with_data(tlv::encode(0x7C, &inner)).with_le(le);
         let r = self.exchange(CMD, &cmd)?;
         if r.sw != StatusWord::SUCCESS {
             return Err(status_error(CMD, r.sw));
@@ -298,8 +289,7 @@ impl<T: Transport> PivClient<T> {
             deadline = deadline.min(d);
         }
         let long = cmd.data.len() > 255 || cmd.le.is_some_and(|le| le > 256);
-        let apdus =
-            if long && self.transport.supports_extended() { vec![cmd.to_extended_apdu()?] } else { cmd.to_short_apdus() };
+        let apdus = if long && self.transport.supports_extended() { vec![cmd.to_extended_apdu()?] } else { cmd.to_short_apdus() };
         let mut last = None;
         let n = apdus.len();
         for (i, apdu) in apdus.iter().enumerate() {
@@ -345,11 +335,7 @@ impl<T: Transport> PivClient<T> {
     fn send(&mut self, apdu: &[u8], started: Instant, deadline: Instant) -> Result<Response> {
         let before = self.clock.now();
         if before >= deadline {
-            return Err(Error::Timeout {
-                what: "exchange",
-                elapsed: before - started,
-                limit: deadline.saturating_duration_since(started),
-            });
+            return Err(Error::Timeout { what: "exchange", elapsed: before - started, limit: deadline.saturating_duration_since(started) });
         }
         let raw = self.transport.transmit(apdu)?;
         let took = self.clock.now().saturating_duration_since(before);

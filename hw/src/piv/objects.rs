@@ -39,9 +39,8 @@ impl ApplicationProperties {
         if data.is_empty() {
             return Ok(Self::default());
         }
-        let apt = tlv::expect_single(data, 0x61)
-            .map_err(bad(CMD))?
-            .ok_or_else(|| Error::malformed(CMD, "response is not one application property template (61)"))?;
+        let apt =
+            tlv::expect_single(data, 0x61).map_err(bad(CMD))?.ok_or_else(|| Error::malformed(CMD, "response is not one application property template (61)"))?;
         let mut props = ApplicationProperties::default();
         for t in tlv::iter(apt) {
             let t = t.map_err(bad(CMD))?;
@@ -100,8 +99,7 @@ impl Chuid {
             let t = t.map_err(bad(CMD))?;
             match t.tag {
                 0x30 => {
-                    let raw: [u8; 25] =
-                        t.value.try_into().map_err(|_| Error::malformed(CMD, "FASC-N is not 25 bytes"))?;
+                    let raw: [u8; 25] = t.value.try_into().map_err(|_| Error::malformed(CMD, "FASC-N is not 25 bytes"))?;
                     fascn = Some(Fascn(raw));
                 }
                 0x34 => {
@@ -114,8 +112,7 @@ impl Chuid {
                     expiry = Some(String::from_utf8_lossy(t.value).into_owned());
                 }
                 0x36 => {
-                    cardholder_uuid =
-                        Some(t.value.try_into().map_err(|_| Error::malformed(CMD, "cardholder UUID is not 16 bytes"))?);
+                    cardholder_uuid = Some(t.value.try_into().map_err(|_| Error::malformed(CMD, "cardholder UUID is not 16 bytes"))?);
                 }
                 0x3E => signed = !t.value.is_empty(),
                 _ => {}
@@ -217,10 +214,7 @@ impl Fascn {
             return Err(Error::malformed(CMD, "LRC mismatch"));
         }
         let digits = |r: std::ops::Range<usize>| -> Result<String> {
-            chars[r]
-                .iter()
-                .map(|&c| if c <= 9 { Ok(char::from(b'0' + c)) } else { Err(Error::malformed(CMD, "digit expected")) })
-                .collect()
+            chars[r].iter().map(|&c| if c <= 9 { Ok(char::from(b'0' + c)) } else { Err(Error::malformed(CMD, "digit expected")) }).collect()
         };
         let expect = |i: usize, v: u8| if chars[i] == v { Ok(()) } else { Err(Error::malformed(CMD, "sentinel or separator")) };
         expect(0, SS)?;
@@ -304,13 +298,9 @@ impl Discovery {
     /// Parses a whole Discovery object (`7E L ...`).
     pub fn parse(data: &[u8]) -> Result<Self> {
         const CMD: &str = "GET DATA Discovery";
-        let inner = tlv::expect_single(data, 0x7E)
-            .map_err(bad(CMD))?
-            .ok_or_else(|| Error::malformed(CMD, "not a discovery object (7E)"))?;
+        let inner = tlv::expect_single(data, 0x7E).map_err(bad(CMD))?.ok_or_else(|| Error::malformed(CMD, "not a discovery object (7E)"))?;
         let aid = tlv::find(inner, 0x4F).map_err(bad(CMD))?.ok_or_else(|| Error::malformed(CMD, "no AID (4F)"))?;
-        let policy = tlv::find(inner, 0x5F2F)
-            .map_err(bad(CMD))?
-            .ok_or_else(|| Error::malformed(CMD, "no PIN usage policy (5F2F)"))?;
+        let policy = tlv::find(inner, 0x5F2F).map_err(bad(CMD))?.ok_or_else(|| Error::malformed(CMD, "no PIN usage policy (5F2F)"))?;
         let pin_usage_policy = policy.try_into().map_err(|_| Error::malformed(CMD, "PIN usage policy is not 2 bytes"))?;
         Ok(Discovery { aid: aid.to_vec(), pin_usage_policy })
     }

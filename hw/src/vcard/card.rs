@@ -75,7 +75,10 @@ fn parse_apdu(raw: &[u8]) -> Result<Apdu<'_>, StatusWord> {
     let (cla, ins, p1, p2) = (raw[0], raw[1], raw[2], raw[3]);
     let body = &raw[4..];
     let short_le = |b: u8| if b == 0 { 256 } else { usize::from(b) };
-    let ext_le = |hi: u8, lo: u8| match u16::from_be_bytes([hi, lo]) { 0 => 65536, n => usize::from(n) };
+    let ext_le = |hi: u8, lo: u8| match u16::from_be_bytes([hi, lo]) {
+        0 => 65536,
+        n => usize::from(n),
+    };
     let (data, le) = match body.len() {
         0 => (&[][..], None),
         1 => (&[][..], Some(short_le(body[0]))),
@@ -681,11 +684,7 @@ impl VirtualCard {
         let mut out = Vec::new();
         match key_ref {
             0x80 | 0x81 => {
-                let (max, left) = if key_ref == 0x80 {
-                    (self.contents.pin_tries_max, self.pin_tries)
-                } else {
-                    (DEFAULT_TRIES, self.puk_tries)
-                };
+                let (max, left) = if key_ref == 0x80 { (self.contents.pin_tries_max, self.pin_tries) } else { (DEFAULT_TRIES, self.puk_tries) };
                 tlv::write(&mut out, 0x01, &[0xFF]);
                 tlv::write(&mut out, 0x06, &[max, left]);
             }

@@ -28,9 +28,9 @@ impl CardKey {
         Ok(match alg {
             Algorithm::EccP256 => CardKey::P256(p256::SecretKey::random(&mut &mut *rng)),
             Algorithm::EccP384 => CardKey::P384(p384::SecretKey::random(&mut &mut *rng)),
-            Algorithm::Rsa2048 => CardKey::Rsa2048(Box::new(
-                rsa::RsaPrivateKey::new(rng, 2048).map_err(|e| Error::Profile(format!("RSA key generation: {e}")))?,
-            )),
+            Algorithm::Rsa2048 => {
+                CardKey::Rsa2048(Box::new(rsa::RsaPrivateKey::new(rng, 2048).map_err(|e| Error::Profile(format!("RSA key generation: {e}")))?))
+            }
             other => return Err(Error::Algorithm(other.id())),
         })
     }
@@ -51,15 +51,11 @@ impl CardKey {
         use p256::ecdsa::signature::hazmat::PrehashSigner;
         match self {
             CardKey::P256(k) => {
-                let sig: p256::ecdsa::Signature = p256::ecdsa::SigningKey::from(k)
-                    .sign_prehash(input)
-                    .map_err(|_| StatusWord::INCORRECT_DATA)?;
+                let sig: p256::ecdsa::Signature = p256::ecdsa::SigningKey::from(k).sign_prehash(input).map_err(|_| StatusWord::INCORRECT_DATA)?;
                 Ok(sig.to_der().as_bytes().to_vec())
             }
             CardKey::P384(k) => {
-                let sig: p384::ecdsa::Signature = p384::ecdsa::SigningKey::from(k)
-                    .sign_prehash(input)
-                    .map_err(|_| StatusWord::INCORRECT_DATA)?;
+                let sig: p384::ecdsa::Signature = p384::ecdsa::SigningKey::from(k).sign_prehash(input).map_err(|_| StatusWord::INCORRECT_DATA)?;
                 Ok(sig.to_der().as_bytes().to_vec())
             }
             CardKey::Rsa2048(k) => {
@@ -71,8 +67,7 @@ impl CardKey {
                 if &m >= k.n() {
                     return Err(StatusWord::INCORRECT_DATA);
                 }
-                let s = rsa::hazmat::rsa_decrypt_and_check(k.as_ref(), Some(rng), &m)
-                    .map_err(|_| StatusWord::UNKNOWN)?;
+                let s = rsa::hazmat::rsa_decrypt_and_check(k.as_ref(), Some(rng), &m).map_err(|_| StatusWord::UNKNOWN)?;
                 let mut out = s.to_bytes_be();
                 while out.len() < size {
                     out.insert(0, 0);

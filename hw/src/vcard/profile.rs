@@ -87,8 +87,7 @@ impl IssuingCa {
         params.distinguished_name.push(rcgen::DnType::CommonName, name);
         params.distinguished_name.push(rcgen::DnType::OrganizationName, "pivgate virtual card issuer");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(365 * 10);
@@ -130,9 +129,7 @@ impl IssuingCa {
         params.distinguished_name.push(rcgen::DnType::OrganizationName, "pivgate virtual card holders");
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         let (eku, policy) = match slot {
-            Slot::CardAuthentication => {
-                (rcgen::ExtendedKeyUsagePurpose::Other(OID_PIV_CARD_AUTH_EKU.to_vec()), OID_POLICY_COMMON_CARD_AUTH)
-            }
+            Slot::CardAuthentication => (rcgen::ExtendedKeyUsagePurpose::Other(OID_PIV_CARD_AUTH_EKU.to_vec()), OID_POLICY_COMMON_CARD_AUTH),
             _ => (rcgen::ExtendedKeyUsagePurpose::ClientAuth, OID_POLICY_COMMON_AUTH),
         };
         params.extended_key_usages = vec![eku];
@@ -282,10 +279,7 @@ impl Profile {
     fn write_objects(&mut self) -> Result<()> {
         let objects = &mut self.contents.objects;
         objects.insert(ObjectTag::CHUID.0, self.chuid.encode());
-        objects.insert(
-            ObjectTag::DISCOVERY.0,
-            Discovery { aid: PIV_AID.to_vec(), pin_usage_policy: [0x40, 0x00] }.encode(),
-        );
+        objects.insert(ObjectTag::DISCOVERY.0, Discovery { aid: PIV_AID.to_vec(), pin_usage_policy: [0x40, 0x00] }.encode());
         for (slot, der) in &self.certificates {
             let tag = slot.certificate_object().ok_or(Error::Profile("certificate for the management key".into()))?;
             let body = if self.compressed { gzip(der)? } else { der.clone() };
@@ -329,9 +323,7 @@ impl Profile {
 
     /// Loads a profile written by [`Profile::save`].
     pub fn load(dir: &Path) -> Result<Profile> {
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Profile(format!("{}: {e}", dir.join(name).display())))
-        };
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Profile(format!("{}: {e}", dir.join(name).display())));
         let t: CardToml = toml::from_str(&read("card.toml")?).map_err(|e| Error::Profile(format!("card.toml: {e}")))?;
         let guid = hex::decode(&t.guid).ok().and_then(|g| g.try_into().ok()).ok_or(Error::Profile("card.toml: guid is not 16 hex bytes".into()))?;
         let fascn = match &t.fascn {

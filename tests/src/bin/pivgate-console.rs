@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use pb::access_service_client::AccessServiceClient;
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
-use pb::access_service_client::AccessServiceClient;
 
 /// Watch pivgate terminals.
 #[derive(Parser)]
@@ -75,7 +75,10 @@ async fn main() -> Result<()> {
                 .await
                 .context("watching")?
                 .into_inner();
-            println!("console: watching {} from sequence {after}", if args.terminal.is_empty() { "all terminals".to_string() } else { args.terminal.join(", ") });
+            println!(
+                "console: watching {} from sequence {after}",
+                if args.terminal.is_empty() { "all terminals".to_string() } else { args.terminal.join(", ") }
+            );
             std::io::stdout().flush()?;
             while let Some(m) = stream.message().await? {
                 let e = m.event.unwrap_or_default();

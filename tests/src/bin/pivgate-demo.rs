@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use pb::admin_service_client::AdminServiceClient;
 use pivgate_agent::config::{Config as AgentConfig, GatewayConfig, IndicatorConfig, KeypadConfig, PinConfig, TerminalConfig};
 use pivgate_agent::terminal::{PinSource, TapResult};
 use pivgate_gateway::client::{connect, Credentials};
@@ -26,7 +27,6 @@ use pivgate_hw::indicator::{Indicator, Pattern};
 use pivgate_hw::piv::Slot;
 use pivgate_hw::vcard::{vpcd, Latency, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
-use pb::admin_service_client::AdminServiceClient;
 
 const TERMINAL: &str = "console-1";
 
@@ -160,7 +160,13 @@ async fn main() -> Result<()> {
             max_clock_skew_s: 300,
         },
         pin: PinConfig { idle_timeout_s: 60, total_timeout_s: 120 },
-        terminals: vec![TerminalConfig { id: TERMINAL.into(), reader: reader.into(), keypad: KeypadConfig::Simulated, indicator: IndicatorConfig::Log, card_only: false }],
+        terminals: vec![TerminalConfig {
+            id: TERMINAL.into(),
+            reader: reader.into(),
+            keypad: KeypadConfig::Simulated,
+            indicator: IndicatorConfig::Log,
+            card_only: false,
+        }],
     };
     let (keys, keypad) = pivgate_hw::keypad::sim::simulated();
     let mut io = pivgate_agent::Io::default();
