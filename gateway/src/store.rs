@@ -828,11 +828,6 @@ impl Store {
         self.terminals.iter().map(|r| dec(&r?.1)).collect()
     }
 
-    /// The underlying database (for the crash tests' inspection).
-    pub fn meta_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
-    }
-
     /// Flushes and syncs now (shutdown).
     pub fn sync(&self) -> Result<()> {
         self.db.flush()?;
