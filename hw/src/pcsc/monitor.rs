@@ -152,6 +152,28 @@ fn run(shared: &Shared, mut sink: impl FnMut(ReaderEvent)) {
     }
 }
 
+/// What a reader's new state means for the card in it, given what was
+/// known of the reader: a removal, an insertion, both (a swap), or
+/// nothing. pcsc-lite's event counter (`count`, in the upper bits of the
+/// event state) moves once per change; a card that is present now and was
+/// present before, with the counter moved twice or more, was swapped
+/// between two wake-ups. Updates `k`. Pure: the PC/SC calls are in
+/// [`watch`].
+fn card_transition(reader: &str, k: &mut Known, present: bool, count: u32, atr: &[u8]) -> Vec<ReaderEvent> {
+    let mut out = Vec::new();
+    let swapped = present && k.present.is_some() && count.wrapping_sub(k.events) >= 2;
+    if k.present.is_some() && (!present || swapped) {
+        k.present = None;
+        out.push(ReaderEvent::CardRemoved { reader: reader.to_string() });
+    }
+    if present && k.present.is_none() {
+        k.present = Some(atr.to_vec());
+        out.push(ReaderEvent::CardInserted { reader: reader.to_string(), atr: atr.to_vec() });
+    }
+    k.events = count;
+    out
+}
+
 fn forget_all(known: &mut BTreeMap<String, Known>, sink: &mut impl FnMut(ReaderEvent)) {
     for (reader, k) in std::mem::take(known) {
         if k.present.is_some() {
@@ -213,21 +235,67 @@ fn watch(ctx: &Context, shared: &Shared, known: &mut BTreeMap<String, Known>, si
                 continue;
             }
             let reader = s.name().to_string_lossy().into_owned();
-            let count = s.event_count();
             let present = ev.contains(State::PRESENT) && !ev.intersects(State::UNKNOWN | State::IGNORE);
             let k = known.entry(reader.clone()).or_default();
-            let swapped = present && k.present.is_some() && count.wrapping_sub(k.events) >= 2;
-            if k.present.is_some() && (!present || swapped) {
-                k.present = None;
-                sink(ReaderEvent::CardRemoved { reader: reader.clone() });
+            for e in card_transition(&reader, k, present, s.event_count(), s.atr()) {
+                sink(e);
             }
-            if present && k.present.is_none() {
-                let atr = s.atr().to_vec();
-                k.present = Some(atr.clone());
-                sink(ReaderEvent::CardInserted { reader, atr });
-            }
-            k.events = count;
             s.sync_current_state();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ATR_A: &[u8] = &[0x3b, 0x8a, 0x80];
+    const ATR_B: &[u8] = &[0x3b, 0xf8, 0x13];
+
+    fn removed() -> ReaderEvent {
+        ReaderEvent::CardRemoved { reader: "r".into() }
+    }
+    fn inserted(atr: &[u8]) -> ReaderEvent {
+        ReaderEvent::CardInserted { reader: "r".into(), atr: atr.to_vec() }
+    }
+
+    #[test]
+    fn a_card_put_in_and_taken_out_is_one_insertion_and_one_removal() {
+        let mut k = Known::default();
+        assert_eq!(card_transition("r", &mut k, true, 1, ATR_A), [inserted(ATR_A)]);
+        assert_eq!(card_transition("r", &mut k, false, 2, &[]), [removed()]);
+        assert!(card_transition("r", &mut k, false, 3, &[]).is_empty(), "an empty reader changing state says nothing");
+    }
+
+    #[test]
+    fn a_card_that_stays_while_its_state_changes_once_is_not_reported() {
+        let mut k = Known::default();
+        card_transition("r", &mut k, true, 4, ATR_A);
+        // INUSE or EXCLUSIVE coming and going moves the counter once.
+        assert!(card_transition("r", &mut k, true, 5, ATR_A).is_empty());
+        assert_eq!(k.present.as_deref(), Some(ATR_A));
+    }
+
+    #[test]
+    fn a_card_swapped_between_two_wake_ups_is_a_removal_and_an_insertion() {
+        let mut k = Known::default();
+        card_transition("r", &mut k, true, 10, ATR_A);
+        // Out and in again before the monitor woke: the counter moved twice.
+        assert_eq!(card_transition("r", &mut k, true, 12, ATR_B), [removed(), inserted(ATR_B)]);
+        assert_eq!(k.present.as_deref(), Some(ATR_B));
+    }
+
+    #[test]
+    fn the_counter_wrapping_around_still_shows_a_swap() {
+        let mut k = Known { present: Some(ATR_A.to_vec()), events: u32::MAX };
+        assert_eq!(card_transition("r", &mut k, true, 1, ATR_B), [removed(), inserted(ATR_B)]);
+        let mut k = Known { present: Some(ATR_A.to_vec()), events: u32::MAX };
+        assert!(card_transition("r", &mut k, true, 0, ATR_A).is_empty(), "one step across the wrap is no swap");
+    }
+
+    #[test]
+    fn a_card_present_when_the_monitor_starts_is_an_insertion() {
+        let mut k = Known::default();
+        assert_eq!(card_transition("r", &mut k, true, 0, ATR_A), [inserted(ATR_A)]);
     }
 }
