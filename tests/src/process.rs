@@ -113,6 +113,24 @@ impl GatewayProcess {
         Ok(())
     }
 
+    /// After a launch with `disk` armed to stop at a change: waits until
+    /// the gateway is held at that change (`true`) or serves its port,
+    /// having started with fewer changes (`false`), at most 20 s.
+    pub fn stopped_or_ready(&self, disk: &crate::powercut::PowerCut) -> Result<bool> {
+        let start = Instant::now();
+        loop {
+            if disk.wait_stopped(Duration::from_millis(50)) {
+                return Ok(true);
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(false);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("the gateway neither reached the change it was to stop at nor started");
+            }
+        }
+    }
+
     /// The address.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)

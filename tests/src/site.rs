@@ -385,3 +385,28 @@ pub async fn eventually<F: std::future::Future<Output = Result<bool>>>(timeout: 
 async fn pause_before_retry(_e: impl std::fmt::Display) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
+
+/// Every operator id the gateway has, page by page.
+pub async fn operator_ids(admin: &mut AdminServiceClient<Channel>) -> Result<std::collections::BTreeSet<String>> {
+    let (mut ids, mut page_token) = (std::collections::BTreeSet::new(), String::new());
+    loop {
+        let r = admin.list_operators(pb::ListOperatorsRequest { page_size: 1000, page_token }).await?.into_inner();
+        ids.extend(r.operators.into_iter().map(|o| o.operator_id));
+        if r.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+/// A small deterministic generator, seeded and printed by a test so a
+/// failing run can be replayed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next 31 bits.
+    pub fn draw(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}

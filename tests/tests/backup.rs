@@ -18,8 +18,9 @@ use pb::admin_service_client::AdminServiceClient;
 use pivgate_gateway::backup::{Header, KEY_FILES};
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
+use pivgate_tests::binary;
 use pivgate_tests::process::GatewayProcess;
-use pivgate_tests::{binary, site::scratch};
+use pivgate_tests::site::{operator_ids, scratch};
 
 fn run(bin: &str, args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new(binary(bin)?).args(args).output()?;
@@ -37,18 +38,6 @@ async fn audit(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> Res
         out.push(m.record.unwrap_or_default());
     }
     Ok(out)
-}
-
-async fn operators(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> Result<BTreeSet<String>> {
-    let (mut ids, mut page_token) = (BTreeSet::new(), String::new());
-    loop {
-        let r = admin.list_operators(pb::ListOperatorsRequest { page_size: 1000, page_token }).await?.into_inner();
-        ids.extend(r.operators.into_iter().map(|o| o.operator_id));
-        if r.next_page_token.is_empty() {
-            return Ok(ids);
-        }
-        page_token = r.next_page_token;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +127,7 @@ async fn a_backup_under_load_restores_to_the_same_state_and_a_tampered_one_is_re
         .filter(|r| r.kind == "admin.add_operator")
         .filter_map(|r| serde_json::from_str::<serde_json::Value>(&r.detail_json).ok()?["operator"].as_str().map(String::from))
         .collect();
-    let have = operators(&mut admin2).await?;
+    let have = operator_ids(&mut admin2).await?;
     ensure!(have == want, "restored operators: {} of {} as of the cut", have.len(), want.len());
     ensure!(before_backup.iter().all(|id| have.contains(id)), "an operator acknowledged before the backup began is missing");
     println!("backup cut at record {n} of {} under load; {} operators restored", original.len(), have.len());
@@ -207,7 +196,7 @@ async fn a_restore_interrupted_at_any_step_leaves_no_half_made_folder() -> Resul
     let file = dir.join("site.pgb");
     let (ok, said) = run("pivgatectl", &["--gateway", &gw.addr(), "--data-dir", &data.to_string_lossy(), "backup", "--out", &file.to_string_lossy()])?;
     ensure!(ok, "{said}");
-    let want = operators(&mut admin).await?;
+    let want = operator_ids(&mut admin).await?;
     drop(admin);
     drop(gw);
     let keys = dir.join("keys");
@@ -265,7 +254,7 @@ async fn a_restore_interrupted_at_any_step_leaves_no_half_made_folder() -> Resul
         // Whole: the gateway starts on it with every operator.
         let gw = GatewayProcess::start(&target, &[]).with_context(|| format!("{how} at change {n} of {whole}"))?;
         let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
-        let have = operators(&mut admin).await?;
+        let have = operator_ids(&mut admin).await?;
         ensure!(have == want, "{how} at change {n} of {whole}: {} operators of {}", have.len(), want.len());
     }
     ensure!(stops + 6 >= 2 * points.len(), "only {stops} stops over a restore's {whole} changes");

@@ -6,9 +6,8 @@
 //! part is refused with what to do, not started afresh.
 
 use std::process::Command;
-use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::powercut::PowerCut;
@@ -50,18 +49,7 @@ async fn a_kill_or_power_cut_at_any_step_of_the_first_start_never_leaves_a_half_
         let mut gw = GatewayProcess::launch(&data, &[], Some(&log))?;
         // A start makes about as many changes each time, not always
         // exactly: one that completes before its n-th is past the end.
-        let t = std::time::Instant::now();
-        let stopped = loop {
-            if disk.wait_stopped(Duration::from_millis(50)) {
-                break true;
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_ok() {
-                break false;
-            }
-            if t.elapsed() > Duration::from_secs(20) {
-                bail!("the first start neither reached its change {n} of about {whole} nor completed");
-            }
-        };
+        let stopped = gw.stopped_or_ready(&disk).with_context(|| format!("first start, change {n} of about {whole}"))?;
         if !stopped {
             tested_to = tested_to.max(n);
             continue;

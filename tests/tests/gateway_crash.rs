@@ -17,20 +17,10 @@ use pivgate_hw::piv::Slot;
 use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::GatewayProcess;
-use pivgate_tests::site::{scratch, tap, Tap};
+use pivgate_tests::site::{scratch, tap, Lcg, Tap};
 
 const AGENTS: usize = 4;
 const CYCLES: usize = 100;
-
-/// A small deterministic generator, seeded from the clock and printed, so a
-/// failing run can be replayed.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()> {
@@ -113,7 +103,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_millis(50 + rng.next() % 400)).await;
+        tokio::time::sleep(Duration::from_millis(50 + rng.draw() % 400)).await;
         gw.kill();
         for t in tasks {
             attempts += t.await?;
@@ -121,7 +111,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
         if cycle % 4 == 3 {
             // A kill while it starts again, too.
             gw.relaunch()?;
-            tokio::time::sleep(Duration::from_millis(rng.next() % 250)).await;
+            tokio::time::sleep(Duration::from_millis(rng.draw() % 250)).await;
             gw.kill();
         }
         gw.restart().with_context(|| format!("restart after kill {cycle}"))?;

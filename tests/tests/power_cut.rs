@@ -23,33 +23,12 @@ use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::powercut::PowerCut;
 use pivgate_tests::process::GatewayProcess;
-use pivgate_tests::site::scratch;
+use pivgate_tests::site::{operator_ids, scratch, Lcg};
 
 const WRITERS: usize = 3;
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
-}
-
-/// Every operator the gateway has.
-async fn operators(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> Result<BTreeSet<String>> {
-    let (mut ids, mut page_token) = (BTreeSet::new(), String::new());
-    loop {
-        let r = admin.list_operators(pb::ListOperatorsRequest { page_size: 1000, page_token }).await?.into_inner();
-        ids.extend(r.operators.into_iter().map(|o| o.operator_id));
-        if r.next_page_token.is_empty() {
-            return Ok(ids);
-        }
-        page_token = r.next_page_token;
-    }
 }
 
 /// Administrators adding operators until the gateway goes away; the ids it
@@ -100,7 +79,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
     // makes a whole installation or finds one.
     for i in 0..4 {
         let mut gw = GatewayProcess::launch(&data, &args, Some(&log))?;
-        std::thread::sleep(Duration::from_millis(rng.next() % (40 + 60 * i)));
+        std::thread::sleep(Duration::from_millis(rng.draw() % (40 + 60 * i)));
         gw.kill();
         disk.cut()?;
     }
@@ -109,14 +88,14 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
     let admin_creds = Credentials::admin_in(&data)?;
     let ca = std::fs::read(data.join("service-ca.pem"))?;
     let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &admin_creds).await?);
-    ensure!(operators(&mut admin).await?.is_empty(), "a new installation with operators");
+    ensure!(operator_ids(&mut admin).await?.is_empty(), "a new installation with operators");
     drop(admin);
 
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     for round in 0..cuts {
         let tasks = writers(gw.addr(), admin_creds.clone(), round, acked.clone());
-        tokio::time::sleep(Duration::from_millis(50 + rng.next() % 700)).await;
-        if rng.next().is_multiple_of(4) {
+        tokio::time::sleep(Duration::from_millis(50 + rng.draw() % 700)).await;
+        if rng.draw().is_multiple_of(4) {
             // Between writes: the administrators stop, then the power goes.
             for t in &tasks {
                 t.abort();
@@ -127,11 +106,11 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await.context("a writer hung after the gateway died")?;
         }
         disk.cut()?;
-        if rng.next().is_multiple_of(3) {
+        if rng.draw().is_multiple_of(3) {
             // And again while the gateway starts (sled writes a snapshot
             // at every start).
             gw.relaunch()?;
-            std::thread::sleep(Duration::from_millis(rng.next() % 300));
+            std::thread::sleep(Duration::from_millis(rng.draw() % 300));
             gw.kill();
             disk.cut()?;
         }
@@ -141,7 +120,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
         let mut admin = AdminServiceClient::new(
             connect(&gw.addr(), "localhost", &admin_creds).await.with_context(|| format!("cut {round}: the first administrator no longer gets in"))?,
         );
-        let have = operators(&mut admin).await?;
+        let have = operator_ids(&mut admin).await?;
         let lost: Vec<_> = acked.lock().unwrap().iter().filter(|id| !have.contains(*id)).cloned().collect();
         if !lost.is_empty() {
             bail!("cut {round} (seed {seed}): {} acknowledged operators lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
@@ -192,16 +171,7 @@ async fn a_kill_or_power_cut_at_any_step_of_a_restart_loses_nothing() -> Result<
     for (n, cut) in (1..=whole + 2).flat_map(|n| [(n, false), (n, true)]) {
         disk.stop_at(Some(n));
         gw.relaunch()?;
-        let t = std::time::Instant::now();
-        let stopped = loop {
-            if disk.wait_stopped(Duration::from_millis(50)) {
-                break true;
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_ok() {
-                break false;
-            }
-            ensure!(t.elapsed() < Duration::from_secs(20), "the restart neither reached its change {n} nor completed");
-        };
+        let stopped = gw.stopped_or_ready(&disk).with_context(|| format!("a restart, change {n}"))?;
         gw.send_kill();
         disk.release();
         gw.kill();
@@ -219,7 +189,7 @@ async fn a_kill_or_power_cut_at_any_step_of_a_restart_loses_nothing() -> Result<
         };
         gw.restart().with_context(|| format!("{how} at change {n} of a restart's {whole}: it does not start again"))?;
         let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &creds).await?);
-        let have = operators(&mut admin).await?;
+        let have = operator_ids(&mut admin).await?;
         ensure!(have == want, "{how} at change {n}: operators {} of {}", have.len(), want.len());
         let v = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
         ensure!(v.intact && v.findings.is_empty(), "{how} at change {n}: audit {:?}", v.findings);
