@@ -54,6 +54,10 @@ pub enum Refused {
     /// Its time is further from ours than the allowed skew.
     #[error("the message's time is {0} s away from this agent's clock")]
     ClockSkew(i64),
+    /// The challenge asks for a PIN with the card-authentication key, or
+    /// for none with the PIV authentication key.
+    #[error("the challenge's PIN requirement does not match its key slot")]
+    PinRequirement,
     /// The slot or algorithm is not one a pivgate tap uses.
     #[error("unsupported key slot or algorithm")]
     Unsupported,

@@ -2,8 +2,13 @@
 //! the PIN from the keypad to the card, has the card sign the gateway's
 //! challenge and drives the indicators.
 //!
-//! - [`terminal`]: one worker thread per terminal (the badge tap).
-//! - [`link`]: the gateway link (mutual TLS, presence stream, reconnects).
+//! - [`tap`]: the badge tap as one flow, generic over the card transport,
+//!   the gateway, the PIN's way, the indicators and the clock; the tests,
+//!   the demo and the benchmarks drive the same flow.
+//! - [`terminal`]: one worker thread per terminal, the thin PC/SC shell
+//!   around the flow.
+//! - [`link`]: the gateway link (mutual TLS, presence stream, reconnects)
+//!   and [`link::Calls`], the gRPC side of the flow's gateway.
 //! - [`challenge`]: what the agent lets a card sign.
 //! - [`keys`]: key sources; [`config`]: the TOML file.
 //!
@@ -20,6 +25,7 @@ pub mod challenge;
 pub mod config;
 pub mod keys;
 pub mod link;
+pub mod tap;
 pub mod terminal;
 
 use std::collections::HashMap;

@@ -17,7 +17,10 @@ use pivgate_proto::v1 as pb;
 use tokio::sync::{broadcast, Notify};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use pivgate_hw::piv::{Algorithm, Slot};
+
 use crate::config::GatewayConfig;
+use crate::tap::{BeginRequest, Begun, Challenge, CompleteRequest, Completed, DenyReason, Gateway, GatewayError, Grant};
 use crate::Error;
 
 /// What one terminal looks like to the gateway.
@@ -33,13 +36,7 @@ pub struct TerminalReport {
 
 /// The gateway link.
 pub struct Link {
-    client: AgentServiceClient<Channel>,
-    /// This agent's name, from its certificate: the name every challenge
-    /// must carry.
-    name: String,
-    /// How far a challenge's time may be from ours.
-    max_clock_skew: Duration,
-    timeout: Duration,
+    calls: Calls,
     state: Mutex<BTreeMap<String, TerminalReport>>,
     changed: Notify,
     connected: AtomicBool,
@@ -89,10 +86,7 @@ impl Link {
         let state = terminals.iter().map(|t| (t.clone(), TerminalReport::default())).collect();
         let name = agent_name(&read(&cfg.certificate)?).map_err(|e| Error::Config(format!("{}: {e}", cfg.certificate.display())))?;
         Ok(Arc::new(Link {
-            client: AgentServiceClient::new(channel),
-            name,
-            max_clock_skew: Duration::from_secs(cfg.max_clock_skew_s),
-            timeout: Duration::from_secs(cfg.call_timeout_s),
+            calls: Calls::new(channel, name, Duration::from_secs(cfg.max_clock_skew_s), Duration::from_secs(cfg.call_timeout_s)),
             state: Mutex::new(state),
             changed: Notify::new(),
             connected: AtomicBool::new(false),
@@ -103,12 +97,12 @@ impl Link {
 
     /// This agent's name (from its certificate).
     pub fn name(&self) -> &str {
-        &self.name
+        &self.calls.name
     }
 
     /// How far a challenge's time may be from this agent's clock.
     pub fn max_clock_skew(&self) -> Duration {
-        self.max_clock_skew
+        self.calls.max_clock_skew
     }
 
     /// Whether the presence stream is up.
@@ -154,35 +148,17 @@ impl Link {
         pb::PresenceRequest { agent_version: env!("CARGO_PKG_VERSION").into(), terminals }
     }
 
-    async fn call<T>(&self, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, Error> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) => {
-                Err(Error::GatewayUnreachable(s.message().to_string()))
-            }
-            Ok(Err(s)) => Err(Error::Gateway(s.to_string())),
-            Err(_) => Err(Error::GatewayUnreachable("call timed out".into())),
-        }
-    }
-
-    /// BeginAuthentication.
-    pub async fn begin(&self, req: pb::BeginAuthenticationRequest) -> Result<pb::begin_authentication_response::Outcome, Error> {
-        let mut c = self.client.clone();
-        self.call(c.begin_authentication(req)).await?.outcome.ok_or_else(|| Error::Gateway("empty answer".into()))
-    }
-
-    /// CompleteAuthentication.
-    pub async fn complete(&self, req: pb::CompleteAuthenticationRequest) -> Result<pb::complete_authentication_response::Outcome, Error> {
-        let mut c = self.client.clone();
-        self.call(c.complete_authentication(req)).await?.outcome.ok_or_else(|| Error::Gateway("empty answer".into()))
+    /// The calls of a badge tap, for [`crate::tap::Tap`].
+    pub fn calls(&self) -> Calls {
+        self.calls.clone()
     }
 
     /// ReportCardRemoved. A failure is not fatal: the next presence report
     /// after a reconnect says the card is gone.
     pub async fn card_removed(&self, terminal: &str, uuid: Option<[u8; 16]>) -> Result<bool, Error> {
-        let mut c = self.client.clone();
+        let mut c = self.calls.client.clone();
         let req = pb::ReportCardRemovedRequest { terminal_id: terminal.into(), card_uuid: uuid.map(|u| u.to_vec()).unwrap_or_default() };
-        Ok(self.call(c.report_card_removed(req)).await?.locked)
+        Ok(self.calls.call(c.report_card_removed(req)).await?.locked)
     }
 
     fn set_connected(&self, up: bool) {
@@ -206,8 +182,8 @@ impl Link {
             }
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let _ = tx.try_send(self.snapshot());
-            let mut client = self.client.clone();
-            let opened = tokio::time::timeout(self.timeout, client.presence(tokio_stream::wrappers::ReceiverStream::new(rx))).await;
+            let mut client = self.calls.client.clone();
+            let opened = tokio::time::timeout(self.calls.timeout, client.presence(tokio_stream::wrappers::ReceiverStream::new(rx))).await;
             let mut stream = match opened {
                 Ok(Ok(s)) => s.into_inner(),
                 _ => {
@@ -251,5 +227,122 @@ impl Link {
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+/// The calls of one badge tap over gRPC: [`crate::tap::Gateway`] for the
+/// agent, and for tests and benchmarks that play an agent. The only place
+/// `pb` messages become the tap's domain types; anything this agent cannot
+/// use (an unknown key slot or algorithm, an empty answer) is an error,
+/// never a guess.
+#[derive(Clone)]
+pub struct Calls {
+    client: AgentServiceClient<Channel>,
+    /// This agent's name, from its certificate: the name every challenge
+    /// must carry.
+    name: String,
+    /// How far a challenge's time may be from ours.
+    max_clock_skew: Duration,
+    timeout: Duration,
+}
+
+impl Calls {
+    /// Calls over `channel` for the agent `name`.
+    pub fn new(channel: Channel, name: String, max_clock_skew: Duration, timeout: Duration) -> Calls {
+        Calls { client: AgentServiceClient::new(channel), name, max_clock_skew, timeout }
+    }
+
+    /// The raw client, for tests that send what no agent would.
+    pub fn rpc(&mut self) -> &mut AgentServiceClient<Channel> {
+        &mut self.client
+    }
+
+    async fn call<T>(&self, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, GatewayError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) => {
+                Err(GatewayError::Unreachable(s.message().to_string()))
+            }
+            Ok(Err(s)) => Err(GatewayError::Refused(s.to_string())),
+            Err(_) => Err(GatewayError::Unreachable("call timed out".into())),
+        }
+    }
+}
+
+impl From<GatewayError> for Error {
+    fn from(e: GatewayError) -> Self {
+        match e {
+            GatewayError::Unreachable(m) => Error::GatewayUnreachable(m),
+            e => Error::Gateway(e.to_string()),
+        }
+    }
+}
+
+fn slot_of(s: i32) -> Result<Slot, GatewayError> {
+    match pb::KeySlot::try_from(s) {
+        Ok(pb::KeySlot::PivAuthentication) => Ok(Slot::Authentication),
+        Ok(pb::KeySlot::CardAuthentication) => Ok(Slot::CardAuthentication),
+        _ => Err(GatewayError::Malformed(format!("unknown key slot {s}"))),
+    }
+}
+
+fn algorithm_of(a: i32) -> Result<Algorithm, GatewayError> {
+    match pb::SignatureAlgorithm::try_from(a) {
+        Ok(pb::SignatureAlgorithm::EcdsaP256Sha256) => Ok(Algorithm::EccP256),
+        Ok(pb::SignatureAlgorithm::EcdsaP384Sha384) => Ok(Algorithm::EccP384),
+        Ok(pb::SignatureAlgorithm::Rsa2048Pkcs1Sha256) => Ok(Algorithm::Rsa2048),
+        _ => Err(GatewayError::Malformed(format!("unknown signature algorithm {a}"))),
+    }
+}
+
+fn deny_reason(r: i32) -> DenyReason {
+    DenyReason::try_from(r).unwrap_or(DenyReason::Unspecified)
+}
+
+impl Gateway for Calls {
+    fn agent_name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_clock_skew(&self) -> Duration {
+        self.max_clock_skew
+    }
+
+    async fn begin(&mut self, req: BeginRequest) -> Result<Begun, GatewayError> {
+        let req = pb::BeginAuthenticationRequest {
+            terminal_id: req.terminal,
+            card_uuid: req.card_uuid.to_vec(),
+            fascn: req.fascn.map(|f| f.0.to_vec()).unwrap_or_default(),
+            certificate: req.certificate.unwrap_or_default(),
+            requested_mechanism: req.requested.map(|m| m as i32).unwrap_or_default(),
+        };
+        let mut c = self.client.clone();
+        use pb::begin_authentication_response::Outcome as B;
+        Ok(match self.call(c.begin_authentication(req)).await?.outcome {
+            Some(B::Challenge(c)) => Begun::Challenge(Challenge {
+                slot: slot_of(c.slot)?,
+                algorithm: algorithm_of(c.algorithm)?,
+                id: c.challenge_id,
+                message: c.message,
+                pin_required: c.pin_required,
+                expires_in: Duration::from_millis(u64::from(c.expires_in_ms)),
+            }),
+            Some(B::CertificateNeeded(slot)) => Begun::CertificateNeeded(slot_of(slot)?),
+            Some(B::Denied(d)) => Begun::Denied(deny_reason(d.reason)),
+            None => return Err(GatewayError::Malformed("empty BeginAuthentication answer".into())),
+        })
+    }
+
+    async fn complete(&mut self, req: CompleteRequest) -> Result<Completed, GatewayError> {
+        let req = pb::CompleteAuthenticationRequest { challenge_id: req.challenge_id, terminal_id: req.terminal, signature: req.signature };
+        let mut c = self.client.clone();
+        use pb::complete_authentication_response::Outcome as C;
+        Ok(match self.call(c.complete_authentication(req)).await?.outcome {
+            Some(C::Granted(g)) => {
+                Completed::Granted(Grant { operator_id: g.operator_id, operator_name: g.operator_name, roles: g.roles, sequence: g.sequence })
+            }
+            Some(C::Denied(d)) => Completed::Denied(deny_reason(d.reason)),
+            None => return Err(GatewayError::Malformed("empty CompleteAuthentication answer".into())),
+        })
     }
 }

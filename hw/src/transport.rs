@@ -6,7 +6,7 @@
 //! knows nothing else about them. [`Clock`] passes time in, so time limits are
 //! testable without sleeping.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crate::error::Result;
 
@@ -41,10 +41,14 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
 }
 
-/// A source of monotonic time.
+/// A source of time, passed in so time limits are testable without
+/// sleeping.
 pub trait Clock: Send + Sync {
-    /// Now.
+    /// Now, monotonic: for time limits.
     fn now(&self) -> Instant;
+    /// Now on the calendar: for comparing with times others wrote (a
+    /// challenge's timestamp).
+    fn wall(&self) -> SystemTime;
 }
 
 /// The operating system's monotonic clock.
@@ -54,5 +58,8 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Instant {
         Instant::now()
+    }
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pivgate_gateway::client::connect;
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::{IdleFlood, ProcessSite};
-use pivgate_tests::site::{tap, Tap};
+use pivgate_tests::site::{agent_client, tap, Tap};
 
 const PHASE: Duration = Duration::from_secs(4);
 
@@ -101,7 +101,7 @@ async fn start(site: &ProcessSite, abuse: Abuse) -> Arc<AtomicBool> {
 async fn measure(site: &ProcessSite) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>, usize) {
     let addr = site.gateway.addr();
     let mut admin = pb::admin_service_client::AdminServiceClient::new(connect(&addr, "localhost", &site.admin).await.expect("admin"));
-    let mut agent = pb::agent_service_client::AgentServiceClient::new(connect(&addr, "localhost", &site.agent).await.expect("agent"));
+    let mut agent = agent_client(connect(&addr, "localhost", &site.agent).await.expect("agent"), &site.agent).expect("an agent certificate");
     let mut card = site.card.card();
     let (mut calls, mut fresh, mut taps, mut failed) = (Vec::new(), Vec::new(), Vec::new(), 0);
     let end = Instant::now() + PHASE;
@@ -128,7 +128,7 @@ async fn measure(site: &ProcessSite) -> (Vec<Duration>, Vec<Duration>, Vec<Durat
             Tap::Granted(_) => taps.push(t.elapsed()),
             other => panic!("a legitimate authentication failed: {other:?}"),
         }
-        agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await.expect("removed");
+        agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await.expect("removed");
     }
     (calls, fresh, taps, failed)
 }

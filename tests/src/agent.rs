@@ -16,6 +16,15 @@ use pivgate_proto::v1 as pb;
 
 use crate::site::{scratch, write_credentials, Site};
 
+/// Fails unless `r` is an unlock for `operator`.
+#[track_caller]
+pub fn assert_granted(r: TapResult, operator: &str) {
+    match r {
+        TapResult::Granted(g) if g.operator_id == operator => {}
+        r => panic!("expected an unlock for {operator}, got {r:?}"),
+    }
+}
+
 /// One terminal for the agent: id, reader name, and whether it has a keypad.
 pub struct TerminalSpec<'a> {
     /// Terminal id.

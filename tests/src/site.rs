@@ -6,15 +6,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
 use anyhow::{bail, Context, Result};
 use pb::access_service_client::AccessServiceClient;
 use pb::admin_service_client::AdminServiceClient;
-use pb::agent_service_client::AgentServiceClient;
+use pivgate_agent::keys::KeySource;
+pub use pivgate_agent::link::Calls as AgentClient;
+pub use pivgate_agent::tap::{Challenge, Grant};
+use pivgate_agent::tap::{Nothing, PinWay, Tap as Flow, TapResult};
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_gateway::Config;
+use pivgate_hw::keypad::entry::EntryRules;
+use pivgate_hw::keypad::Key;
 use pivgate_hw::piv::{Algorithm, PivClient, Slot};
 use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions, VirtualCard};
-use pivgate_hw::Pin;
+use pivgate_hw::{Pin, SystemClock};
 use pivgate_proto::v1 as pb;
 use tonic::transport::Channel;
 
@@ -178,13 +185,13 @@ impl Site {
     }
 
     /// An agent client named `name`, bound to `terminals`.
-    pub async fn agent(&self, name: &str, terminals: &[&str]) -> Result<AgentServiceClient<Channel>> {
+    pub async fn agent(&self, name: &str, terminals: &[&str]) -> Result<AgentClient> {
         let creds = self.issue(pb::ServiceRole::Agent, name).await?;
         self.admin()
             .await?
             .bind_agent(pb::BindAgentRequest { agent_name: name.into(), terminal_ids: terminals.iter().map(|t| t.to_string()).collect() })
             .await?;
-        Ok(AgentServiceClient::new(connect(&self.addr, "localhost", &creds).await?))
+        agent_client(connect(&self.addr, "localhost", &creds).await?, &creds)
     }
 
     /// An application client.
@@ -265,80 +272,103 @@ impl Drop for Site {
     }
 }
 
-/// The outcome of a tap, as the agent sees it.
+/// The outcome of a tap that reached a decision.
 #[derive(Debug)]
 pub enum Tap {
     /// Granted.
-    Granted(pb::Grant),
+    Granted(Grant),
     /// Denied at begin or complete.
     Denied(pb::DenyReason),
 }
 
-/// What an agent does for one badge tap, with the card in process: begin
-/// (sending the certificate when asked), VERIFY when the PIN is required,
-/// sign, reset the PIN state, complete.
-pub async fn tap(agent: &mut AgentServiceClient<Channel>, terminal: &str, card: &mut VirtualCard, pin: &str, mechanism: pb::Mechanism) -> Result<Tap> {
-    let challenge = match begin(agent, terminal, card, mechanism).await? {
-        Ok(c) => c,
-        Err(d) => return Ok(Tap::Denied(d)),
-    };
-    let sig = sign(card, &challenge, pin)?;
-    complete(agent, terminal, &challenge, sig).await
+/// Keys typed in one go, as the operator does once asked: the PIN and `#`,
+/// then `*` (give up) if the card asks again.
+struct Typed(VecDeque<Key>);
+
+impl Typed {
+    fn pin(pin: &str) -> Typed {
+        Typed(pin.chars().chain(['#']).filter_map(Key::from_legend).collect())
+    }
 }
 
-/// BeginAuthentication, answering a certificate request once.
+impl KeySource for Typed {
+    fn next_key(&mut self, _: Duration) -> Option<Key> {
+        Some(self.0.pop_front().unwrap_or(Key::Clear))
+    }
+    fn drain(&mut self) {}
+}
+
+fn requested(m: pb::Mechanism) -> Option<pb::Mechanism> {
+    (m != pb::Mechanism::Unspecified).then_some(m)
+}
+
+fn ended(r: TapResult) -> anyhow::Error {
+    anyhow::anyhow!("the tap ended with {r:?}")
+}
+
+/// One badge tap with the card in process, through the agent's own tap
+/// flow ([`pivgate_agent::tap`]): the same steps and checks as an agent at
+/// a terminal, PIN typed at once.
+pub async fn tap(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard, pin: &str, mechanism: pb::Mechanism) -> Result<Tap> {
+    let mut keys = Typed::pin(pin);
+    let mut flow = Flow {
+        terminal,
+        requested: requested(mechanism),
+        gateway: agent,
+        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
+        around: &mut Nothing,
+        clock: &SystemClock,
+    };
+    match flow.run(&mut PivClient::new(card)).await.result {
+        TapResult::Granted(g) => Ok(Tap::Granted(g)),
+        TapResult::Denied(d) => Ok(Tap::Denied(d)),
+        r => Err(ended(r)),
+    }
+}
+
+/// The flow's begin alone (identify, BeginAuthentication, the certificate
+/// when asked), for tests that take a tap apart.
 pub async fn begin(
-    agent: &mut AgentServiceClient<Channel>,
+    agent: &mut AgentClient,
     terminal: &str,
     card: &mut VirtualCard,
     mechanism: pb::Mechanism,
-) -> Result<std::result::Result<pb::Challenge, pb::DenyReason>> {
-    let chuid = PivClient::new(&mut *card).read_chuid()?;
-    let mut req = pb::BeginAuthenticationRequest {
-        terminal_id: terminal.into(),
-        card_uuid: chuid.guid.to_vec(),
-        fascn: chuid.fascn.map(|f| f.0.to_vec()).unwrap_or_default(),
-        certificate: vec![],
-        requested_mechanism: mechanism as i32,
+) -> Result<std::result::Result<Challenge, pb::DenyReason>> {
+    let mut keys = Typed::pin("");
+    let mut flow = Flow {
+        terminal,
+        requested: requested(mechanism),
+        gateway: agent,
+        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
+        around: &mut Nothing,
+        clock: &SystemClock,
     };
-    for _ in 0..2 {
-        use pb::begin_authentication_response::Outcome;
-        match agent.begin_authentication(req.clone()).await?.into_inner().outcome {
-            Some(Outcome::Challenge(c)) => return Ok(Ok(c)),
-            Some(Outcome::Denied(d)) => return Ok(Err(pb::DenyReason::try_from(d.reason)?)),
-            Some(Outcome::CertificateNeeded(slot)) => {
-                let slot = if slot == pb::KeySlot::CardAuthentication as i32 { Slot::CardAuthentication } else { Slot::Authentication };
-                let mut piv = PivClient::new(&mut *card);
-                piv.select()?;
-                req.certificate = piv.read_certificate(slot)?;
-            }
-            None => bail!("empty BeginAuthentication answer"),
-        }
+    let mut piv = PivClient::new(card);
+    let chuid = flow.identify(&mut piv).map_err(ended)?;
+    match flow.begin(&mut piv, &chuid).await {
+        Ok(c) => Ok(Ok(c)),
+        Err(TapResult::Denied(d)) => Ok(Err(d)),
+        Err(r) => Err(ended(r)),
     }
-    bail!("the gateway asked for a certificate twice")
 }
 
-/// The card signs a challenge, as the agent has it do.
-pub fn sign(card: &mut VirtualCard, c: &pb::Challenge, pin: &str) -> Result<Vec<u8>> {
-    let slot = if c.slot == pb::KeySlot::CardAuthentication as i32 { Slot::CardAuthentication } else { Slot::Authentication };
-    let alg = match pb::SignatureAlgorithm::try_from(c.algorithm)? {
-        pb::SignatureAlgorithm::EcdsaP256Sha256 => Algorithm::EccP256,
-        pb::SignatureAlgorithm::EcdsaP384Sha384 => Algorithm::EccP384,
-        pb::SignatureAlgorithm::Rsa2048Pkcs1Sha256 => Algorithm::Rsa2048,
-        pb::SignatureAlgorithm::Unspecified => bail!("no algorithm"),
+/// The flow's sign alone: the agent's check of the message, the PIN when
+/// the challenge needs it, the signature, the PIN state reset.
+pub fn sign(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard, c: &Challenge, pin: &str) -> Result<Vec<u8>> {
+    let mut keys = Typed::pin(pin);
+    let mut flow = Flow {
+        terminal,
+        requested: None,
+        gateway: agent,
+        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
+        around: &mut Nothing,
+        clock: &SystemClock,
     };
-    // The agent's own check of what it lets the card sign, with this
-    // message's agent name (the helper is not told which agent it plays).
-    let parsed = pivgate_proto::card_message::parse(&c.message).context("the gateway's message")?;
-    let expected = pivgate_agent::challenge::Expected {
-        agent: parsed.agent,
-        terminal: parsed.terminal,
-        card_uuid: parsed.card_uuid,
-        now: std::time::SystemTime::now(),
-        max_skew: Duration::from_secs(300),
-    };
-    let digest = pivgate_agent::challenge::digest_to_sign(&c.message, slot, alg, &expected)?;
-    sign_digest(card, slot, alg, &digest, c.pin_required.then_some(pin))
+    let mut piv = PivClient::new(card);
+    let chuid = flow.identify(&mut piv).map_err(ended)?;
+    let sig = flow.sign(&mut piv, &chuid, c).map_err(ended);
+    piv.reset_pin_state()?;
+    sig
 }
 
 /// Has the card sign `digest` with `slot`, with no check at all: what a
@@ -354,18 +384,29 @@ pub fn sign_digest(card: &mut VirtualCard, slot: Slot, alg: Algorithm, digest: &
     Ok(sig)
 }
 
-/// CompleteAuthentication.
-pub async fn complete(agent: &mut AgentServiceClient<Channel>, terminal: &str, c: &pb::Challenge, signature: Vec<u8>) -> Result<Tap> {
-    use pb::complete_authentication_response::Outcome;
-    let r = agent
-        .complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: c.challenge_id.clone(), terminal_id: terminal.into(), signature })
-        .await?
-        .into_inner();
-    match r.outcome {
-        Some(Outcome::Granted(g)) => Ok(Tap::Granted(g)),
-        Some(Outcome::Denied(d)) => Ok(Tap::Denied(pb::DenyReason::try_from(d.reason)?)),
-        None => bail!("empty CompleteAuthentication answer"),
+/// The flow's completion alone.
+pub async fn complete(agent: &mut AgentClient, terminal: &str, c: &Challenge, signature: Vec<u8>) -> Result<Tap> {
+    use pivgate_agent::tap::Completed;
+    let mut keys = Typed::pin("");
+    let mut flow: Flow<'_, &mut VirtualCard, _, _, _> = Flow {
+        terminal,
+        requested: None,
+        gateway: agent,
+        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
+        around: &mut Nothing,
+        clock: &SystemClock,
+    };
+    match flow.complete(c, signature).await.map_err(ended)? {
+        Completed::Granted(g) => Ok(Tap::Granted(g)),
+        Completed::Denied(d) => Ok(Tap::Denied(d)),
     }
+}
+
+/// The agent calls over `channel` as the agent whose certificate is in
+/// `creds`.
+pub fn agent_client(channel: Channel, creds: &Credentials) -> Result<AgentClient> {
+    let name = pivgate_agent::link::agent_name(&creds.cert_pem).map_err(anyhow::Error::msg)?;
+    Ok(AgentClient::new(channel, name, Duration::from_secs(300), Duration::from_secs(60)))
 }
 
 /// Waits up to `timeout` for `f` to return true.

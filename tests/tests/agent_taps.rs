@@ -11,7 +11,7 @@ use pivgate_hw::indicator::Pattern;
 use pivgate_hw::piv::Algorithm;
 use pivgate_hw::vcard::vpcd;
 use pivgate_proto::v1 as pb;
-use pivgate_tests::agent::{start_agent, TerminalSpec};
+use pivgate_tests::agent::{assert_granted, start_agent, TerminalSpec};
 use pivgate_tests::reader;
 use pivgate_tests::site::{eventually, Site};
 
@@ -41,7 +41,7 @@ async fn badge_with_correct_pin_unlocks_and_removing_it_locks() -> Result<()> {
     let inserted = vpcd::insert(profile.card(), r.addr)?;
     let seen = agent.wait_pattern("dispatch-01", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("dispatch-01", "123456#");
-    assert_eq!(agent.next_result("dispatch-01", T).await?, TapResult::Granted { operator: "op-1".into() });
+    assert_granted(agent.next_result("dispatch-01", T).await?, "op-1");
     agent.wait_pattern("dispatch-01", Pattern::Granted, seen, T).await?;
     let e = next_event(&mut events).await?;
     let Some(pb::event::Kind::Unlocked(u)) = e.kind else { bail!("expected an unlock, got {e:?}") };
@@ -66,8 +66,9 @@ async fn a_wrong_pin_does_not_unlock_and_the_tries_left_come_back() -> Result<()
     let inserted = vpcd::insert(profile.card(), r.addr)?;
     let seen = agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("t1", "654321#");
-    assert_eq!(agent.next_result("t1", T).await?, TapResult::WrongPin { tries: 2 });
-    // Asked again; the operator gives up (clear on an empty entry).
+    // Told, and asked again; the operator gives up (clear on an empty
+    // entry). One tap, one result.
+    let seen = agent.wait_pattern("t1", Pattern::Denied, seen, T).await?;
     agent.wait_pattern("t1", Pattern::EnterPin, seen, T).await?;
     agent.type_keys("t1", "*");
     assert_eq!(agent.next_result("t1", T).await?, TapResult::WrongPin { tries: 2 });
@@ -86,9 +87,9 @@ async fn a_blocked_card_is_reported_blocked_and_gets_no_verify() -> Result<()> {
     // Two wrong PINs, then a last try with a warning, then blocked.
     let inserted = vpcd::insert(profile.card(), r.addr)?;
     let mut seen = agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
-    for tries in [2u8, 1] {
+    for _ in 0..2 {
         agent.type_keys("t1", "000000#");
-        assert_eq!(agent.next_result("t1", T).await?, TapResult::WrongPin { tries });
+        seen = agent.wait_pattern("t1", Pattern::Denied, seen, T).await?;
         seen = agent.wait_pattern("t1", Pattern::EnterPin, seen, T).await?;
     }
     assert!(agent.history("t1").contains(&Pattern::LastTry), "no warning before the last try");
@@ -118,7 +119,7 @@ async fn a_card_only_terminal_unlocks_without_a_pin_prompt() -> Result<()> {
     let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
     let agent = start_agent(&site, "pi-1", &[TerminalSpec { id: "door", reader: &r.name, keypad: false }]).await?;
     let inserted = vpcd::insert(profile.card(), r.addr)?;
-    assert_eq!(agent.next_result("door", T).await?, TapResult::Granted { operator: "op-1".into() });
+    assert_granted(agent.next_result("door", T).await?, "op-1");
     assert!(!agent.history("door").contains(&Pattern::EnterPin));
     let s = state(&site, "door").await?;
     assert!(s.unlocked && s.mechanism == pb::Mechanism::CardOnly as i32);
@@ -140,11 +141,11 @@ async fn two_terminals_on_one_agent_stay_independent() -> Result<()> {
     let in_a = vpcd::insert(a.card(), r.addr)?;
     agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("t1", "123456#");
-    assert_eq!(agent.next_result("t1", T).await?, TapResult::Granted { operator: "op-a".into() });
+    assert_granted(agent.next_result("t1", T).await?, "op-a");
     let in_b = vpcd::insert(b.card(), addr2)?;
     agent.wait_pattern("t2", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("t2", "123456#");
-    assert_eq!(agent.next_result("t2", T).await?, TapResult::Granted { operator: "op-b".into() });
+    assert_granted(agent.next_result("t2", T).await?, "op-b");
     in_a.remove();
     eventually(T, || async { Ok(!state(&site, "t1").await?.unlocked) }).await?;
     let t2 = state(&site, "t2").await?;
@@ -165,7 +166,7 @@ async fn with_the_gateway_down_nothing_unlocks_and_a_card_pulled_meanwhile_still
     let inserted = vpcd::insert(profile.card(), r.addr)?;
     agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("t1", "123456#");
-    assert_eq!(agent.next_result("t1", T).await?, TapResult::Granted { operator: "op-1".into() });
+    assert_granted(agent.next_result("t1", T).await?, "op-1");
 
     // The gateway goes down; the card is pulled meanwhile; a new tap fails
     // secure.
@@ -202,7 +203,7 @@ async fn after_pcscd_restarts_the_next_tap_still_works() -> Result<()> {
     let inserted = vpcd::insert(profile.card(), r.addr)?;
     agent.wait_pattern("t1", Pattern::EnterPin, 0, Duration::from_secs(20)).await?;
     agent.type_keys("t1", "123456#");
-    assert_eq!(agent.next_result("t1", T).await?, TapResult::Granted { operator: "op-1".into() });
+    assert_granted(agent.next_result("t1", T).await?, "op-1");
     inserted.remove();
     agent.stop().await
 }
@@ -228,7 +229,7 @@ async fn a_card_pulled_in_the_middle_of_a_tap_unlocks_nothing_and_the_next_tap_w
     let inserted = vpcd::insert(profile.card(), r.addr)?;
     agent.wait_pattern("t1", Pattern::EnterPin, seen, T).await?;
     agent.type_keys("t1", "123456#");
-    assert_eq!(agent.next_result("t1", T).await?, TapResult::Granted { operator: "op-1".into() });
+    assert_granted(agent.next_result("t1", T).await?, "op-1");
     inserted.remove();
     agent.stop().await
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::{IdleFlood, ProcessSite};
-use pivgate_tests::site::{tap, Tap};
+use pivgate_tests::site::{agent_client, tap, Tap};
 
 const IDLE: usize = 1100;
 
@@ -84,7 +84,7 @@ async fn idle_connections_and_stream_floods_lock_out_no_administrator_and_no_age
 
     // An administrator and an agent still get through.
     let during = admin_call(&addr, admin_creds).await?;
-    let mut agent = pb::agent_service_client::AgentServiceClient::new(connect_retrying(&addr, agent_creds).await?);
+    let mut agent = agent_client(connect_retrying(&addr, agent_creds).await?, agent_creds)?;
     let t = Instant::now();
     match tokio::time::timeout(Duration::from_secs(20), tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified)).await {
         Ok(Ok(Tap::Granted(g))) => assert_eq!(g.operator_id, "op-1"),

@@ -111,7 +111,7 @@ async fn tap_card(site: &Site, profile: &Profile) -> Result<Tap> {
     let r = tap(&mut agent, T, &mut profile.card(), "123456", pb::Mechanism::Unspecified).await?;
     if let Tap::Granted(_) = r {
         // Leave the terminal locked for the next tap.
-        agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: T.into(), card_uuid: vec![] }).await?;
+        agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: T.into(), card_uuid: vec![] }).await?;
     }
     Ok(r)
 }

@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pb::admin_service_client::AdminServiceClient;
-use pb::agent_service_client::AgentServiceClient;
 use pivgate_gateway::client::{connect, Credentials};
 use pivgate_hw::piv::Slot;
 use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::GatewayProcess;
-use pivgate_tests::site::{scratch, tap, Lcg, Tap};
+use pivgate_tests::site::{agent_client, scratch, tap, Lcg, Tap};
 
 const AGENTS: usize = 4;
 const CYCLES: usize = 100;
@@ -88,7 +87,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
             tasks.push(tokio::spawn(async move {
                 let mut n = 0usize;
                 let Ok(ch) = connect(&addr, "localhost", &creds).await else { return n };
-                let mut agent = AgentServiceClient::new(ch);
+                let mut agent = agent_client(ch, &creds).expect("an agent certificate");
                 let mut card = profile.card();
                 loop {
                     n += 1;
@@ -97,7 +96,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
                         Ok(Tap::Denied(d)) => panic!("cycle {cycle}: a valid proof was denied: {d:?}"),
                         Err(_) => return n, // the gateway died under us
                     }
-                    if agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: terminal.clone(), card_uuid: vec![] }).await.is_err() {
+                    if agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: terminal.clone(), card_uuid: vec![] }).await.is_err() {
                         return n;
                     }
                 }

@@ -64,7 +64,7 @@ async fn a_restarted_gateway_keeps_sessions_enrolments_sequence_and_audit_chain(
     assert!(v.intact && v.records >= records);
     // The next event continues the sequence.
     let mut agent = site.agent("pi-1", &["t1"]).await?;
-    let r = agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?.into_inner();
+    let r = agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?.into_inner();
     assert!(r.locked);
     let state = site.application("c").await?.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: "t1".into() }).await?;
     assert_eq!(state.into_inner().state.unwrap().sequence, g.sequence + 1);

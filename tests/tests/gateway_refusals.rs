@@ -9,8 +9,7 @@ use pb::agent_service_client::AgentServiceClient;
 use pivgate_hw::piv::{Algorithm, Slot};
 use pivgate_hw::vcard::{IssuingCa, Profile, Validity};
 use pivgate_proto::v1 as pb;
-use pivgate_tests::site::{begin, complete, scratch, sign, sign_digest, tap, Site, Tap};
-use tonic::transport::Channel;
+use pivgate_tests::site::{begin, complete, scratch, sign, sign_digest, tap, AgentClient, Challenge, Site, Tap};
 
 const T: &str = "admin-panel";
 
@@ -34,7 +33,7 @@ async fn expect_refusal<F: std::future::Future<Output = Result<Tap>>>(site: &Sit
 
 /// A site with terminal T (card and PIN, or card only), one agent bound to
 /// it, and one enrolled P-256 card.
-async fn setup(mechanisms: &[pb::Mechanism]) -> Result<(Site, AgentServiceClient<Channel>, Profile)> {
+async fn setup(mechanisms: &[pb::Mechanism]) -> Result<(Site, AgentClient, Profile)> {
     let site = Site::start(|_, _| {}).await?;
     let agent = site.agent("pi-1", &[T, "other-terminal"]).await?;
     site.policy(T, mechanisms, &[]).await?;
@@ -44,7 +43,7 @@ async fn setup(mechanisms: &[pb::Mechanism]) -> Result<(Site, AgentServiceClient
 
 /// Taps a card whose 9E certificate has been replaced on the card by
 /// `cert` (a card-only terminal asks for it).
-async fn tap_with_9e_cert(site: &Site, agent: &mut AgentServiceClient<Channel>, profile: &Profile, cert: Vec<u8>) -> Result<Tap> {
+async fn tap_with_9e_cert(site: &Site, agent: &mut AgentClient, profile: &Profile, cert: Vec<u8>) -> Result<Tap> {
     let _ = site;
     let mut card = profile.card();
     card.contents_mut().objects.insert(0x5FC101, pivgate_hw::piv::objects::certificate_container(&cert, false));
@@ -297,7 +296,7 @@ async fn signature_over_another_challenge() -> Result<()> {
     let mut card = profile.card();
     let Ok(first) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
     let Ok(second) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut card, &first, "123456")?;
+    let sig = sign(&mut agent, T, &mut card, &first, "123456")?;
     expect_refusal(&site, pb::DenyReason::BadSignature, complete(&mut agent, T, &second, sig)).await
 }
 
@@ -306,7 +305,9 @@ async fn signature_from_another_card() -> Result<()> {
     let (site, mut agent, profile) = setup(&[pb::Mechanism::CardAndPin]).await?;
     let other = site.card(Algorithm::EccP256)?;
     let Ok(c) = begin(&mut agent, T, &mut profile.card(), pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut other.card(), &c, "123456")?;
+    // A compromised agent has another card sign this tap's message.
+    use sha2::Digest;
+    let sig = sign_digest(&mut other.card(), Slot::Authentication, Algorithm::EccP256, &sha2::Sha256::digest(&c.message), Some("123456"))?;
     expect_refusal(&site, pb::DenyReason::BadSignature, complete(&mut agent, T, &c, sig)).await
 }
 
@@ -315,7 +316,7 @@ async fn replayed_proof() -> Result<()> {
     let (site, mut agent, profile) = setup(&[pb::Mechanism::CardAndPin]).await?;
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut card, &c, "123456")?;
+    let sig = sign(&mut agent, T, &mut card, &c, "123456")?;
     let Tap::Granted(g) = complete(&mut agent, T, &c, sig.clone()).await? else { bail!("first use refused") };
     site.admin().await?.lock_terminal(pb::LockTerminalRequest { terminal_id: T.into() }).await?;
     expect_refusal(&site, pb::DenyReason::ChallengeReplayed, complete(&mut agent, T, &c, sig)).await?;
@@ -329,7 +330,7 @@ async fn reused_challenge_after_a_failed_attempt() -> Result<()> {
     let (site, mut agent, profile) = setup(&[pb::Mechanism::CardAndPin]).await?;
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let good = sign(&mut card, &c, "123456")?;
+    let good = sign(&mut agent, T, &mut card, &c, "123456")?;
     let mut bad = good.clone();
     let n = bad.len();
     bad[n - 1] ^= 1;
@@ -340,7 +341,14 @@ async fn reused_challenge_after_a_failed_attempt() -> Result<()> {
 #[tokio::test]
 async fn unknown_challenge() -> Result<()> {
     let (site, mut agent, _) = setup(&[pb::Mechanism::CardAndPin]).await?;
-    let c = pb::Challenge { challenge_id: vec![7; 16], ..Default::default() };
+    let c = Challenge {
+        id: vec![7; 16],
+        message: vec![],
+        slot: Slot::Authentication,
+        algorithm: Algorithm::EccP256,
+        pin_required: true,
+        expires_in: Duration::ZERO,
+    };
     expect_refusal(&site, pb::DenyReason::ChallengeUnknown, complete(&mut agent, T, &c, vec![0x30, 0x06, 2, 1, 1, 2, 1, 1])).await
 }
 
@@ -351,7 +359,7 @@ async fn expired_challenge() -> Result<()> {
     let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut card, &c, "123456")?;
+    let sig = sign(&mut agent, T, &mut card, &c, "123456")?;
     tokio::time::sleep(Duration::from_millis(1300)).await;
     expect_refusal(&site, pb::DenyReason::ChallengeExpired, complete(&mut agent, T, &c, sig)).await
 }
@@ -361,7 +369,7 @@ async fn challenge_issued_for_another_terminal() -> Result<()> {
     let (site, mut agent, profile) = setup(&[pb::Mechanism::CardAndPin]).await?;
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, "other-terminal", &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut card, &c, "123456")?;
+    let sig = sign(&mut agent, "other-terminal", &mut card, &c, "123456")?;
     expect_refusal(&site, pb::DenyReason::ChallengeMismatch, complete(&mut agent, T, &c, sig)).await
 }
 
@@ -371,7 +379,7 @@ async fn challenge_issued_to_another_agent() -> Result<()> {
     let mut thief = site.agent("pi-2", &[T]).await?;
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut card, &c, "123456")?;
+    let sig = sign(&mut agent, T, &mut card, &c, "123456")?;
     expect_refusal(&site, pb::DenyReason::ChallengeMismatch, complete(&mut thief, T, &c, sig.clone())).await?;
     // The thief could not burn it: the agent it was issued to completes.
     match complete(&mut agent, T, &c, sig).await? {
@@ -426,8 +434,8 @@ async fn transport_refusals_are_audited_and_unlock_nothing() -> Result<()> {
     let (site, mut agent, profile) = setup(&[pb::Mechanism::CardAndPin]).await?;
     let mut card = profile.card();
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin") };
-    let sig = sign(&mut card, &c, "123456")?;
-    let complete_req = pb::CompleteAuthenticationRequest { challenge_id: c.challenge_id.clone(), terminal_id: T.into(), signature: sig };
+    let sig = sign(&mut agent, T, &mut card, &c, "123456")?;
+    let complete_req = pb::CompleteAuthenticationRequest { challenge_id: c.id.clone(), terminal_id: T.into(), signature: sig };
     let before = site.audit_len().await?;
 
     // 1. A client with no certificate: the handshake fails.
@@ -464,7 +472,7 @@ async fn transport_refusals_are_audited_and_unlock_nothing() -> Result<()> {
     let state = site.application("checker").await?.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: T.into() }).await?;
     assert!(!state.into_inner().state.unwrap().unlocked);
     // The legitimate agent can still use its challenge.
-    let done = agent.complete_authentication(complete_req).await?.into_inner();
+    let done = agent.rpc().complete_authentication(complete_req).await?.into_inner();
     assert!(matches!(done.outcome, Some(pb::complete_authentication_response::Outcome::Granted(_))));
     Ok(())
 }

@@ -61,6 +61,7 @@ async fn a_valid_badge_unlocks_the_console_and_removal_locks_it() -> Result<()> 
     assert_eq!(state.mechanism, pb::Mechanism::CardAndPin as i32);
 
     let removed = agent
+        .rpc()
         .report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "dispatch-01".into(), card_uuid: profile.chuid.guid.to_vec() })
         .await?
         .into_inner();
@@ -112,8 +113,8 @@ async fn a_console_that_reconnects_gets_every_missed_event_once_in_order() -> Re
 
     // Meanwhile: t1 replaced by a t2 unlock... and removals.
     let Tap::Granted(_) = tap(&mut agent, "t2", &mut card, "123456", pb::Mechanism::Unspecified).await? else { panic!() };
-    agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?;
-    agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t2".into(), card_uuid: vec![] }).await?;
+    agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?;
+    agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t2".into(), card_uuid: vec![] }).await?;
 
     // Back, from the last sequence it saw; then a live event.
     let mut watch = console.watch_events(pb::WatchEventsRequest { after_sequence: first.sequence, terminal_ids: vec![] }).await?.into_inner();
@@ -133,10 +134,10 @@ async fn a_console_that_reconnects_gets_every_missed_event_once_in_order() -> Re
 }
 
 async fn presence(
-    agent: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    agent: &mut pivgate_tests::site::AgentClient,
 ) -> Result<(tokio::sync::mpsc::Sender<pb::PresenceRequest>, tonic::Streaming<pb::PresenceResponse>)> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let stream = agent.presence(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let stream = agent.rpc().presence(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     Ok((tx, stream))
 }
 

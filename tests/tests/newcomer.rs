@@ -134,7 +134,7 @@ async fn the_example_console_resumes_where_it_stopped() -> Result<()> {
     console.kill()?;
     console.wait()?;
     // While it is away: a lock and another unlock.
-    agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?;
+    agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?;
     let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("refused") };
     let (mut console, lines) = start()?;
     let mut again = vec![];

@@ -54,7 +54,7 @@ async fn the_python_console_sees_unlocks_and_locks() -> Result<()> {
         .spawn()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let Tap::Granted(_) = tap(&mut agent, "t1", &mut profile.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("refused") };
-    agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?;
+    agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: "t1".into(), card_uuid: vec![] }).await?;
     let out = tokio::task::spawn_blocking(move || console.wait_with_output()).await??;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));

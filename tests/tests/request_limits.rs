@@ -96,17 +96,20 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
         )?;
         too_large(
             "BeginAuthentication",
-            agent.begin_authentication(pb::BeginAuthenticationRequest { terminal_id: big.clone(), card_uuid: vec![0; 16], ..Default::default() }).await,
+            agent.rpc().begin_authentication(pb::BeginAuthenticationRequest { terminal_id: big.clone(), card_uuid: vec![0; 16], ..Default::default() }).await,
             f("terminal_id"),
         )?;
         too_large(
             "CompleteAuthentication",
-            agent.complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: big.clone(), signature: vec![] }).await,
+            agent
+                .rpc()
+                .complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: big.clone(), signature: vec![] })
+                .await,
             f("terminal_id"),
         )?;
         too_large(
             "ReportCardRemoved",
-            agent.report_card_removed(pb::ReportCardRemovedRequest { terminal_id: big.clone(), card_uuid: vec![] }).await,
+            agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: big.clone(), card_uuid: vec![] }).await,
             f("terminal_id"),
         )?;
         too_large("GetTerminalState", app.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: big.clone() }).await, f("terminal_id"))?;
@@ -115,7 +118,7 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
         // with INVALID_ARGUMENT.
         let report =
             pb::PresenceRequest { agent_version: "test".into(), terminals: vec![pb::TerminalReport { terminal_id: big.clone(), ..Default::default() }] };
-        let mut replies = agent.presence(tokio_stream::iter(vec![report])).await?.into_inner();
+        let mut replies = agent.rpc().presence(tokio_stream::iter(vec![report])).await?.into_inner();
         match tokio::time::timeout(Duration::from_secs(5), replies.message()).await? {
             Err(s) if s.code() == Code::InvalidArgument || (field.is_none() && s.code() == Code::OutOfRange) => {}
             other => bail!("Presence with an oversized terminal: {other:?}"),
@@ -149,6 +152,7 @@ async fn a_flood_of_refusals_from_one_caller_writes_at_most_its_budget() -> Resu
     const N: usize = 300;
     for i in 0..N {
         let r = agent
+            .rpc()
             .complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![i as u8; 16], terminal_id: "t1".into(), signature: vec![1] })
             .await?
             .into_inner();
@@ -187,7 +191,7 @@ async fn a_flood_of_refusals_from_one_caller_writes_at_most_its_budget() -> Resu
     // Another caller is not affected by the flood.
     let mut other = site.agent("pi-2", &["t2"]).await?;
     let before = site.audit_len().await?;
-    other.complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: "t2".into(), signature: vec![1] }).await?;
+    other.rpc().complete_authentication(pb::CompleteAuthenticationRequest { challenge_id: vec![0; 16], terminal_id: "t2".into(), signature: vec![1] }).await?;
     assert!(site.audit_after(before).await?.iter().any(|r| r.kind == "auth.denied" && r.actor == "agent:pi-2"));
     Ok(())
 }
@@ -245,11 +249,11 @@ async fn a_new_presence_stream_replaces_the_old_one() -> Result<()> {
     let site = Site::start(|_, _| {}).await?;
     let mut agent = site.agent("pi-1", &["t1"]).await?;
     let (tx1, rx1) = tokio::sync::mpsc::channel::<pb::PresenceRequest>(4);
-    let mut first = agent.presence(tokio_stream::wrappers::ReceiverStream::new(rx1)).await?.into_inner();
+    let mut first = agent.rpc().presence(tokio_stream::wrappers::ReceiverStream::new(rx1)).await?.into_inner();
     tx1.send(pb::PresenceRequest { agent_version: "a".into(), terminals: vec![] }).await?;
     first.message().await?.expect("a reply on the first stream");
     let (tx2, rx2) = tokio::sync::mpsc::channel::<pb::PresenceRequest>(4);
-    let mut second = agent.presence(tokio_stream::wrappers::ReceiverStream::new(rx2)).await?.into_inner();
+    let mut second = agent.rpc().presence(tokio_stream::wrappers::ReceiverStream::new(rx2)).await?.into_inner();
     tx2.send(pb::PresenceRequest { agent_version: "b".into(), terminals: vec![] }).await?;
     second.message().await?.expect("a reply on the second stream");
     // The first one is over.

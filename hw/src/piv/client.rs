@@ -482,6 +482,9 @@ mod tests {
             *t += self.1;
             *t
         }
+        fn wall(&self) -> std::time::SystemTime {
+            std::time::SystemTime::UNIX_EPOCH
+        }
     }
 
     #[test]

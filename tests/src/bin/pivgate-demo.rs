@@ -173,7 +173,7 @@ async fn main() -> Result<()> {
     io.pins.insert(TERMINAL.into(), PinSource::Keys(Box::new(keypad)));
     io.indicators.insert(TERMINAL.into(), Box::new(Say(TERMINAL, None)));
     io.on_result = Some(Arc::new(|t: &str, r: &TapResult| match r {
-        TapResult::Granted { operator } => println!("agent: {t}: the gateway verified the card and granted access to {operator}"),
+        TapResult::Granted(g) => println!("agent: {t}: the gateway verified the card and granted access to {}", g.operator_id),
         TapResult::WrongPin { tries } => println!("agent: {t}: wrong PIN, {tries} tries left"),
         other => println!("agent: {t}: {other:?}"),
     }));
