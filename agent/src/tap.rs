@@ -301,7 +301,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
         let mut req = BeginRequest {
             terminal: self.terminal.to_string(),
             card_uuid: chuid.guid,
-            fascn: chuid.fascn.clone(),
+            fascn: chuid.fascn,
             certificate: None,
             requested: self.requested,
         };
