@@ -298,13 +298,8 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
     /// BeginAuthentication, sending the certificate of the slot the gateway
     /// names, once.
     pub async fn begin(&mut self, piv: &mut PivClient<T>, chuid: &Chuid) -> Step<Challenge> {
-        let mut req = BeginRequest {
-            terminal: self.terminal.to_string(),
-            card_uuid: chuid.guid,
-            fascn: chuid.fascn,
-            certificate: None,
-            requested: self.requested,
-        };
+        let mut req =
+            BeginRequest { terminal: self.terminal.to_string(), card_uuid: chuid.guid, fascn: chuid.fascn, certificate: None, requested: self.requested };
         loop {
             match self.gateway.begin(req.clone()).await? {
                 Begun::Challenge(c) => return Ok(c),

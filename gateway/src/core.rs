@@ -12,9 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
+use crate::authorize::{lock_reason, Allowed, Ask, Certificate, Check, Overlay, Verdict};
 use crate::challenge::{Challenges, Pending};
 use crate::error::{Error, Result};
-use crate::model::{uuid_text, Agent, Card, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
+use crate::model::{uuid_text, Agent, AuditKind, Card, DenyKey, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
 use crate::pki::Caller;
 use crate::store::{AuditEntry, AuditRecord, Change, Store};
 use crate::verify::{self, CardTrust, Deny};
@@ -168,18 +169,6 @@ pub struct Gateway {
     pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
-/// Records as a change being decided will leave them, for re-checking live
-/// sessions against them before the change commits.
-#[derive(Default)]
-struct Overlay<'a> {
-    /// An operator being replaced.
-    operator: Option<&'a Operator>,
-    /// A terminal's policy being replaced.
-    policy: Option<(&'a str, &'a TerminalPolicy)>,
-    /// An agent binding being replaced.
-    agent: Option<&'a Agent>,
-}
-
 enum BeginCheck {
     Ready { mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
     NeedCertificate(Slot),
@@ -215,7 +204,7 @@ impl Gateway {
     /// under the ledger lock) and made durable, so the backup holds nothing
     /// the gateway could still lose.
     pub async fn backup_cut(self: &Arc<Self>, caller: &Caller) -> Result<crate::store::BackupCut> {
-        let entry = AuditEntry { kind: "admin.backup", actor: caller.to_string(), terminal_id: String::new(), detail: json!({}) };
+        let entry = AuditEntry { kind: AuditKind::Backup, actor: caller.to_string(), terminal_id: String::new(), detail: json!({}) };
         self.commit(entry, vec![]).await?;
         let gw = self.clone();
         let cut = tokio::task::spawn_blocking(move || gw.store.backup_cut()).await.map_err(|e| Error::Backup(e.to_string()))??;
@@ -262,7 +251,7 @@ impl Gateway {
             .audit_refusal(
                 &caller.to_string(),
                 AuditEntry {
-                    kind: "auth.denied",
+                    kind: AuditKind::AuthDenied,
                     actor: caller.to_string(),
                     terminal_id: terminal.to_string(),
                     detail: json!({ "stage": stage, "reason": deny.name(), "detail": detail }),
@@ -297,12 +286,13 @@ impl Gateway {
             return Ok(());
         }
         let total: u64 = counts.iter().map(|(_, _, n)| n).sum();
-        let listed: Vec<serde_json::Value> = counts.iter().take(100).map(|(caller, kind, n)| json!({ "caller": caller, "kind": kind, "count": n })).collect();
+        let listed: Vec<serde_json::Value> =
+            counts.iter().take(100).map(|(caller, kind, n)| json!({ "caller": caller, "kind": kind.as_str(), "count": n })).collect();
         let unlisted: u64 = counts.iter().skip(100).map(|(_, _, n)| n).sum();
         tracing::warn!(total, "refusals past their callers' audit budget were counted, not recorded one by one");
         self.commit(
             AuditEntry {
-                kind: "audit.suppressed",
+                kind: AuditKind::AuditSuppressed,
                 actor: "gateway".into(),
                 terminal_id: String::new(),
                 detail: json!({ "total": total, "suppressed": listed, "not_listed": unlisted }),
@@ -382,85 +372,40 @@ impl Gateway {
         self.store.terminal(terminal)
     }
 
-    /// Validates a card certificate and the deny list.
-    fn check_certificate(&self, card: &Card, der: &[u8], slot: Slot) -> std::result::Result<(verify::CertInfo, verify::Validation), Deny> {
-        let info = verify::inspect(der)?;
-        if info.uuid != Some(card.uuid) {
-            return Err(Deny::IdentityMismatch);
-        }
-        if let (Some(a), Some(b)) = (&info.fascn, &card.fascn) {
-            if a != b {
-                return Err(Deny::IdentityMismatch);
-            }
-        }
-        let denied = |k: String| self.store.denied(&k).unwrap_or(true);
-        if denied(hex::encode(card.uuid)) || denied(format!("sha256:{}", hex::encode(info.fingerprint))) {
-            return Err(Deny::RevokedDenyList);
-        }
-        let v = self.trust.validate(der, slot, self.clock.system())?;
-        // One key for both slots would make the no-PIN key a PIN key.
-        let other = match slot {
-            Slot::PivAuthentication => Slot::CardAuthentication,
-            Slot::CardAuthentication => Slot::PivAuthentication,
-        };
-        if let Some(o) = card.certificates.get(&other).and_then(|d| verify::inspect(d).ok()) {
-            if o.spki == info.spki {
-                return Err(Deny::MechanismNotAllowed);
-            }
-        }
-        Ok((info, v))
-    }
-
     fn begin_check(&self, caller: &Caller, req: &BeginRequest) -> Result<std::result::Result<BeginCheck, (Deny, serde_json::Value)>> {
         let denied = |d: Deny, why: &str| Ok(Err((d, json!({ "why": why, "card_uuid": uuid_text(&req.card_uuid) }))));
-        let Some(terminal) = self.bound_terminal(&caller.name, &req.terminal)? else {
-            return denied(Deny::TerminalNotBound, "terminal unknown or not bound to this agent");
-        };
+        // Which enrolled card this is: by its UUID, or by its FASC-N.
         let uuid = match (self.store.card(&req.card_uuid)?, &req.fascn) {
-            (Some(c), _) => Some(c.uuid),
-            (None, Some(f)) => self.store.card_by_fascn(f)?,
+            (Some(c), _) => Some(c),
+            (None, Some(f)) => self.store.card_by_fascn(f)?.map(|u| self.store.card(&u)).transpose()?.flatten(),
             (None, None) => None,
         };
-        let Some(card) = uuid.map(|u| self.store.card(&u)).transpose()?.flatten() else {
-            return denied(Deny::UnknownCard, "card not enrolled");
-        };
-        if card.uuid != req.card_uuid {
-            return denied(Deny::IdentityMismatch, "FASC-N belongs to another card UUID");
-        }
-        if let (Some(a), Some(b)) = (&req.fascn, &card.fascn) {
-            if a != b {
-                return denied(Deny::IdentityMismatch, "FASC-N does not match the enrolled card");
+        if let Some(card) = &uuid {
+            if card.uuid != req.card_uuid {
+                return denied(Deny::IdentityMismatch, "FASC-N belongs to another card UUID");
+            }
+            if let (Some(a), Some(b)) = (&req.fascn, &card.fascn) {
+                if a != b {
+                    return denied(Deny::IdentityMismatch, "FASC-N does not match the enrolled card");
+                }
             }
         }
-        let Some(operator) = self.store.operator(&card.operator_id)? else {
-            return denied(Deny::UnknownCard, "card's operator no longer exists");
+        let ask = Ask {
+            agent: &caller.name,
+            terminal: &req.terminal,
+            card: req.card_uuid,
+            mechanism: req.mechanism,
+            certificate: Certificate::Offered(req.certificate.as_deref()),
+            check: Check::Full,
+            overlay: &Overlay::default(),
         };
-        if !operator.enabled {
-            return denied(Deny::OperatorDisabled, "operator disabled");
-        }
-        let policy = &terminal.policy;
-        if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
-            return denied(Deny::NotAuthorized, "operator has no role allowed at this terminal");
-        }
-        let mechanism = match req.mechanism {
-            Some(m) if !policy.allowed_mechanisms.contains(&m) => {
-                return denied(Deny::MechanismNotAllowed, "requested mechanism not allowed at this terminal");
+        match self.authorize(&ask)? {
+            Verdict::Allowed(a) => {
+                let algorithm = a.info.as_ref().map(|i| i.algorithm).ok_or_else(|| Error::Transaction("a full check without the certificate".into()))?;
+                Ok(Ok(BeginCheck::Ready { mechanism: a.mechanism, algorithm, der: a.certificate, supplied: a.supplied }))
             }
-            Some(m) => m,
-            None => match policy.allowed_mechanisms.first() {
-                Some(m) => *m,
-                None => return denied(Deny::MechanismNotAllowed, "terminal allows no mechanism"),
-            },
-        };
-        let slot = mechanism.slot();
-        let (der, supplied) = match (card.certificates.get(&slot), &req.certificate) {
-            (Some(d), _) => (d.clone(), false),
-            (None, Some(d)) => (d.clone(), true),
-            (None, None) => return Ok(Ok(BeginCheck::NeedCertificate(slot))),
-        };
-        match self.check_certificate(&card, &der, slot) {
-            Ok((info, _)) => Ok(Ok(BeginCheck::Ready { mechanism, algorithm: info.algorithm, der, supplied })),
-            Err(d) => denied(d, "certificate refused"),
+            Verdict::NeedCertificate(slot) => Ok(Ok(BeginCheck::NeedCertificate(slot))),
+            Verdict::Refused(d, why) => denied(d, why),
         }
     }
 
@@ -502,46 +447,30 @@ impl Gateway {
                 // (and refuses it) or after (and finds the session to lock).
                 let mut refused: Option<(Deny, &'static str)> = None;
                 let now = self.now_ms();
-                let (fingerprint, caller_name) = (verify::inspect(&p.certificate).map(|i| i.fingerprint).ok(), caller.name.clone());
+                let caller_name = caller.name.clone();
                 let granted = self
                     .commit_with(|| {
-                        let Some(term) = self.bound_terminal(&caller_name, &p.terminal)? else {
-                            refused = Some((Deny::TerminalNotBound, "terminal no longer bound to this agent"));
-                            return Ok(None);
+                        let ask = Ask {
+                            agent: &caller_name,
+                            terminal: &p.terminal,
+                            card: p.card_uuid,
+                            mechanism: Some(p.mechanism),
+                            certificate: Certificate::Pinned(&p.certificate),
+                            check: Check::SinceGeneration(generation),
+                            overlay: &Overlay::default(),
                         };
-                        let Some(mut card) = self.store.card(&p.card_uuid)? else {
-                            refused = Some((Deny::UnknownCard, "card no longer enrolled"));
-                            return Ok(None);
-                        };
-                        let operator = match self.store.operator(&card.operator_id)? {
-                            Some(o) if o.enabled => o,
-                            _ => {
-                                refused = Some((Deny::OperatorDisabled, "operator disabled or removed"));
+                        let allowed = match self.authorize(&ask)? {
+                            Verdict::Allowed(a) => a,
+                            Verdict::Refused(d, why) => {
+                                refused = Some((d, why));
+                                return Ok(None);
+                            }
+                            Verdict::NeedCertificate(_) => {
+                                refused = Some((Deny::UnknownCard, "certificate no longer enrolled"));
                                 return Ok(None);
                             }
                         };
-                        let revoked_cert = fingerprint.is_none_or(|f| self.store.denied(&format!("sha256:{}", hex::encode(f))).unwrap_or(true));
-                        if self.store.denied(&hex::encode(p.card_uuid))? || revoked_cert {
-                            refused = Some((Deny::RevokedDenyList, "card revoked"));
-                            return Ok(None);
-                        }
-                        // A CRL installed since the certificate was checked
-                        // either lands before this grant (and refuses it) or
-                        // after (and its re-check finds the session).
-                        if self.trust.generation() != generation {
-                            if let Err(d) = self.trust.validate(&p.certificate, p.mechanism.slot(), self.clock.system()) {
-                                refused = Some((d, "a CRL changed while the proof was checked"));
-                                return Ok(None);
-                            }
-                        }
-                        if !term.policy.allowed_mechanisms.contains(&p.mechanism) {
-                            refused = Some((Deny::MechanismNotAllowed, "the terminal's policy changed"));
-                            return Ok(None);
-                        }
-                        if !term.policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| term.policy.allowed_roles.contains(r)) {
-                            refused = Some((Deny::NotAuthorized, "the terminal's policy changed"));
-                            return Ok(None);
-                        }
+                        let Allowed { terminal: term, mut card, operator, .. } = *allowed;
                         let mut changes = Vec::new();
                         if let Session::Unlocked { .. } = term.session {
                             changes.push(Change::Session {
@@ -578,7 +507,7 @@ impl Gateway {
                             "crl_age_s": validation.crl_age_s,
                             "certificate_added": certificate_added,
                         });
-                        Ok(Some((AuditEntry { kind: "auth.granted", actor: caller.to_string(), terminal_id: p.terminal.clone(), detail }, changes)))
+                        Ok(Some((AuditEntry { kind: AuditKind::AuthGranted, actor: caller.to_string(), terminal_id: p.terminal.clone(), detail }, changes)))
                     })
                     .await?;
                 let Some((_, events)) = granted else {
@@ -613,22 +542,22 @@ impl Gateway {
             Err(Deny::ChallengeMismatch) => return d(Deny::ChallengeMismatch, "challenge was issued to another agent or terminal"),
             Err(deny) => return d(deny, "challenge refused"),
         };
-        if self.bound_terminal(&caller.name, terminal)?.is_none() {
-            return d(Deny::TerminalNotBound, "terminal no longer bound to this agent");
-        }
-        let Some(card) = self.store.card(&p.card_uuid)? else {
-            return d(Deny::UnknownCard, "card no longer enrolled");
+        let ask = Ask {
+            agent: &caller.name,
+            terminal,
+            card: p.card_uuid,
+            mechanism: Some(p.mechanism),
+            certificate: Certificate::Pinned(&p.certificate),
+            check: Check::Full,
+            overlay: &Overlay::default(),
         };
-        let Some(operator) = self.store.operator(&card.operator_id)? else {
-            return d(Deny::UnknownCard, "operator no longer exists");
+        let allowed = match self.authorize(&ask)? {
+            Verdict::Allowed(a) => a,
+            Verdict::Refused(deny, why) => return d(deny, why),
+            Verdict::NeedCertificate(_) => return d(Deny::UnknownCard, "certificate no longer enrolled"),
         };
-        if !operator.enabled {
-            return d(Deny::OperatorDisabled, "operator disabled");
-        }
-        let (info, validation) = match self.check_certificate(&card, &p.certificate, p.mechanism.slot()) {
-            Ok(x) => x,
-            Err(deny) => return d(deny, "certificate refused at completion"),
-        };
+        let (Some(info), Some(validation)) = (allowed.info, allowed.validation) else { return d(Deny::UnknownCard, "certificate not checked") };
+        let (card, operator) = (allowed.card, allowed.operator);
         if let Err(deny) = verify::verify_signature(info.algorithm, &info.spki, &p.message, signature) {
             // A 9E (card-only) signature offered where 9A (card and PIN)
             // was asked for is a policy violation, not just a bad signature.
@@ -664,7 +593,7 @@ impl Gateway {
                 let Some(reason) = decide(&t)? else { return Ok(None) };
                 why = Some(reason);
                 let entry = AuditEntry {
-                    kind: "session.locked",
+                    kind: AuditKind::SessionLocked,
                     actor: actor.to_string(),
                     terminal_id: terminal.to_string(),
                     detail: json!({ "reason": format!("{reason:?}"), "operator": operator_id }),
@@ -689,66 +618,15 @@ impl Gateway {
     /// unrevoked. A CRL that is merely stale refuses new taps but does not
     /// end sessions (an issuer's outage must not lock a control room).
     fn session_verdict(&self, t: &Terminal, overlay: &Overlay<'_>) -> Result<Option<LockReason>> {
-        let Session::Unlocked { operator_id, mechanism, card_uuid, agent, roles: session_roles, .. } = &t.session else { return Ok(None) };
-        let operator = match overlay.operator {
-            Some(o) if o.id == *operator_id => Some(o.clone()),
-            _ => self.store.operator(operator_id)?,
-        };
-        let Some(operator) = operator.filter(|o| o.enabled) else { return Ok(Some(LockReason::Revoked)) };
-        let bound = match overlay.agent {
-            Some(a) if a.name == *agent => a.terminals.contains(&t.id),
-            _ => self.store.agent(agent)?.is_some_and(|a| a.terminals.contains(&t.id)),
-        };
-        if !bound {
-            return Ok(Some(LockReason::Administrator));
-        }
-        let (policy, policy_changing) = match overlay.policy {
-            Some((id, p)) if id == t.id => (p, true),
-            _ => (&t.policy, false),
-        };
-        if !policy.allowed_mechanisms.contains(mechanism) {
-            return Ok(Some(LockReason::PolicyChanged));
-        }
-        if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
-            return Ok(Some(if policy_changing { LockReason::PolicyChanged } else { LockReason::RoleRemoved }));
-        }
-        // Consoles act on the roles a session carries: one the operator no
-        // longer holds ends it (a new tap carries the roles held now).
-        if session_roles.iter().any(|r| !operator.roles.contains(r)) {
-            return Ok(Some(LockReason::RoleRemoved));
-        }
-        let Some(card) = self.store.card(card_uuid)? else { return Ok(Some(LockReason::Revoked)) };
-        let Some(der) = card.certificates.get(&mechanism.slot()) else { return Ok(Some(LockReason::Revoked)) };
-        // A session re-checked with the same CRLs in force, whose
-        // certificate was valid a moment ago and has not reached notAfter,
-        // is valid still: no path validation for it (the deny list is
-        // always read).
-        let fingerprint: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(der)).into();
-        let now = self.clock.system();
-        let generation = self.trust.generation();
-        let cached = self.verdict_cache.lock().ok().and_then(|c| c.get(&fingerprint).copied()).is_some_and(|(g, until)| g == generation && now < until);
-        if cached {
-            let denied = self.store.denied(&hex::encode(card_uuid))? || self.store.denied(&format!("sha256:{}", hex::encode(fingerprint)))?;
-            return Ok(denied.then_some(LockReason::Revoked));
-        }
-        let verdict = self.check_certificate(&card, der, mechanism.slot());
-        if verdict.is_ok() {
-            let not_after = x509_parser::parse_x509_certificate(der)
-                .map(|(_, c)| std::time::UNIX_EPOCH + Duration::from_secs(c.validity().not_after.timestamp().max(0) as u64))
-                .unwrap_or(now);
-            if let Ok(mut c) = self.verdict_cache.lock() {
-                if c.len() > 100_000 {
-                    c.clear();
-                }
-                c.insert(fingerprint, (generation, not_after.min(now + Duration::from_secs(60))));
-            }
-        }
-        Ok(match verdict {
-            Ok(_) | Err(Deny::CrlStale) => None,
-            Err(Deny::RevokedDenyList) => Some(LockReason::Revoked),
-            Err(Deny::RevokedCrl) => Some(LockReason::CertificateRevoked),
-            Err(Deny::CertExpired) | Err(Deny::CertNotYetValid) => Some(LockReason::CertificateExpired),
-            Err(_) => Some(LockReason::PolicyChanged),
+        let Session::Unlocked { mechanism, card_uuid, agent, roles: session_roles, .. } = &t.session else { return Ok(None) };
+        let ask =
+            Ask { agent, terminal: &t.id, card: *card_uuid, mechanism: Some(*mechanism), certificate: Certificate::Enrolled, check: Check::Cached, overlay };
+        Ok(match self.authorize(&ask)? {
+            // Consoles act on the roles a session carries: one the operator
+            // no longer holds ends it (a new tap carries the roles held now).
+            Verdict::Allowed(a) => session_roles.iter().any(|r| !a.operator.roles.contains(r)).then_some(LockReason::RoleRemoved),
+            Verdict::NeedCertificate(_) => Some(LockReason::Revoked),
+            Verdict::Refused(deny, _) => lock_reason(deny, overlay.policy.is_some_and(|(id, _)| id == t.id)),
         })
     }
 
@@ -855,7 +733,7 @@ impl Gateway {
 
     // ---- administration ----
 
-    fn admin_entry(caller: &Caller, kind: &'static str, detail: serde_json::Value) -> AuditEntry {
+    fn admin_entry(caller: &Caller, kind: crate::model::AuditKind, detail: serde_json::Value) -> AuditEntry {
         AuditEntry { kind, actor: caller.to_string(), terminal_id: String::new(), detail }
     }
 
@@ -885,7 +763,7 @@ impl Gateway {
                 self.reauthorize(&overlay, now, |t| matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == op.id))?;
             let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled, "locked_terminals": locked });
             changes.push(Change::Operator(op.clone()));
-            Ok(Some((Self::admin_entry(caller, "admin.add_operator", detail), changes)))
+            Ok(Some((Self::admin_entry(caller, AuditKind::AddOperator, detail), changes)))
         })
         .await?;
         Ok(())
@@ -898,7 +776,7 @@ impl Gateway {
         }
         let info = verify::inspect(der).map_err(|d| Error::InvalidRequest(format!("certificate: {}", d.name())))?;
         let uuid = info.uuid.ok_or_else(|| Error::InvalidRequest("certificate has no urn:uuid: card UUID".into()))?;
-        if self.store.denied(&hex::encode(uuid))? {
+        if self.store.denied(DenyKey::Card(uuid))? {
             return Err(Error::InvalidRequest("card is on the deny list".into()));
         }
         self.trust.validate(der, slot, self.clock.system()).map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
@@ -910,7 +788,7 @@ impl Gateway {
         card.certificates.insert(slot, der.to_vec());
         let detail = json!({ "operator": operator_id, "card_uuid": uuid_text(&uuid), "slot": format!("{slot:?}"),
             "certificate_sha256": hex::encode(info.fingerprint) });
-        self.commit(Self::admin_entry(caller, "admin.enrol_card", detail), vec![Change::Card(card.clone())]).await?;
+        self.commit(Self::admin_entry(caller, AuditKind::EnrolCard, detail), vec![Change::Card(card.clone())]).await?;
         Ok(card)
     }
 
@@ -920,11 +798,11 @@ impl Gateway {
         let now = self.now_ms();
         let mut locked = Vec::new();
         self.commit_with(|| {
-            let mut keys = vec![hex::encode(uuid)];
+            let mut keys = vec![DenyKey::Card(uuid)];
             if let Some(c) = self.store.card(&uuid)? {
                 for der in c.certificates.values() {
                     if let Ok(i) = verify::inspect(der) {
-                        keys.push(format!("sha256:{}", hex::encode(i.fingerprint)));
+                        keys.push(DenyKey::Certificate(i.fingerprint));
                     }
                 }
             }
@@ -939,7 +817,7 @@ impl Gateway {
                 .collect();
             let detail = json!({ "card_uuid": uuid_text(&uuid), "reason": reason, "locked_terminals": locked });
             changes.push(Change::Deny(keys));
-            Ok(Some((Self::admin_entry(caller, "admin.revoke_card", detail), changes)))
+            Ok(Some((Self::admin_entry(caller, AuditKind::RevokeCard, detail), changes)))
         })
         .await?;
         Ok(locked)
@@ -965,7 +843,7 @@ impl Gateway {
                 }
             }
             let detail = json!({ "agent": name, "terminals": terminals, "locked_terminals": locked });
-            Ok(Some((Self::admin_entry(caller, "admin.bind_agent", detail), changes)))
+            Ok(Some((Self::admin_entry(caller, AuditKind::BindAgent, detail), changes)))
         })
         .await?;
         Ok(())
@@ -998,7 +876,7 @@ impl Gateway {
             };
             let change = if locked.is_empty() { Change::Terminal(t) } else { Change::Session { terminal: t } };
             let detail = json!({ "terminal": id, "policy": policy, "locked_terminals": locked });
-            Ok(Some((Self::admin_entry(caller, "admin.set_terminal_policy", detail), vec![change])))
+            Ok(Some((Self::admin_entry(caller, AuditKind::SetTerminalPolicy, detail), vec![change])))
         })
         .await?;
         Ok(())

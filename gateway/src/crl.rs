@@ -223,7 +223,7 @@ impl Gateway {
                 // force already, or again after a restart; nothing to record.
                 Some(w) if this_update_s == w => Ok(None),
                 _ => Ok(Some((
-                    AuditEntry { kind: "crl.accepted", actor: "gateway".into(), terminal_id: String::new(), detail: detail.clone() },
+                    AuditEntry { kind: crate::model::AuditKind::CrlAccepted, actor: "gateway".into(), terminal_id: String::new(), detail: detail.clone() },
                     vec![Change::CrlWatermark { key: key.clone(), this_update_s }],
                 ))),
             }
@@ -257,7 +257,7 @@ impl Gateway {
         if new {
             self.commit(
                 AuditEntry {
-                    kind: "crl.refused",
+                    kind: crate::model::AuditKind::CrlRefused,
                     actor: "gateway".into(),
                     terminal_id: String::new(),
                     detail: json!({ "source": source, "reason": refusal.name(), "why": refusal.to_string(), "sha256": hex::encode(sha) }),

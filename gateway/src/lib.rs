@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod authorize;
 pub mod backup;
 pub mod challenge;
 pub mod client;
@@ -285,7 +286,7 @@ pub async fn run(
         let gw = gw.clone();
         tokio::spawn(async move {
             let entry = store::AuditEntry {
-                kind: "tls.refused",
+                kind: crate::model::AuditKind::TlsRefused,
                 actor: format!("peer:{peer}"),
                 terminal_id: String::new(),
                 detail: serde_json::json!({ "reason": why.chars().take(limits::TEXT_MAX).collect::<String>() }),

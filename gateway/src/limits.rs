@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::model::AuditKind;
 use pivgate_proto::v1 as pb;
 use tonic::Status;
 
@@ -319,7 +320,7 @@ pub struct AuditBudget {
     burst: f64,
     per_second: f64,
     buckets: HashMap<String, (f64, Instant)>,
-    suppressed: HashMap<(String, &'static str), u64>,
+    suppressed: HashMap<(String, AuditKind), u64>,
     /// Counted since start, for metrics.
     pub suppressed_total: u64,
 }
@@ -343,7 +344,7 @@ impl AuditBudget {
 
     /// Whether `caller` may have one more `kind` record now; if not, it is
     /// counted as suppressed.
-    pub fn allow(&mut self, caller: &str, kind: &'static str, now: Instant) -> bool {
+    pub fn allow(&mut self, caller: &str, kind: AuditKind, now: Instant) -> bool {
         if self.buckets.len() >= CALLERS_MAX && !self.buckets.contains_key(caller) {
             let (burst, rate) = (self.burst, self.per_second);
             self.buckets.retain(|_, (tokens, at)| *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst);
@@ -363,7 +364,7 @@ impl AuditBudget {
     }
 
     /// The counts suppressed since the last call, by caller and kind.
-    pub fn take_suppressed(&mut self) -> Vec<(String, &'static str, u64)> {
+    pub fn take_suppressed(&mut self) -> Vec<(String, AuditKind, u64)> {
         let mut v: Vec<_> = self.suppressed.drain().map(|((c, k), n)| (c, k, n)).collect();
         v.sort();
         v
@@ -413,14 +414,14 @@ mod tests {
     fn the_audit_budget_refills_and_counts_what_it_suppresses() {
         let mut b = AuditBudget::new(3, 60);
         let t0 = Instant::now();
-        assert!((0..3).all(|_| b.allow("agent:pi-1", "auth.denied", t0)));
-        assert!(!b.allow("agent:pi-1", "auth.denied", t0));
-        assert!(!b.allow("agent:pi-1", "rpc.refused", t0));
+        assert!((0..3).all(|_| b.allow("agent:pi-1", AuditKind::AuthDenied, t0)));
+        assert!(!b.allow("agent:pi-1", AuditKind::AuthDenied, t0));
+        assert!(!b.allow("agent:pi-1", AuditKind::RpcRefused, t0));
         // Another caller has its own bucket.
-        assert!(b.allow("agent:pi-2", "auth.denied", t0));
+        assert!(b.allow("agent:pi-2", AuditKind::AuthDenied, t0));
         // One token a second.
-        assert!(b.allow("agent:pi-1", "auth.denied", t0 + Duration::from_millis(1100)));
-        assert_eq!(b.take_suppressed(), vec![("agent:pi-1".to_string(), "auth.denied", 1), ("agent:pi-1".to_string(), "rpc.refused", 1)]);
+        assert!(b.allow("agent:pi-1", AuditKind::AuthDenied, t0 + Duration::from_millis(1100)));
+        assert_eq!(b.take_suppressed(), vec![("agent:pi-1".to_string(), AuditKind::AuthDenied, 1), ("agent:pi-1".to_string(), AuditKind::RpcRefused, 1)]);
         assert!(b.take_suppressed().is_empty());
         assert_eq!(b.suppressed_total, 2);
     }

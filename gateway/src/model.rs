@@ -205,3 +205,137 @@ pub struct Agent {
     /// Terminals bound to it.
     pub terminals: Vec<String>,
 }
+
+/// What an audit record is about. Stored as its [`AuditKind::as_str`]
+/// name, which is part of the audit format: never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AuditKind {
+    /// A tap unlocked a terminal.
+    AuthGranted,
+    /// A tap was refused.
+    AuthDenied,
+    /// A session ended.
+    SessionLocked,
+    /// A TLS handshake was refused.
+    TlsRefused,
+    /// An authenticated caller called an API its role may not use.
+    RpcRefused,
+    /// Refusal records a caller's budget held back, counted.
+    AuditSuppressed,
+    /// A CRL was installed.
+    CrlAccepted,
+    /// A CRL was refused.
+    CrlRefused,
+    /// An operator was added or replaced.
+    AddOperator,
+    /// A card was enrolled.
+    EnrolCard,
+    /// A card was revoked.
+    RevokeCard,
+    /// An agent was bound to terminals.
+    BindAgent,
+    /// A terminal's policy was set.
+    SetTerminalPolicy,
+    /// A service certificate was issued.
+    IssueCertificate,
+    /// A backup was taken.
+    Backup,
+}
+
+impl AuditKind {
+    /// Every kind, for tests and readers of the log.
+    pub const ALL: [AuditKind; 15] = [
+        AuditKind::AuthGranted,
+        AuditKind::AuthDenied,
+        AuditKind::SessionLocked,
+        AuditKind::TlsRefused,
+        AuditKind::RpcRefused,
+        AuditKind::AuditSuppressed,
+        AuditKind::CrlAccepted,
+        AuditKind::CrlRefused,
+        AuditKind::AddOperator,
+        AuditKind::EnrolCard,
+        AuditKind::RevokeCard,
+        AuditKind::BindAgent,
+        AuditKind::SetTerminalPolicy,
+        AuditKind::IssueCertificate,
+        AuditKind::Backup,
+    ];
+
+    /// The name stored in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::AuthGranted => "auth.granted",
+            AuditKind::AuthDenied => "auth.denied",
+            AuditKind::SessionLocked => "session.locked",
+            AuditKind::TlsRefused => "tls.refused",
+            AuditKind::RpcRefused => "rpc.refused",
+            AuditKind::AuditSuppressed => "audit.suppressed",
+            AuditKind::CrlAccepted => "crl.accepted",
+            AuditKind::CrlRefused => "crl.refused",
+            AuditKind::AddOperator => "admin.add_operator",
+            AuditKind::EnrolCard => "admin.enrol_card",
+            AuditKind::RevokeCard => "admin.revoke_card",
+            AuditKind::BindAgent => "admin.bind_agent",
+            AuditKind::SetTerminalPolicy => "admin.set_terminal_policy",
+            AuditKind::IssueCertificate => "admin.issue_certificate",
+            AuditKind::Backup => "admin.backup",
+        }
+    }
+
+    /// The kind a stored name stands for.
+    pub fn parse(name: &str) -> Option<AuditKind> {
+        AuditKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An entry of the deny list: a whole card, or one certificate. Stored as
+/// its [`DenyKey::stored`] form (the card UUID in hex, or `sha256:` and the
+/// certificate's fingerprint in hex), which is part of the database
+/// format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyKey {
+    /// Every certificate of this card (CHUID GUID).
+    Card([u8; 16]),
+    /// The certificate with this SHA-256 fingerprint.
+    Certificate([u8; 32]),
+}
+
+impl DenyKey {
+    /// The stored form.
+    pub fn stored(&self) -> String {
+        match self {
+            DenyKey::Card(u) => hex::encode(u),
+            DenyKey::Certificate(f) => format!("sha256:{}", hex::encode(f)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn audit_kind_names_are_distinct_and_read_back() {
+        let names: std::collections::BTreeSet<&str> = AuditKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), AuditKind::ALL.len());
+        for k in AuditKind::ALL {
+            assert_eq!(AuditKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(AuditKind::parse("auth.granted "), None);
+    }
+
+    #[test]
+    fn deny_keys_keep_their_stored_form() {
+        // The database holds these strings: changing them would forget
+        // every revocation.
+        assert_eq!(DenyKey::Card([0xAB; 16]).stored(), "ab".repeat(16));
+        assert_eq!(DenyKey::Certificate([1; 32]).stored(), format!("sha256:{}", "01".repeat(32)));
+    }
+}

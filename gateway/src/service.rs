@@ -35,7 +35,8 @@ async fn authorize<T: Bounded>(gw: &Gateway, req: &Request<T>, allowed: &[Role],
     let first = certs.first().ok_or(Error::Unauthenticated("no client certificate"))?;
     let caller = pki::caller_from_cert(first.as_ref()).ok_or(Error::Unauthenticated("client certificate carries no pivgate role"))?;
     if !allowed.contains(&caller.role) {
-        let entry = AuditEntry { kind: "rpc.refused", actor: caller.to_string(), terminal_id: String::new(), detail: json!({ "api": api }) };
+        let entry =
+            AuditEntry { kind: crate::model::AuditKind::RpcRefused, actor: caller.to_string(), terminal_id: String::new(), detail: json!({ "api": api }) };
         gw.audit_refusal(&caller.to_string(), entry).await?;
         return Err(Error::PermissionDenied(format!("{caller} may not call {api}")).into());
     }
@@ -528,7 +529,7 @@ fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
         operator_id: c.operator_id.clone(),
         certificate_sha256: fp,
         slot: slot_pb(slot) as i32,
-        revoked: gw.store.denied(&hex::encode(c.uuid)).unwrap_or(false),
+        revoked: gw.store.denied(crate::model::DenyKey::Card(c.uuid)).unwrap_or(false),
     }
 }
 
@@ -757,7 +758,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.0
             .commit(
                 AuditEntry {
-                    kind: "admin.issue_certificate",
+                    kind: crate::model::AuditKind::IssueCertificate,
                     actor: caller.to_string(),
                     terminal_id: String::new(),
                     detail: json!({ "role": format!("{role:?}"), "name": r.name }),

@@ -94,7 +94,7 @@ impl AuditRecord {
 #[derive(Debug, Clone)]
 pub struct AuditEntry {
     /// Kind.
-    pub kind: &'static str,
+    pub kind: crate::model::AuditKind,
     /// Actor.
     pub actor: String,
     /// Terminal.
@@ -117,8 +117,8 @@ pub enum Change {
     Operator(Operator),
     /// Creates or replaces a card.
     Card(Card),
-    /// Adds deny-list entries (card UUID hex, or "sha256:" + fingerprint).
-    Deny(Vec<String>),
+    /// Adds deny-list entries.
+    Deny(Vec<crate::model::DenyKey>),
     /// Creates or replaces an agent binding.
     Agent(Agent),
     /// The newest thisUpdate (Unix seconds) accepted for a CRL key
@@ -485,7 +485,7 @@ impl Store {
         let mut record = AuditRecord {
             index: ledger.next_audit,
             unix_ms: now_ms,
-            kind: entry.kind.to_string(),
+            kind: entry.kind.as_str().to_string(),
             actor: entry.actor,
             terminal_id: entry.terminal_id,
             detail: entry.detail,
@@ -519,7 +519,7 @@ impl Store {
                 }
                 Change::Deny(keys) => {
                     for k in keys {
-                        writes.push((T_DENY, k.as_bytes().to_vec(), now_ms.to_be_bytes().to_vec()));
+                        writes.push((T_DENY, k.stored().into_bytes(), now_ms.to_be_bytes().to_vec()));
                     }
                 }
                 Change::Agent(a) => writes.push((T_AGENTS, a.name.as_bytes().to_vec(), enc(a)?)),
@@ -796,8 +796,8 @@ impl Store {
     }
 
     /// Whether a deny-list key is present.
-    pub fn denied(&self, key: &str) -> Result<bool> {
-        Ok(self.deny.contains_key(key)?)
+    pub fn denied(&self, key: crate::model::DenyKey) -> Result<bool> {
+        Ok(self.deny.contains_key(key.stored())?)
     }
 
     /// The newest thisUpdate (Unix seconds) accepted for a CRL key.
@@ -882,7 +882,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
         let op = |name: String| Operator { id: "op-1".into(), name, roles: vec![], enabled: true };
-        let entry = || AuditEntry { kind: "admin.add_operator", actor: "admin:test".into(), terminal_id: String::new(), detail: serde_json::json!({}) };
+        let entry =
+            || AuditEntry { kind: crate::model::AuditKind::AddOperator, actor: "admin:test".into(), terminal_id: String::new(), detail: serde_json::json!({}) };
         store.record(entry(), vec![Change::Operator(op("a".repeat(1000)))], 0).unwrap();
         let e = store.record(entry(), vec![Change::Operator(op("a".repeat(MAX_VALUE)))], 0).unwrap_err();
         assert!(e.to_string().contains("blob"), "{e}");

@@ -49,8 +49,12 @@ async fn a_hundred_thousand_operators_page_whole_and_in_order() -> Result<()> {
                     Change::Operator(pivgate_gateway::model::Operator { name: format!("Operator {id}"), id, roles: vec!["dispatcher".into()], enabled: true })
                 })
                 .collect();
-            let entry =
-                AuditEntry { kind: "admin.add_operator", actor: "test".into(), terminal_id: String::new(), detail: serde_json::json!({ "batch": batch }) };
+            let entry = AuditEntry {
+                kind: pivgate_gateway::model::AuditKind::AddOperator,
+                actor: "test".into(),
+                terminal_id: String::new(),
+                detail: serde_json::json!({ "batch": batch }),
+            };
             store.record(entry, changes, 0)?;
         }
         store.sync()?;
