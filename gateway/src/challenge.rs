@@ -95,13 +95,14 @@ impl Challenges {
         algorithm: KeyAlgorithm,
         certificate: Vec<u8>,
         supplied: bool,
+        random: &dyn crate::core::Randomness,
         now: Instant,
         unix_ms: i64,
     ) -> Result<Issued, crate::error::Error> {
         let mut id = [0u8; 16];
         let mut nonce = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut id).map_err(|_| crate::error::Error::Exhausted("randomness"))?;
-        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| crate::error::Error::Exhausted("randomness"))?;
+        random.fill(&mut id)?;
+        random.fill(&mut nonce)?;
         let message = CardMessage {
             challenge_id: id,
             nonce,
@@ -178,7 +179,7 @@ mod tests {
     }
 
     fn issue(c: &Challenges, now: Instant) -> Issued {
-        c.issue("agent-1", "t1", [1; 16], Mechanism::CardAndPin, KeyAlgorithm::EcdsaP256, vec![1, 2, 3], false, now, 0).unwrap()
+        c.issue("agent-1", "t1", [1; 16], Mechanism::CardAndPin, KeyAlgorithm::EcdsaP256, vec![1, 2, 3], false, &crate::core::SystemRandomness, now, 0).unwrap()
     }
 
     #[test]
@@ -217,16 +218,30 @@ mod tests {
         for _ in 0..10 {
             issue(&c, t0);
         }
-        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, t0, 0).is_err());
+        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, &crate::core::SystemRandomness, t0, 0).is_err());
         // Once they expire, room frees up.
-        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, t0 + Duration::from_secs(11), 0).is_ok());
+        assert!(c
+            .issue(
+                "a",
+                "t",
+                [0; 16],
+                Mechanism::CardOnly,
+                KeyAlgorithm::Rsa2048,
+                vec![],
+                false,
+                &crate::core::SystemRandomness,
+                t0 + Duration::from_secs(11),
+                0
+            )
+            .is_ok());
     }
 
     #[test]
     fn one_agent_cannot_hold_every_challenge() {
         let c = Challenges::new(Duration::from_secs(10), 10_000, [7; 32]);
         let t0 = Instant::now();
-        let issue = |agent: &str| c.issue(agent, "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::EcdsaP256, vec![], false, t0, 0);
+        let issue =
+            |agent: &str| c.issue(agent, "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::EcdsaP256, vec![], false, &crate::core::SystemRandomness, t0, 0);
         for _ in 0..PER_AGENT {
             issue("greedy").unwrap();
         }

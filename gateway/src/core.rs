@@ -40,6 +40,22 @@ impl Clock for SystemClock {
     }
 }
 
+/// A source of randomness for challenge ids and nonces: the OS CSPRNG in
+/// service, a replayable one in tests.
+pub trait Randomness: Send + Sync {
+    /// Fills `buf`.
+    fn fill(&self, buf: &mut [u8]) -> Result<()>;
+}
+
+/// The operating system's CSPRNG (through aws-lc-rs).
+pub struct SystemRandomness;
+
+impl Randomness for SystemRandomness {
+    fn fill(&self, buf: &mut [u8]) -> Result<()> {
+        aws_lc_rs::rand::fill(buf).map_err(|_| Error::Exhausted("randomness"))
+    }
+}
+
 /// How many verification latency samples the metrics keep.
 pub const VERIFY_SAMPLES: usize = 4096;
 
@@ -138,6 +154,8 @@ pub struct Gateway {
     pub challenges: Challenges,
     /// Clock.
     pub clock: Box<dyn Clock>,
+    /// Randomness for challenges.
+    pub random: Box<dyn Randomness>,
     /// Agents' last presence.
     pub presence: Mutex<HashMap<String, Instant>>,
     /// Metrics counters.
@@ -421,7 +439,18 @@ impl Gateway {
             Ok(BeginCheck::Ready { mechanism, algorithm, der, supplied }) => {
                 // A supplied certificate is kept only once a proof with its
                 // key succeeds (see `complete`).
-                let issued = self.challenges.issue(&caller.name, t, req.card_uuid, mechanism, algorithm, der, supplied, self.clock.instant(), self.now_ms())?;
+                let issued = self.challenges.issue(
+                    &caller.name,
+                    t,
+                    req.card_uuid,
+                    mechanism,
+                    algorithm,
+                    der,
+                    supplied,
+                    &*self.random,
+                    self.clock.instant(),
+                    self.now_ms(),
+                )?;
                 Ok(Begin::Challenge { id: issued.id, message: issued.message, mechanism, algorithm, ttl: self.challenges.ttl() })
             }
         }
@@ -898,3 +927,7 @@ mod tests {
         assert_eq!(ring.back(), Some(&(VERIFY_SAMPLES as u64 + 9)));
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod decision_tests;

@@ -147,8 +147,14 @@ pub fn raise_open_file_limit() -> u64 {
 }
 
 /// Opens everything a gateway needs from its configuration: the service
-/// PKI (generated on first start), the database, card trust and CRLs.
+/// PKI (generated on first start), the database, card trust and CRLs; on
+/// the system's clock and CSPRNG.
 pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>, bool)> {
+    open_with(config, Box::new(core::SystemClock), Box::new(core::SystemRandomness))
+}
+
+/// [`open`] on the given clock and randomness (tests drive time by hand).
+pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn core::Randomness>) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>, bool)> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     names.push(config.listen.ip().to_string());
     names.extend(config.server_names.iter().cloned());
@@ -187,7 +193,8 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
         store,
         trust,
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
-        clock: Box::new(core::SystemClock),
+        clock,
+        random,
         presence: Default::default(),
         counters: Default::default(),
         crl_intake: Default::default(),
@@ -207,7 +214,7 @@ pub fn open(config: &Config) -> Result<(Arc<Gateway>, Arc<rustls::ServerConfig>,
     if let Ok(mut p) = gateway.presence.lock() {
         for t in gateway.store.terminals()? {
             if let model::Session::Unlocked { agent, .. } = t.session {
-                p.insert(agent, std::time::Instant::now());
+                p.insert(agent, gateway.clock.instant());
             }
         }
     }

@@ -1,0 +1,370 @@
+//! The gateway's decisions without transport: a real sled database in a
+//! temporary folder, virtual time, replayable randomness, and the virtual
+//! card in process signing what the gateway asks. No TLS, no pcscd.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use pivgate_hw::piv::{Algorithm, PivClient, Slot as CardSlot};
+use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
+use sha2::Digest;
+
+use super::*;
+use crate::config::Config;
+use crate::pki::Role;
+
+/// Time that moves only when a test moves it.
+#[derive(Clone)]
+struct TestClock(Arc<Mutex<(SystemTime, Instant)>>);
+
+impl TestClock {
+    fn new() -> Self {
+        TestClock(Arc::new(Mutex::new((SystemTime::now(), Instant::now()))))
+    }
+    fn advance(&self, d: Duration) {
+        let mut t = self.0.lock().unwrap();
+        t.0 += d;
+        t.1 += d;
+    }
+}
+
+impl Clock for TestClock {
+    fn system(&self) -> SystemTime {
+        self.0.lock().unwrap().0
+    }
+    fn instant(&self) -> Instant {
+        self.0.lock().unwrap().1
+    }
+}
+
+/// Replayable randomness: a counter through SHA-256.
+struct Counter(AtomicU64);
+
+impl Randomness for Counter {
+    fn fill(&self, buf: &mut [u8]) -> Result<()> {
+        for chunk in buf.chunks_mut(32) {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            chunk.copy_from_slice(&sha2::Sha256::digest(n.to_be_bytes())[..chunk.len()]);
+        }
+        Ok(())
+    }
+}
+
+const T: &str = "dispatch-01";
+
+fn admin() -> Caller {
+    Caller { role: Role::Admin, name: "root".into() }
+}
+
+fn agent() -> Caller {
+    Caller { role: Role::Agent, name: "pi-1".into() }
+}
+
+fn issuer() -> &'static IssuingCa {
+    static CA: std::sync::OnceLock<IssuingCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| IssuingCa::generate("unit test card issuer").unwrap())
+}
+
+fn card_profile() -> &'static Profile {
+    static P: std::sync::OnceLock<Profile> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let ca = IssuingCa { cert_pem: issuer().cert_pem.clone(), key_pem: issuer().key_pem.clone() };
+        Profile::generate_with_ca(ca, &ProfileOptions { algorithm: Algorithm::EccP256, ..Default::default() }).unwrap()
+    })
+}
+
+/// A gateway on a fresh database with terminal T bound to agent pi-1 and
+/// operator op-1 (role dispatcher) holding the test card (9A enrolled).
+struct Bench {
+    gw: Arc<Gateway>,
+    clock: TestClock,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn bench(tweak: impl FnOnce(&mut Config)) -> Bench {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!("pivgate-core-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let anchor = dir.join("issuer.pem");
+    std::fs::write(&anchor, &issuer().cert_pem).unwrap();
+    let mut config = Config { data_dir: dir.join("data"), ..Config::default() };
+    config.cards.trust_anchors = vec![anchor];
+    tweak(&mut config);
+    let clock = TestClock::new();
+    let (gw, _, _) = crate::open_with(&config, Box::new(clock.clone()), Box::new(Counter(AtomicU64::new(0)))).unwrap();
+    gw.add_operator(&admin(), Operator { id: "op-1".into(), name: "Op One".into(), roles: vec!["dispatcher".into()], enabled: true }).await.unwrap();
+    gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::Authentication], Slot::PivAuthentication).await.unwrap();
+    gw.bind_agent(&admin(), "pi-1", vec![T.into(), "lobby".into()]).await.unwrap();
+    Bench { gw, clock, dir }
+}
+
+fn uuid() -> [u8; 16] {
+    card_profile().chuid.guid
+}
+
+fn begin_req(terminal: &str) -> BeginRequest {
+    BeginRequest { terminal: terminal.into(), card_uuid: uuid(), fascn: None, certificate: None, mechanism: None }
+}
+
+/// The card signs the message as the agent would have it (PIN verified
+/// for 9A).
+fn card_signs(message: &[u8], mechanism: Mechanism) -> Vec<u8> {
+    let mut card = card_profile().card();
+    let mut piv = PivClient::new(&mut card);
+    piv.select().unwrap();
+    let slot = match mechanism {
+        Mechanism::CardAndPin => {
+            piv.verify_pin(&pivgate_hw::Pin::new(b"123456").unwrap()).unwrap();
+            CardSlot::Authentication
+        }
+        Mechanism::CardOnly => CardSlot::CardAuthentication,
+    };
+    piv.sign(slot, Algorithm::EccP256, &sha2::Sha256::digest(message)).unwrap()
+}
+
+/// Begin and the card's signature, not yet completed.
+async fn signed(b: &Bench, terminal: &str) -> ([u8; 16], Vec<u8>) {
+    match b.gw.begin(&agent(), begin_req(terminal)).await.unwrap() {
+        Begin::Challenge { id, message, mechanism, .. } => (id, card_signs(&message, mechanism)),
+        Begin::Denied(d, why) => panic!("begin denied: {d:?} {why}"),
+        Begin::CertificateNeeded(s) => panic!("certificate {s:?} asked for"),
+    }
+}
+
+async fn tap(b: &Bench) -> Complete {
+    let (id, sig) = signed(b, T).await;
+    b.gw.complete(&agent(), &id, T, &sig).await.unwrap()
+}
+
+fn denied(c: &Complete) -> Option<Deny> {
+    match c {
+        Complete::Denied(d, _) => Some(*d),
+        Complete::Granted { .. } => None,
+    }
+}
+
+fn session(b: &Bench) -> Session {
+    b.gw.store.terminal(T).unwrap().unwrap().session
+}
+
+fn locked_for(b: &Bench) -> Option<LockReason> {
+    match session(b) {
+        Session::Locked { reason, .. } => Some(reason),
+        Session::Unlocked { .. } => None,
+    }
+}
+
+#[tokio::test]
+async fn a_good_proof_unlocks_and_its_audit_record_names_the_event() {
+    let b = bench(|_| {}).await;
+    let Complete::Granted { operator, sequence } = tap(&b).await else { panic!("refused") };
+    assert_eq!(operator.id, "op-1");
+    assert!(matches!(session(&b), Session::Unlocked { ref operator_id, mechanism: Mechanism::CardAndPin, .. } if operator_id == "op-1"));
+    let (head, _) = b.gw.store.audit_head().unwrap();
+    let rec = b.gw.store.audit_after(head - 1, 1).unwrap().remove(0);
+    assert_eq!(rec.kind, AuditKind::AuthGranted.as_str());
+    assert!(rec.detail.to_string().contains("op-1"), "{}", rec.detail);
+    assert!(sequence > 0);
+}
+
+#[tokio::test]
+async fn a_replayed_proof_is_refused() {
+    let b = bench(|_| {}).await;
+    let (id, sig) = signed(&b, T).await;
+    assert!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()).is_none());
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::ChallengeReplayed));
+}
+
+#[tokio::test]
+async fn a_challenge_expires_in_virtual_time() {
+    let b = bench(|c| c.challenge_ttl_s = 10).await;
+    let (id, sig) = signed(&b, T).await;
+    b.clock.advance(Duration::from_secs(11));
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::ChallengeExpired));
+    assert!(locked_for(&b).is_some());
+}
+
+#[tokio::test]
+async fn a_challenge_just_inside_its_lifetime_is_good() {
+    let b = bench(|c| c.challenge_ttl_s = 10).await;
+    let (id, sig) = signed(&b, T).await;
+    b.clock.advance(Duration::from_secs(9));
+    assert!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()).is_none());
+}
+
+#[tokio::test]
+async fn a_challenge_of_another_terminal_is_refused_and_not_spent() {
+    let b = bench(|_| {}).await;
+    let (id, sig) = signed(&b, "lobby").await;
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::ChallengeMismatch));
+    assert!(denied(&b.gw.complete(&agent(), &id, "lobby", &sig).await.unwrap()).is_none(), "the mismatch spent the challenge");
+}
+
+#[tokio::test]
+async fn challenge_ids_come_from_the_randomness_given() {
+    let b = bench(|_| {}).await;
+    let Begin::Challenge { id, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!() };
+    let expected = Counter(AtomicU64::new(0));
+    let mut first = [0u8; 16];
+    expected.fill(&mut first).unwrap();
+    assert_eq!(id, first);
+}
+
+#[tokio::test]
+async fn a_session_past_its_maximum_is_locked_by_the_sweep() {
+    let b = bench(|c| c.agent_grace_s = 600).await;
+    b.gw.set_policy(&admin(), T, TerminalPolicy { max_session_s: 60, ..Default::default() }).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    b.clock.advance(Duration::from_secs(59));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), None);
+    b.clock.advance(Duration::from_secs(2));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::MaxSession));
+}
+
+#[tokio::test]
+async fn a_silent_agent_locks_its_terminals_and_a_reporting_one_does_not() {
+    let b = bench(|c| c.agent_grace_s = 30).await;
+    assert!(denied(&tap(&b).await).is_none());
+    b.clock.advance(Duration::from_secs(25));
+    b.gw.presence(&agent(), &[(T.to_string(), true, Some(uuid()))]).await.unwrap();
+    b.clock.advance(Duration::from_secs(25));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), None, "an agent that reported within its grace was taken for silent");
+    b.clock.advance(Duration::from_secs(6));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::AgentSilent));
+}
+
+#[tokio::test]
+async fn a_presence_report_without_the_card_locks() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    let locked = b.gw.presence(&agent(), &[(T.to_string(), true, Some([9; 16]))]).await.unwrap();
+    assert_eq!(locked, vec![T.to_string()]);
+    assert_eq!(locked_for(&b), Some(LockReason::CardRemoved));
+}
+
+#[tokio::test]
+async fn a_revocation_between_begin_and_complete_refuses_the_grant() {
+    let b = bench(|_| {}).await;
+    let (id, sig) = signed(&b, T).await;
+    b.gw.revoke_card(&admin(), uuid(), "lost").await.unwrap();
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::RevokedDenyList));
+    assert!(locked_for(&b).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_racing_a_grant_never_leaves_the_terminal_unlocked() {
+    // Whichever commits first, the end state is locked: a grant that lands
+    // before the revocation is found and locked by it; one after is refused.
+    for round in 0..12 {
+        let b = bench(|_| {}).await;
+        let (id, sig) = signed(&b, T).await;
+        let (gw1, gw2) = (b.gw.clone(), b.gw.clone());
+        let grant = tokio::spawn(async move { gw1.complete(&agent(), &id, T, &sig).await.unwrap() });
+        let revoke = tokio::spawn(async move { gw2.revoke_card(&admin(), uuid(), "lost").await.unwrap() });
+        let (granted, _) = (grant.await.unwrap(), revoke.await.unwrap());
+        assert!(locked_for(&b).is_some(), "round {round}: the revoked card's session stands (granted: {})", denied(&granted).is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_disabled_operator_between_begin_and_complete_is_refused() {
+    let b = bench(|_| {}).await;
+    let (id, sig) = signed(&b, T).await;
+    b.gw.add_operator(&admin(), Operator { id: "op-1".into(), name: "Op One".into(), roles: vec!["dispatcher".into()], enabled: false }).await.unwrap();
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::OperatorDisabled));
+}
+
+#[tokio::test]
+async fn a_policy_changed_to_card_only_between_begin_and_complete_is_refused() {
+    let b = bench(|_| {}).await;
+    let (id, sig) = signed(&b, T).await;
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly], ..Default::default() }).await.unwrap();
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::MechanismNotAllowed));
+}
+
+#[tokio::test]
+async fn a_role_taken_away_ends_the_session_and_a_policy_naming_other_roles_too() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    // The operator loses the role the session carries.
+    b.gw.add_operator(&admin(), Operator { id: "op-1".into(), name: "Op One".into(), roles: vec![], enabled: true }).await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::RoleRemoved));
+
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_roles: vec!["intercom-admin".into()], ..Default::default() }).await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::PolicyChanged));
+}
+
+#[tokio::test]
+async fn an_unbound_terminal_and_an_unknown_card_are_refused_at_begin() {
+    let b = bench(|_| {}).await;
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req("vault")).await.unwrap() else { panic!("began at a terminal it is not bound to") };
+    assert_eq!(d, Deny::TerminalNotBound);
+    let stranger = BeginRequest { card_uuid: [7; 16], ..begin_req(T) };
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), stranger).await.unwrap() else { panic!("began for an unknown card") };
+    assert_eq!(d, Deny::UnknownCard);
+}
+
+#[tokio::test]
+async fn a_card_only_terminal_asks_for_the_9e_certificate_and_keeps_it_once_proven() {
+    let b = bench(|_| {}).await;
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly], ..Default::default() }).await.unwrap();
+    let req = BeginRequest { mechanism: Some(Mechanism::CardOnly), ..begin_req(T) };
+    assert!(matches!(b.gw.begin(&agent(), req).await.unwrap(), Begin::CertificateNeeded(Slot::CardAuthentication)));
+    let cert = card_profile().certificates[&CardSlot::CardAuthentication].clone();
+    let req = BeginRequest { mechanism: Some(Mechanism::CardOnly), certificate: Some(cert.clone()), ..begin_req(T) };
+    let Begin::Challenge { id, message, mechanism, .. } = b.gw.begin(&agent(), req).await.unwrap() else { panic!("no challenge") };
+    assert_eq!(mechanism, Mechanism::CardOnly);
+    // Not kept on the agent's word alone.
+    assert!(!b.gw.store.card(&uuid()).unwrap().unwrap().certificates.contains_key(&Slot::CardAuthentication));
+    assert!(denied(&b.gw.complete(&agent(), &id, T, &card_signs(&message, mechanism)).await.unwrap()).is_none());
+    assert_eq!(b.gw.store.card(&uuid()).unwrap().unwrap().certificates.get(&Slot::CardAuthentication), Some(&cert));
+}
+
+#[tokio::test]
+async fn a_9e_signature_where_the_pin_was_asked_is_a_policy_violation() {
+    let b = bench(|_| {}).await;
+    b.gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::CardAuthentication], Slot::CardAuthentication).await.unwrap();
+    let Begin::Challenge { id, message, mechanism, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!() };
+    assert_eq!(mechanism, Mechanism::CardAndPin);
+    let sig = card_signs(&message, Mechanism::CardOnly);
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::MechanismNotAllowed));
+    assert!(locked_for(&b).is_some());
+}
+
+#[tokio::test]
+async fn the_card_removed_locks_only_for_that_card() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    assert!(!b.gw.card_removed(&agent(), T, Some([9; 16])).await.unwrap(), "another card's removal locked");
+    assert_eq!(locked_for(&b), None);
+    assert!(b.gw.card_removed(&agent(), T, Some(uuid())).await.unwrap());
+    assert_eq!(locked_for(&b), Some(LockReason::CardRemoved));
+}
+
+#[test]
+fn refusals_map_to_the_lock_reasons_consoles_see() {
+    use crate::authorize::lock_reason;
+    assert_eq!(lock_reason(Deny::CrlStale, false), None, "a stale CRL must not lock a control room");
+    assert_eq!(lock_reason(Deny::RevokedCrl, false), Some(LockReason::CertificateRevoked));
+    assert_eq!(lock_reason(Deny::RevokedDenyList, false), Some(LockReason::Revoked));
+    assert_eq!(lock_reason(Deny::OperatorDisabled, false), Some(LockReason::Revoked));
+    assert_eq!(lock_reason(Deny::CertExpired, false), Some(LockReason::CertificateExpired));
+    assert_eq!(lock_reason(Deny::TerminalNotBound, false), Some(LockReason::Administrator));
+    assert_eq!(lock_reason(Deny::NotAuthorized, false), Some(LockReason::RoleRemoved));
+    assert_eq!(lock_reason(Deny::NotAuthorized, true), Some(LockReason::PolicyChanged));
+    assert_eq!(lock_reason(Deny::MechanismNotAllowed, false), Some(LockReason::PolicyChanged));
+}
