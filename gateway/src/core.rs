@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::authorize::{lock_reason, Allowed, Ask, Certificate, Check, Overlay, Verdict};
 use crate::challenge::{Challenges, Pending};
 use crate::error::{Error, Result};
+use crate::metrics::{push_sample, Counters};
 use crate::model::{uuid_text, Agent, AuditKind, Card, DenyKey, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
 use crate::pki::Caller;
 use crate::store::{AuditEntry, AuditRecord, Change, Store};
@@ -54,32 +55,6 @@ impl Randomness for SystemRandomness {
     fn fill(&self, buf: &mut [u8]) -> Result<()> {
         aws_lc_rs::rand::fill(buf).map_err(|_| Error::Exhausted("randomness"))
     }
-}
-
-/// How many verification latency samples the metrics keep.
-pub const VERIFY_SAMPLES: usize = 4096;
-
-/// Adds a sample to a ring of at most [`VERIFY_SAMPLES`]: constant time,
-/// the oldest leaves as the newest arrives.
-fn push_sample(ring: &mut std::collections::VecDeque<u64>, v: u64) {
-    if ring.len() >= VERIFY_SAMPLES {
-        ring.pop_front();
-    }
-    ring.push_back(v);
-}
-
-/// Counters for metrics.
-#[derive(Default)]
-pub struct Counters {
-    /// Outcomes: ("granted" | deny name) -> count.
-    pub outcomes: Mutex<HashMap<&'static str, u64>>,
-    /// Verification latency samples in microseconds, the newest
-    /// [`VERIFY_SAMPLES`] (a ring: the oldest leaves as one arrives).
-    pub verify_us: Mutex<std::collections::VecDeque<u64>>,
-    /// TLS handshakes refused.
-    pub tls_rejected: std::sync::atomic::AtomicU64,
-    /// Refusal audit records suppressed by the per-caller budget.
-    pub audit_suppressed: std::sync::atomic::AtomicU64,
 }
 
 /// Live event watchers, counted per caller under one lock, so neither cap
@@ -852,6 +827,23 @@ impl Gateway {
         Ok(locked)
     }
 
+    /// Issues a service certificate (agent, application or administrator)
+    /// for `public_key` from the service CA, audited. Returns the
+    /// certificate and the CA, both PEM.
+    pub async fn issue_certificate(
+        &self,
+        caller: &Caller,
+        role: crate::pki::Role,
+        name: &str,
+        public_key: &[u8],
+        validity_days: u32,
+    ) -> Result<(String, String)> {
+        let ca = crate::pki::ServiceCa::load(&crate::pki::Files::in_dir(&self.data_dir))?;
+        let certificate = ca.issue_client(role, name, public_key, validity_days)?;
+        self.commit(Self::admin_entry(caller, AuditKind::IssueCertificate, json!({ "role": format!("{role:?}"), "name": name })), vec![]).await?;
+        Ok((certificate, ca.cert_pem))
+    }
+
     /// Binds an agent to terminals (creating unknown terminals locked with
     /// the default policy). Terminals taken away from the agent are locked
     /// if it holds them open.
@@ -909,22 +901,6 @@ impl Gateway {
         })
         .await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_latency_ring_keeps_the_newest_samples() {
-        let mut ring = std::collections::VecDeque::new();
-        for v in 0..(VERIFY_SAMPLES as u64 + 10) {
-            push_sample(&mut ring, v);
-        }
-        assert_eq!(ring.len(), VERIFY_SAMPLES);
-        assert_eq!(ring.front(), Some(&10));
-        assert_eq!(ring.back(), Some(&(VERIFY_SAMPLES as u64 + 9)));
     }
 }
 

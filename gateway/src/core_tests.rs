@@ -368,3 +368,47 @@ fn refusals_map_to_the_lock_reasons_consoles_see() {
     assert_eq!(lock_reason(Deny::NotAuthorized, true), Some(LockReason::PolicyChanged));
     assert_eq!(lock_reason(Deny::MechanismNotAllowed, false), Some(LockReason::PolicyChanged));
 }
+
+#[tokio::test]
+async fn the_presence_stream_pushes_locks_of_its_own_terminals_only() {
+    use crate::feed::Live;
+    let b = bench(|_| {}).await;
+    b.gw.bind_agent(&admin(), "pi-2", vec!["vault".into()]).await.unwrap();
+    let ev = |t: &str, session: Session| Event { sequence: 1, unix_ms: 0, terminal_id: t.into(), session };
+    let locked = Session::Locked { reason: LockReason::Administrator, since_ms: 0, sequence: 1 };
+    assert_eq!(b.gw.presence_push("pi-1", Live::Event(&ev(T, locked.clone()))).unwrap(), Some(vec![T.to_string()]));
+    assert_eq!(b.gw.presence_push("pi-1", Live::Event(&ev("vault", locked))).unwrap(), None, "another agent's terminal was pushed");
+    let Complete::Granted { .. } = tap(&b).await else { panic!() };
+    assert_eq!(b.gw.presence_push("pi-1", Live::Event(&ev(T, session(&b)))).unwrap(), None, "an unlock was pushed as a lock");
+    // After missed events: every locked terminal it serves, not the
+    // unlocked one.
+    assert_eq!(b.gw.presence_push("pi-1", Live::Lagged).unwrap(), Some(vec!["lobby".to_string()]));
+}
+
+#[tokio::test]
+async fn a_service_certificate_is_issued_for_its_role_and_name_and_audited() {
+    let b = bench(|_| {}).await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    use rcgen::PublicKeyData;
+    let (cert, ca) = b.gw.issue_certificate(&admin(), Role::Agent, "pi-7", &key.subject_public_key_info(), 30).await.unwrap();
+    assert!(ca.contains("BEGIN CERTIFICATE"));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).unwrap();
+    let x = pem.parse_x509().unwrap();
+    let san = format!("{:?}", x.subject_alternative_name().unwrap().unwrap().value);
+    assert!(san.contains("urn:pivgate:agent:pi-7"), "{san}");
+    let (head, _) = b.gw.store.audit_head().unwrap();
+    assert_eq!(b.gw.store.audit_after(head - 1, 1).unwrap()[0].kind, AuditKind::IssueCertificate.as_str());
+}
+
+#[tokio::test]
+async fn the_metrics_count_grants_and_denials_by_reason() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    let (id, sig) = signed(&b, T).await;
+    b.gw.complete(&agent(), &id, T, &sig).await.unwrap();
+    b.gw.complete(&agent(), &id, T, &sig).await.unwrap();
+    let text = crate::metrics::render(&b.gw);
+    assert!(text.contains("pivgate_authentications_total{outcome=\"granted\"} 2"), "{text}");
+    assert!(text.contains("pivgate_authentications_total{outcome=\"denied\",reason=\"challenge_replayed\"} 1"), "{text}");
+    assert!(text.contains("pivgate_unlocked_terminals 1"), "{text}");
+}

@@ -7,6 +7,7 @@
 //! - [`verify`]: card certificates and signatures; [`crl`]: CRL intake;
 //!   [`challenge`]: challenges.
 //! - [`store`]: sled, group commit with fdatasync, audit chain, event log.
+//! - [`metrics`]: the counters and their Prometheus text.
 //! - [`service`]: the gRPC services and the role check; [`tls`]: mutual TLS;
 //!   [`pki`]: the service CA and roles; [`config`]: the TOML file.
 //!
@@ -24,7 +25,9 @@ pub mod config;
 pub mod core;
 pub mod crl;
 pub mod error;
+pub mod feed;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pki;
@@ -36,7 +39,7 @@ pub mod verify;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use pivgate_proto::v1 as pb;
 use rustls::pki_types::pem::PemObject;
@@ -65,73 +68,6 @@ fn crl_tls(config: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Some(Arc::new(cfg)))
-}
-
-/// Renders the Prometheus metrics.
-pub fn metrics_text(gw: &Gateway) -> String {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering;
-    let mut s = String::new();
-    let _ = writeln!(s, "# HELP pivgate_authentications_total Completed authentications by outcome and reason.");
-    let _ = writeln!(s, "# TYPE pivgate_authentications_total counter");
-    if let Ok(m) = gw.counters.outcomes.lock() {
-        let mut v: Vec<_> = m.iter().collect();
-        v.sort();
-        for (k, n) in v {
-            if *k == "granted" {
-                let _ = writeln!(s, "pivgate_authentications_total{{outcome=\"granted\"}} {n}");
-            } else {
-                let _ = writeln!(s, "pivgate_authentications_total{{outcome=\"denied\",reason=\"{k}\"}} {n}");
-            }
-        }
-    }
-    if let Ok(v) = gw.counters.verify_us.lock() {
-        let mut sorted: Vec<u64> = v.iter().copied().collect();
-        sorted.sort_unstable();
-        let q = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1e6;
-        let _ = writeln!(s, "# HELP pivgate_verification_seconds Time to verify a proof (challenge, certificate, revocation, signature), recent samples.");
-        let _ = writeln!(s, "# TYPE pivgate_verification_seconds summary");
-        for p in [0.5, 0.9, 0.99] {
-            let _ = writeln!(s, "pivgate_verification_seconds{{quantile=\"{p}\"}} {}", q(p));
-        }
-        let _ = writeln!(s, "pivgate_verification_seconds_count {}", sorted.len());
-    }
-    let agents = gw.presence.lock().map(|p| p.len()).unwrap_or(0);
-    let _ = writeln!(s, "# TYPE pivgate_connected_agents gauge\npivgate_connected_agents {agents}");
-    let _ = writeln!(s, "# TYPE pivgate_watchers gauge\npivgate_watchers {}", gw.watcher_count());
-    let _ = writeln!(s, "# HELP pivgate_audit_suppressed_total Refusals past their caller's audit budget: counted and summarised, not recorded one by one.");
-    let _ =
-        writeln!(s, "# TYPE pivgate_audit_suppressed_total counter\npivgate_audit_suppressed_total {}", gw.counters.audit_suppressed.load(Ordering::Relaxed));
-    let unlocked = gw.store.terminals().map(|t| t.iter().filter(|t| matches!(t.session, model::Session::Unlocked { .. })).count()).unwrap_or(0);
-    let _ = writeln!(s, "# TYPE pivgate_unlocked_terminals gauge\npivgate_unlocked_terminals {unlocked}");
-    let _ = writeln!(s, "# HELP pivgate_crl_refused_total CRLs refused, by reason (the CRL held before stays in force).");
-    let _ = writeln!(s, "# TYPE pivgate_crl_refused_total counter");
-    if let Ok(m) = gw.crl_intake.refused.lock() {
-        let mut v: Vec<_> = m.iter().collect();
-        v.sort();
-        for (k, n) in v {
-            let _ = writeln!(s, "pivgate_crl_refused_total{{reason=\"{k}\"}} {n}");
-        }
-    }
-    let _ = writeln!(
-        s,
-        "# TYPE pivgate_crl_fetch_failures_total counter\npivgate_crl_fetch_failures_total {}",
-        gw.crl_intake.failed_fetches.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(s, "# TYPE pivgate_crl_accepted_total counter\npivgate_crl_accepted_total {}", gw.crl_intake.accepted.load(Ordering::Relaxed));
-    let _ = writeln!(s, "# TYPE pivgate_crl_age_seconds gauge");
-    for (source, age) in gw.trust.crl_ages(SystemTime::now()) {
-        let _ = writeln!(s, "pivgate_crl_age_seconds{{source={source:?}}} {age}");
-    }
-    let _ = writeln!(
-        s,
-        "# TYPE pivgate_tls_handshakes_refused_total counter\npivgate_tls_handshakes_refused_total {}",
-        gw.counters.tls_rejected.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(s, "# TYPE pivgate_group_commits_total counter\npivgate_group_commits_total {}", gw.store.flushes());
-    let _ = writeln!(s, "# HELP pivgate_sled_blob_files Files sled wrote under blobs/ (never fsynced); anything but 0 is an alarm.");
-    let _ = writeln!(s, "# TYPE pivgate_sled_blob_files gauge\npivgate_sled_blob_files {}", gw.store.blob_files());
-    s
 }
 
 /// Raises this process's soft open-file limit to its hard limit (as Go and
@@ -280,7 +216,7 @@ pub async fn run(
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("metrics_listen {addr}: {e}")))?;
             let gw = gateway.clone();
-            Some(tokio::spawn(net::serve_metrics(listener, Arc::new(move || metrics_text(&gw)))))
+            Some(tokio::spawn(net::serve_metrics(listener, Arc::new(move || metrics::render(&gw)))))
         }
         None => None,
     };

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::{Begin, BeginRequest, Complete, Gateway};
 use crate::error::Error;
+use crate::feed::Live;
 use crate::limits::{self, Bounded};
 use crate::model::{self, uuid_text, KeyAlgorithm, LockReason, Mechanism, Session, Slot, TerminalPolicy};
 use crate::pki::{self, Caller, Role};
@@ -227,28 +228,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             Err(e) => Err(Status::from(e)),
                         }
                     }
-                    ev = live.recv() => match ev {
-                        Ok(e) if matches!(e.session, Session::Locked { .. }) => {
-                            let serves = gw.store.agent(&caller.name).ok().flatten().is_some_and(|a| a.terminals.contains(&e.terminal_id));
-                            if !serves {
-                                continue;
-                            }
-                            Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: vec![e.terminal_id] })
+                    ev = live.recv() => {
+                        let live = match &ev {
+                            Ok(e) => Live::Event(e),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Live::Lagged,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        };
+                        match gw.presence_push(&caller.name, live) {
+                            Ok(Some(locked)) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked }),
+                            Ok(None) => continue,
+                            Err(e) => Err(Status::from(e)),
                         }
-                        Ok(_) => continue,
-                        // Pushes were missed: tell the agent every one of
-                        // its terminals that is locked now (a lock it
-                        // already knows changes nothing).
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            let bound = gw.store.agent(&caller.name).ok().flatten().map(|a| a.terminals).unwrap_or_default();
-                            let locked: Vec<String> = bound
-                                .into_iter()
-                                .filter(|t| gw.store.terminal(t).ok().flatten().is_some_and(|t| matches!(t.session, Session::Locked { .. })))
-                                .collect();
-                            Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked })
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    },
+                    }
                     _ = tx.closed() => break,
                 };
                 // A client that stops reading must not keep this stream
@@ -447,55 +438,14 @@ impl pb::access_service_server::AccessService for AccessApi {
         let filter: Vec<String> = r.terminal_ids;
         let (tx, rx) = mpsc::channel(256);
         // Subscribe before reading the stored log, so nothing falls between.
-        let mut live = gw.store.subscribe();
-        let mut stopping = gw.stopping.subscribe();
+        let live = gw.store.subscribe();
+        let stopping = gw.stopping.subscribe();
         tokio::spawn(async move {
             // Given back when the watcher ends, however it ends.
             let _slot = slot;
-            let mut last = r.after_sequence;
             let wanted = |e: &model::Event| filter.is_empty() || filter.contains(&e.terminal_id);
-            'outer: loop {
-                // Catch up from storage.
-                loop {
-                    let batch = match gw.store.events_after(last, 512) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::from(e))).await;
-                            break 'outer;
-                        }
-                    };
-                    if batch.is_empty() {
-                        break;
-                    }
-                    for e in batch {
-                        last = e.sequence;
-                        if wanted(&e) && tx.send(Ok(pb::WatchEventsResponse { event: Some(event_pb(&e)) })).await.is_err() {
-                            break 'outer;
-                        }
-                    }
-                }
-                // Then live, skipping what storage already gave.
-                loop {
-                    let next = tokio::select! {
-                        r = live.recv() => r,
-                        _ = stopping.changed() => break 'outer,
-                        // The console went away (or the server is stopping).
-                        _ = tx.closed() => break 'outer,
-                    };
-                    match next {
-                        Ok(e) if e.sequence <= last => continue,
-                        Ok(e) if Some(e.sequence) == last.checked_add(1) => {
-                            last = e.sequence;
-                            if wanted(&e) && tx.send(Ok(pb::WatchEventsResponse { event: Some(event_pb(&e)) })).await.is_err() {
-                                break 'outer;
-                            }
-                        }
-                        // A gap (lagged or out of order): read storage again.
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue 'outer,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break 'outer,
-                    }
-                }
-            }
+            let item = |e: &model::Event| pb::WatchEventsResponse { event: Some(event_pb(e)) };
+            crate::feed::follow::<_, Status>(gw.store.clone(), live, stopping, r.after_sequence, wanted, item, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -753,20 +703,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             Ok(pb::ServiceRole::Admin) => Role::Admin,
             _ => return Err(Status::invalid_argument("role must be AGENT, APPLICATION or ADMIN")),
         };
-        let ca = pki::ServiceCa::load(&pki::Files::in_dir(&self.0.data_dir)).map_err(Status::from)?;
-        let certificate_pem = ca.issue_client(role, &r.name, &r.public_key, r.validity_days).map_err(Status::from)?;
-        self.0
-            .commit(
-                AuditEntry {
-                    kind: crate::model::AuditKind::IssueCertificate,
-                    actor: caller.to_string(),
-                    terminal_id: String::new(),
-                    detail: json!({ "role": format!("{role:?}"), "name": r.name }),
-                },
-                vec![],
-            )
-            .await?;
-        Ok(Response::new(pb::IssueCertificateResponse { certificate_pem, ca_pem: ca.cert_pem }))
+        let (certificate_pem, ca_pem) = self.0.issue_certificate(&caller, role, &r.name, &r.public_key, r.validity_days).await?;
+        Ok(Response::new(pb::IssueCertificateResponse { certificate_pem, ca_pem }))
     }
 }
 
