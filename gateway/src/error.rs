@@ -54,6 +54,15 @@ pub enum Error {
     /// here.
     #[error("backup: {0}")]
     Backup(String),
+    /// The gateway refused a call this process made as a client.
+    #[error("the gateway answered {}: {}", .0.code(), .0.message())]
+    Refused(Box<Status>),
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Error {
+        Error::Refused(Box::new(s))
+    }
 }
 
 /// Shorthand.

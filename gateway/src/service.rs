@@ -76,7 +76,7 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
     }
 }
 
-fn mechanism_pb(m: Mechanism) -> pb::Mechanism {
+pub(crate) fn mechanism_pb(m: Mechanism) -> pb::Mechanism {
     match m {
         Mechanism::CardAndPin => pb::Mechanism::CardAndPin,
         Mechanism::CardOnly => pb::Mechanism::CardOnly,
@@ -92,7 +92,7 @@ fn mechanism_from(m: i32) -> Result<Option<Mechanism>, Status> {
     }
 }
 
-fn slot_pb(s: Slot) -> pb::KeySlot {
+pub(crate) fn slot_pb(s: Slot) -> pb::KeySlot {
     match s {
         Slot::PivAuthentication => pb::KeySlot::PivAuthentication,
         Slot::CardAuthentication => pb::KeySlot::CardAuthentication,
@@ -466,7 +466,7 @@ pub fn checkpoint_pb(c: &crate::audit::Checkpoint) -> pb::AuditCheckpoint {
     pb::AuditCheckpoint { index: c.index, hash: c.hash.clone(), unix_ms: c.unix_ms, public_key: c.public_key.clone(), signature: c.signature.clone() }
 }
 
-fn operator_pb(o: &model::Operator) -> pb::Operator {
+pub(crate) fn operator_pb(o: &model::Operator) -> pb::Operator {
     pb::Operator { operator_id: o.id.clone(), name: o.name.clone(), roles: o.roles.clone(), enabled: o.enabled }
 }
 

@@ -79,12 +79,7 @@ fn main() {
         let mut footprint = None;
         for (terminal, keypad) in [("t-card", "none"), ("t-pin", "terminal")] {
             let creds = site.issue(pb::ServiceRole::Agent, "bench-pi").await.expect("cert");
-            site.admin()
-                .await
-                .expect("admin")
-                .bind_agent(pb::BindAgentRequest { agent_name: "bench-pi".into(), terminal_ids: vec![terminal.into()] })
-                .await
-                .expect("bind");
+            site.admin_client().await.expect("admin").bind_agent("bench-pi", &[terminal]).await.expect("bind");
             let dir = scratch("bench-agent");
             let files = pivgate_tests::site::write_credentials(&creds, &dir).expect("write");
             let config = format!(

@@ -53,10 +53,7 @@ pub async fn start_agent(site: &Site, name: &str, terminals: &[TerminalSpec<'_>]
 /// gateway (or impostor) at `addr`.
 pub async fn start_agent_at(site: &Site, addr: &str, name: &str, terminals: &[TerminalSpec<'_>]) -> Result<AgentUnderTest> {
     let creds = site.issue(pb::ServiceRole::Agent, name).await?;
-    site.admin()
-        .await?
-        .bind_agent(pb::BindAgentRequest { agent_name: name.into(), terminal_ids: terminals.iter().map(|t| t.id.to_string()).collect() })
-        .await?;
+    site.admin_client().await?.bind_agent(name, &terminals.iter().map(|t| t.id).collect::<Vec<_>>()).await?;
     let files = write_credentials(&creds, &scratch("agent"))?;
     let config = Config {
         gateway: GatewayConfig {

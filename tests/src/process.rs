@@ -194,8 +194,9 @@ impl ProcessSite {
     /// given) with `extra_config` appended to its configuration file, and
     /// sets the site up through the Admin API.
     pub async fn start(nofile: Option<u64>, extra_config: &str) -> Result<ProcessSite> {
-        use pivgate_gateway::client::{connect, Credentials};
-        use pivgate_proto::v1 as pb;
+        use pivgate_gateway::client::{Admin, Credentials};
+        use pivgate_gateway::model::{Operator, Slot};
+        use pivgate_gateway::pki::Role;
         let dir = crate::site::scratch("process-site");
         let issuer = pivgate_hw::vcard::IssuingCa::generate("test card issuer CA")?;
         let anchor = dir.join("issuer.pem");
@@ -205,37 +206,13 @@ impl ProcessSite {
         let data = dir.join("data");
         let gateway = GatewayProcess::start_with(&data, &["--config", &config.display().to_string()], nofile)?;
         let admin_creds = Credentials::admin_in(&data)?;
-        let mut admin = pb::admin_service_client::AdminServiceClient::new(connect(&gateway.addr(), "localhost", &admin_creds).await?);
-        admin
-            .add_operator(pb::AddOperatorRequest {
-                operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Operator".into(), roles: vec![], enabled: true }),
-            })
-            .await?;
+        let mut admin = Admin::connect(&gateway.addr(), "localhost", &admin_creds).await?;
         let card = pivgate_hw::vcard::Profile::generate_with_ca(issuer, &pivgate_hw::vcard::ProfileOptions::default())?;
-        admin
-            .enrol_card(pb::EnrolCardRequest {
-                operator_id: "op-1".into(),
-                certificate: card.certificates[&pivgate_hw::piv::Slot::Authentication].clone(),
-                slot: pb::KeySlot::PivAuthentication as i32,
-            })
-            .await?;
-        let mut issue = async |role: pb::ServiceRole, name: &str| -> Result<Credentials> {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            use rcgen::PublicKeyData;
-            let r = admin
-                .issue_certificate(pb::IssueCertificateRequest {
-                    role: role as i32,
-                    name: name.into(),
-                    public_key: key.subject_public_key_info(),
-                    validity_days: 1,
-                })
-                .await?
-                .into_inner();
-            Ok(Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: key.serialize_pem() })
-        };
-        let agent = issue(pb::ServiceRole::Agent, "pi-1").await?;
-        let application = issue(pb::ServiceRole::Application, "wallboard").await?;
-        admin.bind_agent(pb::BindAgentRequest { agent_name: "pi-1".into(), terminal_ids: vec!["t1".into()] }).await?;
+        let op = Operator { id: "op-1".into(), name: "Operator".into(), roles: vec![], enabled: true };
+        admin.add_operator_with_card(&op, &card.certificates[&pivgate_hw::piv::Slot::Authentication], Slot::PivAuthentication).await?;
+        let agent = admin.issue_credentials(Role::Agent, "pi-1", 1).await?;
+        let application = admin.issue_credentials(Role::Application, "wallboard", 1).await?;
+        admin.bind_agent("pi-1", &["t1"]).await?;
         Ok(ProcessSite { gateway, admin: admin_creds, agent, application, card, _dir: dir })
     }
 }

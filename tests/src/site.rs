@@ -15,7 +15,9 @@ use pivgate_agent::keys::KeySource;
 pub use pivgate_agent::link::Calls as AgentClient;
 pub use pivgate_agent::tap::{Challenge, Grant};
 use pivgate_agent::tap::{Nothing, PinWay, Tap as Flow, TapResult};
-use pivgate_gateway::client::{connect, Credentials};
+use pivgate_gateway::client::{connect, Admin, Credentials};
+use pivgate_gateway::model::{Mechanism, Operator, Slot as GwSlot, TerminalPolicy};
+use pivgate_gateway::pki::Role;
 use pivgate_gateway::Config;
 use pivgate_hw::keypad::entry::EntryRules;
 use pivgate_hw::keypad::Key;
@@ -166,31 +168,25 @@ impl Site {
         Ok(AdminServiceClient::new(connect(&self.addr, "localhost", &self.admin_credentials()?).await?))
     }
 
+    /// The typed Admin API client.
+    pub async fn admin_client(&self) -> Result<Admin> {
+        Ok(Admin::connect(&self.addr, "localhost", &self.admin_credentials()?).await?)
+    }
+
     /// Credentials for a new service identity issued through the Admin API.
     pub async fn issue(&self, role: pb::ServiceRole, name: &str) -> Result<Credentials> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        use rcgen::PublicKeyData;
-        let resp = self
-            .admin()
-            .await?
-            .issue_certificate(pb::IssueCertificateRequest {
-                role: role as i32,
-                name: name.into(),
-                public_key: key.subject_public_key_info(),
-                validity_days: 30,
-            })
-            .await?
-            .into_inner();
-        Ok(Credentials { ca_pem: resp.ca_pem, cert_pem: resp.certificate_pem, key_pem: key.serialize_pem() })
+        let role = match role {
+            pb::ServiceRole::Agent => Role::Agent,
+            pb::ServiceRole::Application => Role::Application,
+            pb::ServiceRole::Admin | pb::ServiceRole::Unspecified => Role::Admin,
+        };
+        Ok(self.admin_client().await?.issue_credentials(role, name, 30).await?)
     }
 
     /// An agent client named `name`, bound to `terminals`.
     pub async fn agent(&self, name: &str, terminals: &[&str]) -> Result<AgentClient> {
         let creds = self.issue(pb::ServiceRole::Agent, name).await?;
-        self.admin()
-            .await?
-            .bind_agent(pb::BindAgentRequest { agent_name: name.into(), terminal_ids: terminals.iter().map(|t| t.to_string()).collect() })
-            .await?;
+        self.admin_client().await?.bind_agent(name, terminals).await?;
         agent_client(connect(&self.addr, "localhost", &creds).await?, &creds)
     }
 
@@ -202,16 +198,16 @@ impl Site {
 
     /// Sets a terminal's mechanisms (and roles).
     pub async fn policy(&self, terminal: &str, mechanisms: &[pb::Mechanism], roles: &[&str]) -> Result<()> {
-        self.admin()
-            .await?
-            .set_terminal_policy(pb::SetTerminalPolicyRequest {
-                terminal_id: terminal.into(),
-                allowed_mechanisms: mechanisms.iter().map(|m| *m as i32).collect(),
-                allowed_roles: roles.iter().map(|r| r.to_string()).collect(),
-                ..Default::default()
+        let allowed_mechanisms = mechanisms
+            .iter()
+            .filter_map(|m| match m {
+                pb::Mechanism::CardAndPin => Some(Mechanism::CardAndPin),
+                pb::Mechanism::CardOnly => Some(Mechanism::CardOnly),
+                pb::Mechanism::Unspecified => None,
             })
-            .await?;
-        Ok(())
+            .collect();
+        let policy = TerminalPolicy { allowed_mechanisms, allowed_roles: roles.iter().map(|r| r.to_string()).collect(), ..Default::default() };
+        Ok(self.admin_client().await?.set_terminal_policy(terminal, &policy).await?)
     }
 
     /// A new card from this site's issuer, enrolled (9A) for a new operator
@@ -225,24 +221,8 @@ impl Site {
     /// Adds operator `operator` with `roles` and enrols `profile`'s card
     /// (9A) for them.
     pub async fn enrol(&self, profile: &Profile, operator: &str, roles: &[&str]) -> Result<()> {
-        let mut admin = self.admin().await?;
-        admin
-            .add_operator(pb::AddOperatorRequest {
-                operator: Some(pb::Operator {
-                    operator_id: operator.into(),
-                    name: format!("Operator {operator}"),
-                    roles: roles.iter().map(|r| r.to_string()).collect(),
-                    enabled: true,
-                }),
-            })
-            .await?;
-        admin
-            .enrol_card(pb::EnrolCardRequest {
-                operator_id: operator.into(),
-                certificate: profile.certificates[&Slot::Authentication].clone(),
-                slot: pb::KeySlot::PivAuthentication as i32,
-            })
-            .await?;
+        let op = Operator { id: operator.into(), name: format!("Operator {operator}"), roles: roles.iter().map(|r| r.to_string()).collect(), enabled: true };
+        self.admin_client().await?.add_operator_with_card(&op, &profile.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
         Ok(())
     }
 

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pb::admin_service_client::AdminServiceClient;
-use pivgate_gateway::client::{connect, Credentials};
+use pivgate_gateway::client::{connect, Admin, Credentials};
+use pivgate_gateway::model::{Operator, Slot as GwSlot};
+use pivgate_gateway::pki::Role;
 use pivgate_hw::piv::Slot;
 use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
@@ -39,39 +40,18 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
 
     // The site: four operators with cards, one agent serving four terminals.
     let admin_creds = Credentials::admin_in(&gw.data_dir)?;
-    let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &admin_creds).await?);
+    let mut admin = Admin::connect(&gw.addr(), "localhost", &admin_creds).await?;
     let mut cards = Vec::new();
     for i in 0..AGENTS {
         let ca = IssuingCa { cert_pem: issuer.cert_pem.clone(), key_pem: issuer.key_pem.clone() };
         let p = Profile::generate_with_ca(ca, &ProfileOptions::default())?;
-        admin
-            .add_operator(pb::AddOperatorRequest {
-                operator: Some(pb::Operator { operator_id: format!("op-{i}"), name: format!("Op {i}"), roles: vec![], enabled: true }),
-            })
-            .await?;
-        admin
-            .enrol_card(pb::EnrolCardRequest {
-                operator_id: format!("op-{i}"),
-                certificate: p.certificates[&Slot::Authentication].clone(),
-                slot: pb::KeySlot::PivAuthentication as i32,
-            })
-            .await?;
+        let op = Operator { id: format!("op-{i}"), name: format!("Op {i}"), roles: vec![], enabled: true };
+        admin.add_operator_with_card(&op, &p.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
         cards.push(Arc::new(p));
     }
     let terminals: Vec<String> = (0..AGENTS).map(|i| format!("t{i}")).collect();
-    admin.bind_agent(pb::BindAgentRequest { agent_name: "pi".into(), terminal_ids: terminals.clone() }).await?;
-    use rcgen::PublicKeyData;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let issued = admin
-        .issue_certificate(pb::IssueCertificateRequest {
-            role: pb::ServiceRole::Agent as i32,
-            name: "pi".into(),
-            public_key: key.subject_public_key_info(),
-            validity_days: 1,
-        })
-        .await?
-        .into_inner();
-    let agent_creds = Credentials { ca_pem: issued.ca_pem, cert_pem: issued.certificate_pem, key_pem: key.serialize_pem() };
+    admin.bind_agent("pi", &terminals).await?;
+    let agent_creds = admin.issue_credentials(Role::Agent, "pi", 1).await?;
     drop(admin);
 
     let acked: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
@@ -117,11 +97,11 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
     }
 
     // Everything acknowledged is there, and the chain holds.
-    let mut admin = AdminServiceClient::new(connect(&gw.addr(), "localhost", &admin_creds).await?);
-    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
+    let mut admin = Admin::connect(&gw.addr(), "localhost", &admin_creds).await?;
+    let v = admin.rpc().verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
     assert!(v.intact, "audit chain broken at {} after {CYCLES} kills", v.first_bad_index);
     let mut granted_events = BTreeSet::new();
-    let mut stream = admin.export_audit(pb::ExportAuditRequest {}).await?.into_inner();
+    let mut stream = admin.rpc().export_audit(pb::ExportAuditRequest {}).await?.into_inner();
     while let Some(m) = stream.message().await? {
         let r = m.record.unwrap_or_default();
         if r.kind == "auth.granted" {

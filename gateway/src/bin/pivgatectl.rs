@@ -18,9 +18,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use pb::access_service_client::AccessServiceClient;
-use pb::admin_service_client::AdminServiceClient;
 use pivgate_gateway::audit::{self, Checkpoint};
-use pivgate_gateway::client::{connect, Credentials};
+use pivgate_gateway::client::{connect, Admin, Credentials};
+use pivgate_gateway::model::{Mechanism, Operator, Slot, TerminalPolicy};
+use pivgate_gateway::pki::Role;
 use pivgate_gateway::store::AuditRecord;
 use pivgate_proto::v1 as pb;
 
@@ -291,15 +292,14 @@ async fn main() -> Result<()> {
     }
     let creds = credentials(&args)?;
     let channel = connect(&args.gateway, &args.server_name, &creds).await?;
-    let mut admin = AdminServiceClient::new(channel.clone());
+    let mut typed = Admin::new(channel.clone());
+    let mut admin = typed.rpc().clone();
     // Names, reasons and details come from the gateway, and through it from
     // whoever wrote them: nothing reaches the terminal as a control sequence.
     let mut out = Escaped(std::io::stdout().lock());
     match args.command {
         Command::Operator(OperatorCmd::Add { id, name, role, disabled }) => {
-            admin
-                .add_operator(pb::AddOperatorRequest { operator: Some(pb::Operator { operator_id: id.clone(), name, roles: role, enabled: !disabled }) })
-                .await?;
+            typed.add_operator(&Operator { id: id.clone(), name, roles: role, enabled: !disabled }).await?;
             writeln!(out, "operator {id} added")?;
         }
         Command::Operator(OperatorCmd::List) => {
@@ -331,15 +331,10 @@ async fn main() -> Result<()> {
                 bytes
             };
             let slot = match slot {
-                SlotArg::A => pb::KeySlot::PivAuthentication,
-                SlotArg::E => pb::KeySlot::CardAuthentication,
+                SlotArg::A => Slot::PivAuthentication,
+                SlotArg::E => Slot::CardAuthentication,
             };
-            let c = admin
-                .enrol_card(pb::EnrolCardRequest { operator_id: operator, certificate: der, slot: slot as i32 })
-                .await?
-                .into_inner()
-                .card
-                .unwrap_or_default();
+            let c = typed.enrol_card(&operator, &der, slot).await?;
             writeln!(out, "card {} enrolled for {}", c.card_uuid, c.operator_id)?;
         }
         Command::Card(CardCmd::List { operator }) => {
@@ -357,11 +352,11 @@ async fn main() -> Result<()> {
             }
         }
         Command::Card(CardCmd::Revoke { uuid, reason }) => {
-            let r = admin.revoke_card(pb::RevokeCardRequest { card_uuid: uuid.clone(), reason }).await?.into_inner();
-            writeln!(out, "card {uuid} revoked; locked terminals: {}", r.locked_terminals.join(", "))?;
+            let locked = typed.revoke_card(&uuid, &reason).await?;
+            writeln!(out, "card {uuid} revoked; locked terminals: {}", locked.join(", "))?;
         }
         Command::Agent(AgentCmd::Bind { name, terminal }) => {
-            admin.bind_agent(pb::BindAgentRequest { agent_name: name.clone(), terminal_ids: terminal.clone() }).await?;
+            typed.bind_agent(&name, &terminal).await?;
             writeln!(out, "agent {name} serves {}", terminal.join(", "))?;
         }
         Command::Agent(AgentCmd::List) => {
@@ -378,27 +373,19 @@ async fn main() -> Result<()> {
             }
         }
         Command::Terminal(TerminalCmd::Policy { id, mechanism, role, max_session_s }) => {
-            let mechs = mechanism
+            let allowed_mechanisms = mechanism
                 .iter()
                 .map(|m| match m {
-                    MechArg::CardAndPin => pb::Mechanism::CardAndPin as i32,
-                    MechArg::CardOnly => pb::Mechanism::CardOnly as i32,
+                    MechArg::CardAndPin => Mechanism::CardAndPin,
+                    MechArg::CardOnly => Mechanism::CardOnly,
                 })
                 .collect();
-            admin
-                .set_terminal_policy(pb::SetTerminalPolicyRequest {
-                    terminal_id: id.clone(),
-                    allowed_mechanisms: mechs,
-                    allowed_roles: role,
-                    idle_timeout_s: 0,
-                    max_session_s,
-                })
-                .await?;
+            typed.set_terminal_policy(&id, &TerminalPolicy { allowed_mechanisms, allowed_roles: role, idle_timeout_s: 0, max_session_s }).await?;
             writeln!(out, "terminal {id} policy set")?;
         }
         Command::Terminal(TerminalCmd::Lock { id }) => {
-            let r = admin.lock_terminal(pb::LockTerminalRequest { terminal_id: id.clone() }).await?.into_inner();
-            writeln!(out, "terminal {id} {}", if r.was_unlocked { "locked" } else { "was already locked" })?;
+            let was_unlocked = typed.lock_terminal(&id).await?;
+            writeln!(out, "terminal {id} {}", if was_unlocked { "locked" } else { "was already locked" })?;
         }
         Command::Terminal(TerminalCmd::List) => {
             let mut access = AccessServiceClient::new(channel);
@@ -506,28 +493,18 @@ async fn main() -> Result<()> {
             writeln!(out, "checkpoint of record {} (key {}) saved to {}", c.index, &c.key_fingerprint()[..16], path.display())?;
         }
         Command::Cert(CertCmd::Issue { role, name, out_dir, days }) => {
-            use rcgen::PublicKeyData;
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let role = match role {
-                RoleArg::Agent => pb::ServiceRole::Agent,
-                RoleArg::Application => pb::ServiceRole::Application,
-                RoleArg::Admin => pb::ServiceRole::Admin,
+                RoleArg::Agent => Role::Agent,
+                RoleArg::Application => Role::Application,
+                RoleArg::Admin => Role::Admin,
             };
-            let r = admin
-                .issue_certificate(pb::IssueCertificateRequest {
-                    role: role as i32,
-                    name: name.clone(),
-                    public_key: key.subject_public_key_info(),
-                    validity_days: days,
-                })
-                .await?
-                .into_inner();
+            let creds = typed.issue_credentials(role, &name, days).await?;
             std::fs::create_dir_all(&out_dir)?;
             use std::os::unix::fs::OpenOptionsExt;
             let mut k = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(out_dir.join(format!("{name}-key.pem")))?;
-            k.write_all(key.serialize_pem().as_bytes())?;
-            std::fs::write(out_dir.join(format!("{name}.pem")), r.certificate_pem)?;
-            std::fs::write(out_dir.join("service-ca.pem"), r.ca_pem)?;
+            k.write_all(creds.key_pem.as_bytes())?;
+            std::fs::write(out_dir.join(format!("{name}.pem")), creds.cert_pem)?;
+            std::fs::write(out_dir.join("service-ca.pem"), creds.ca_pem)?;
             writeln!(out, "wrote {0}/{name}.pem, {0}/{name}-key.pem and {0}/service-ca.pem", out_dir.display())?;
         }
         Command::Watch { after, terminal } => {

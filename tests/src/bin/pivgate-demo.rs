@@ -19,14 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pb::admin_service_client::AdminServiceClient;
 use pivgate_agent::config::{Config as AgentConfig, GatewayConfig, IndicatorConfig, KeypadConfig, PinConfig, TerminalConfig};
 use pivgate_agent::terminal::{PinSource, TapResult};
-use pivgate_gateway::client::{connect, Credentials};
+use pivgate_gateway::client::{Admin, Credentials};
+use pivgate_gateway::model::{Mechanism, Operator, Slot as GwSlot, TerminalPolicy};
+use pivgate_gateway::pki::Role;
 use pivgate_hw::indicator::{Indicator, Pattern};
 use pivgate_hw::piv::Slot;
 use pivgate_hw::vcard::{vpcd, Latency, Profile, ProfileOptions};
-use pivgate_proto::v1 as pb;
 
 const TERMINAL: &str = "console-1";
 
@@ -59,17 +59,12 @@ fn write(path: &Path, text: &str) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-async fn issue(admin: &mut AdminServiceClient<tonic::transport::Channel>, role: pb::ServiceRole, name: &str, dir: &Path) -> Result<Credentials> {
-    use rcgen::PublicKeyData;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let r = admin
-        .issue_certificate(pb::IssueCertificateRequest { role: role as i32, name: name.into(), public_key: key.subject_public_key_info(), validity_days: 30 })
-        .await?
-        .into_inner();
-    write(&dir.join("service-ca.pem"), &r.ca_pem)?;
-    write(&dir.join(format!("{name}.pem")), &r.certificate_pem)?;
-    write(&dir.join(format!("{name}-key.pem")), &key.serialize_pem())?;
-    Ok(Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: key.serialize_pem() })
+async fn issue(admin: &mut Admin, role: Role, name: &str, dir: &Path) -> Result<Credentials> {
+    let creds = admin.issue_credentials(role, name, 30).await?;
+    write(&dir.join("service-ca.pem"), &creds.ca_pem)?;
+    write(&dir.join(format!("{name}.pem")), &creds.cert_pem)?;
+    write(&dir.join(format!("{name}-key.pem")), &creds.key_pem)?;
+    Ok(creds)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -107,29 +102,13 @@ async fn main() -> Result<()> {
 
     // Administration: operator, card, agent, terminal, certificates.
     let admin_creds = Credentials::admin_in(&gcfg.data_dir)?;
-    let mut admin = AdminServiceClient::new(connect(&format!("127.0.0.1:{port}"), "localhost", &admin_creds).await?);
-    admin
-        .add_operator(pb::AddOperatorRequest {
-            operator: Some(pb::Operator { operator_id: "op-1".into(), name: "Demo Operator".into(), roles: vec!["dispatcher".into()], enabled: true }),
-        })
-        .await?;
-    admin
-        .enrol_card(pb::EnrolCardRequest {
-            operator_id: "op-1".into(),
-            certificate: profile.certificates[&Slot::Authentication].clone(),
-            slot: pb::KeySlot::PivAuthentication as i32,
-        })
-        .await?;
-    admin.bind_agent(pb::BindAgentRequest { agent_name: "demo-pi".into(), terminal_ids: vec![TERMINAL.into()] }).await?;
-    admin
-        .set_terminal_policy(pb::SetTerminalPolicyRequest {
-            terminal_id: TERMINAL.into(),
-            allowed_mechanisms: vec![pb::Mechanism::CardAndPin as i32],
-            ..Default::default()
-        })
-        .await?;
-    issue(&mut admin, pb::ServiceRole::Agent, "demo-pi", &site.join("agent")).await?;
-    issue(&mut admin, pb::ServiceRole::Application, "console", &site.join("console")).await?;
+    let mut admin = Admin::connect(&format!("127.0.0.1:{port}"), "localhost", &admin_creds).await?;
+    let op = Operator { id: "op-1".into(), name: "Demo Operator".into(), roles: vec!["dispatcher".into()], enabled: true };
+    admin.add_operator_with_card(&op, &profile.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    admin.bind_agent("demo-pi", &[TERMINAL]).await?;
+    admin.set_terminal_policy(TERMINAL, &TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardAndPin], ..Default::default() }).await?;
+    issue(&mut admin, Role::Agent, "demo-pi", &site.join("agent")).await?;
+    issue(&mut admin, Role::Application, "console", &site.join("console")).await?;
     println!("admin: operator op-1 (Demo Operator) with the card enrolled; agent demo-pi serves {TERMINAL} (card and PIN)");
 
     // The example console, a process of its own.
