@@ -11,9 +11,9 @@ use pivgate_hw::indicator::Pattern;
 use pivgate_hw::keypad::entry::EntryRules;
 use pivgate_hw::keypad::Key;
 use pivgate_hw::piv::{Algorithm, PivClient, Slot};
-use pivgate_hw::vcard::{Profile, ProfileOptions, VirtualCard};
 use pivgate_hw::{Clock, Transport};
 use pivgate_proto::card_message::{CardMessage, MECHANISM_CARD_AND_PIN, MECHANISM_CARD_ONLY};
+use pivgate_vcard::{Profile, ProfileOptions, VirtualCard};
 use sha2::Digest;
 
 use super::*;

@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pivgate_hw::vcard::{Profile, ProfileOptions};
+use pivgate_vcard::{Profile, ProfileOptions};
 
 static PROFILE: OnceLock<Profile> = OnceLock::new();
 

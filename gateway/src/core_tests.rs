@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use pivgate_hw::piv::{Algorithm, PivClient, Slot as CardSlot};
-use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
+use pivgate_vcard::{IssuingCa, Profile, ProfileOptions};
 use sha2::Digest;
 
 use super::*;

@@ -119,6 +119,12 @@ pub enum Ins {
     GenerateAsymmetricKeyPair,
     /// GET RESPONSE (0xC0), ISO 7816-4, used for response chaining.
     GetResponse,
+    /// Vendor GET VERSION (0xFD), as YubiKeys answer it.
+    YubicoGetVersion,
+    /// Vendor GET SERIAL (0xF8), as YubiKeys answer it.
+    YubicoGetSerial,
+    /// Vendor GET METADATA (0xF7), YubiKey 5.3 and later.
+    YubicoGetMetadata,
     /// Anything else.
     Other(u8),
 }
@@ -136,6 +142,9 @@ impl Ins {
             Ins::PutData => 0xDB,
             Ins::GenerateAsymmetricKeyPair => 0x47,
             Ins::GetResponse => 0xC0,
+            Ins::YubicoGetVersion => 0xFD,
+            Ins::YubicoGetSerial => 0xF8,
+            Ins::YubicoGetMetadata => 0xF7,
             Ins::Other(b) => b,
         }
     }
@@ -152,6 +161,9 @@ impl Ins {
             0xDB => Ins::PutData,
             0x47 => Ins::GenerateAsymmetricKeyPair,
             0xC0 => Ins::GetResponse,
+            0xFD => Ins::YubicoGetVersion,
+            0xF8 => Ins::YubicoGetSerial,
+            0xF7 => Ins::YubicoGetMetadata,
             other => Ins::Other(other),
         }
     }
@@ -192,6 +204,21 @@ impl StatusWord {
     pub const CHAINING_NOT_SUPPORTED: StatusWord = StatusWord(0x6884);
     /// 6F00: no precise diagnosis.
     pub const UNKNOWN: StatusWord = StatusWord(0x6F00);
+
+    /// 63Cx: verification failed, `tries` left (at most 15 can be said).
+    pub fn verify_failed(tries: u8) -> StatusWord {
+        StatusWord(0x63C0 | u16::from(tries.min(15)))
+    }
+
+    /// 61xx: more data, `n` bytes of it (0: 256 or more).
+    pub fn more_data_available(n: u8) -> StatusWord {
+        StatusWord(0x6100 | u16::from(n))
+    }
+
+    /// 6Cxx: wrong Le, ask for exactly `n` bytes.
+    pub fn wrong_le_exactly(n: u8) -> StatusWord {
+        StatusWord(0x6C00 | u16::from(n))
+    }
 
     /// SW1.
     pub fn sw1(self) -> u8 {
@@ -299,5 +326,23 @@ mod tests {
         assert!(Response::parse(vec![0x90]).is_err());
         let r = Response::parse(vec![1, 2, 0x90, 0x00]).unwrap();
         assert_eq!((r.data, r.sw), (vec![1, 2], StatusWord::SUCCESS));
+    }
+
+    #[test]
+    fn named_status_words_read_back() {
+        for n in 0..=15 {
+            assert_eq!(StatusWord::verify_failed(n).tries_left(), Some(n));
+        }
+        assert_eq!(StatusWord::verify_failed(200), StatusWord(0x63CF), "more tries than 63Cx can say");
+        assert_eq!(StatusWord::more_data_available(0x20).more_data(), Some(0x20));
+        assert_eq!(StatusWord::wrong_le_exactly(9).wrong_le(), Some(9));
+    }
+
+    #[test]
+    fn every_instruction_byte_reads_back() {
+        for b in 0..=255u8 {
+            assert_eq!(Ins::from_code(b).code(), b);
+        }
+        assert_eq!(Ins::from_code(0xF7), Ins::YubicoGetMetadata);
     }
 }

@@ -138,13 +138,9 @@ pub enum Error {
     #[error("GPIO: {0}")]
     Gpio(String),
 
-    /// Reading or writing a card profile or talking to vpcd failed.
+    /// An I/O failure of a reader, keypad or terminal.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-
-    /// A card profile on disk is incomplete or inconsistent.
-    #[error("card profile: {0}")]
-    Profile(String),
 }
 
 /// Shorthand for results in this crate.

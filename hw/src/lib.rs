@@ -8,8 +8,10 @@
 //!   over pcsc-lite (pcscd).
 //! - [`keypad`]: matrix and Wiegand keypads and the PIN-entry rules.
 //! - [`indicator`]: LEDs and buzzer patterns.
-//! - [`vcard`] (feature `vcard`): a virtual PIV card that sits in a real
-//!   pcscd reader through vpcd, or answers in process.
+//!
+//! The virtual PIV card that sits in a real pcscd reader through vpcd (or
+//! answers in process) is the crate `pivgate-vcard` beside this one: the
+//! card side, with its key generation and crypto, stays out of the agent.
 //!
 //! This is the only crate of the workspace that links pcsc-lite or rppal and
 //! the only one that may contain `unsafe` (it has none today). It makes no
@@ -28,8 +30,6 @@ pub mod pin;
 pub mod piv;
 pub mod tlv;
 pub mod transport;
-#[cfg(feature = "vcard")]
-pub mod vcard;
 
 pub use embedded_hal;
 pub use error::{Error, Result};

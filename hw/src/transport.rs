@@ -2,7 +2,7 @@
 //!
 //! [`Transport`] sends one command APDU and returns one response APDU. The
 //! PC/SC reader ([`crate::pcsc`]), the in-process virtual card
-//! ([`crate::vcard`]) and scripted test cards implement it; the PIV client
+//! (`pivgate-vcard`) and scripted test cards implement it; the PIV client
 //! knows nothing else about them. [`Clock`] passes time in, so time limits are
 //! testable without sleeping.
 

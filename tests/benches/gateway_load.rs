@@ -17,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use pivgate_gateway::model::{KeyAlgorithm, Slot as GwSlot};
 use pivgate_gateway::verify::{self, CardPolicy, CardTrust};
 use pivgate_hw::piv::{Algorithm, Slot};
-use pivgate_hw::vcard::{Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::site::{tap, Site, Tap};
+use pivgate_vcard::{Profile, ProfileOptions};
 use sha2::Digest;
 
 fn per_op(n: usize, d: Duration) -> f64 {
@@ -54,7 +54,7 @@ fn raw_costs() -> (f64, f64, f64) {
     }
     let rust = per_op(n, t.elapsed());
 
-    let anchor = pivgate_hw::vcard::profile::pem_decode(&profile.ca.cert_pem).expect("ca");
+    let anchor = pivgate_vcard::profile::pem_decode(&profile.ca.cert_pem).expect("ca");
     let trust = CardTrust::new(&[anchor], &[], CardPolicy::default()).expect("trust");
     let t = Instant::now();
     for _ in 0..n {

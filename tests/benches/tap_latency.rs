@@ -20,9 +20,9 @@ use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
 use pivgate_hw::piv::Algorithm;
-use pivgate_hw::vcard::{vpcd, Latency};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::site::{scratch, Site};
+use pivgate_vcard::{vpcd, Latency};
 
 const TAPS: usize = 15;
 

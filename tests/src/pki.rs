@@ -4,7 +4,7 @@
 //! Everything comes from rcgen, so any test can make it again.
 
 use anyhow::Result;
-use pivgate_hw::vcard::IssuingCa;
+use pivgate_vcard::IssuingCa;
 use time::OffsetDateTime;
 
 fn ca_params(name: &str, not_before: OffsetDateTime, not_after: OffsetDateTime, path_len: u8) -> rcgen::CertificateParams {

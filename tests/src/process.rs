@@ -185,7 +185,7 @@ pub struct ProcessSite {
     /// Application `wallboard`.
     pub application: pivgate_gateway::client::Credentials,
     /// Operator `op-1`'s card (9A enrolled), PIN 123456.
-    pub card: pivgate_hw::vcard::Profile,
+    pub card: pivgate_vcard::Profile,
     _dir: PathBuf,
 }
 
@@ -198,7 +198,7 @@ impl ProcessSite {
         use pivgate_gateway::model::{Operator, Slot};
         use pivgate_gateway::pki::Role;
         let dir = crate::site::scratch("process-site");
-        let issuer = pivgate_hw::vcard::IssuingCa::generate("test card issuer CA")?;
+        let issuer = pivgate_vcard::IssuingCa::generate("test card issuer CA")?;
         let anchor = dir.join("issuer.pem");
         std::fs::write(&anchor, &issuer.cert_pem)?;
         let config = dir.join("gateway.toml");
@@ -207,7 +207,7 @@ impl ProcessSite {
         let gateway = GatewayProcess::start_with(&data, &["--config", &config.display().to_string()], nofile)?;
         let admin_creds = Credentials::admin_in(&data)?;
         let mut admin = Admin::connect(&gateway.addr(), "localhost", &admin_creds).await?;
-        let card = pivgate_hw::vcard::Profile::generate_with_ca(issuer, &pivgate_hw::vcard::ProfileOptions::default())?;
+        let card = pivgate_vcard::Profile::generate_with_ca(issuer, &pivgate_vcard::ProfileOptions::default())?;
         let op = Operator { id: "op-1".into(), name: "Operator".into(), roles: vec![], enabled: true };
         admin.add_operator_with_card(&op, &card.certificates[&pivgate_hw::piv::Slot::Authentication], Slot::PivAuthentication).await?;
         let agent = admin.issue_credentials(Role::Agent, "pi-1", 1).await?;

@@ -22,9 +22,9 @@ use pivgate_gateway::Config;
 use pivgate_hw::keypad::entry::EntryRules;
 use pivgate_hw::keypad::Key;
 use pivgate_hw::piv::{Algorithm, PivClient, Slot};
-use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions, VirtualCard};
 use pivgate_hw::{Pin, SystemClock};
 use pivgate_proto::v1 as pb;
+use pivgate_vcard::{IssuingCa, Profile, ProfileOptions, VirtualCard};
 use tonic::transport::Channel;
 
 /// OID arcs of id-PIV-cardAuth.

@@ -9,11 +9,11 @@ use anyhow::{bail, Result};
 use pivgate_agent::terminal::TapResult;
 use pivgate_hw::indicator::Pattern;
 use pivgate_hw::piv::Algorithm;
-use pivgate_hw::vcard::vpcd;
 use pivgate_proto::v1 as pb;
 use pivgate_tests::agent::{assert_granted, start_agent, TerminalSpec};
 use pivgate_tests::reader;
 use pivgate_tests::site::{eventually, Site};
+use pivgate_vcard::vpcd;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -217,7 +217,7 @@ async fn a_card_pulled_in_the_middle_of_a_tap_unlocks_nothing_and_the_next_tap_w
     // The card leaves after the PIN is verified, before it signs.
     let mut card = profile.card();
     // SELECT, CHUID, PIN status, VERIFY, then GENERAL AUTHENTICATE: gone.
-    card.add_fault(pivgate_hw::vcard::Fault::DropAt(card.apdu_count() + 5));
+    card.add_fault(pivgate_vcard::Fault::DropAt(card.apdu_count() + 5));
     let inserted = vpcd::insert(card, r.addr)?;
     let seen = agent.wait_pattern("t1", Pattern::EnterPin, 0, T).await?;
     agent.type_keys("t1", "123456#");

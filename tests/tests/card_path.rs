@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Result;
 use pivgate_hw::pcsc::{Monitor, ReaderEvent};
 use pivgate_hw::piv::{Algorithm, PinStatus, PivClient, Slot};
-use pivgate_hw::vcard::{vpcd, Fault, Profile, ProfileOptions, ATR};
 use pivgate_hw::{Error, Pin};
 use pivgate_tests::{connect_card, reader, verify_signature, wait_event, Reader};
+use pivgate_vcard::{vpcd, Fault, Profile, ProfileOptions, ATR};
 use sha2::Digest;
 
 const T: Duration = Duration::from_secs(10);

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use pivgate_hw::piv::{Algorithm, Slot};
-use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions, Validity};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::pki::{self, CrlServer, CrlSpec};
 use pivgate_tests::site::{scratch, tap, Site, Tap};
+use pivgate_vcard::{IssuingCa, Profile, ProfileOptions, Validity};
 use time::OffsetDateTime;
 
 const T: &str = "console";

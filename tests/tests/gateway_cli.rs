@@ -7,9 +7,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use pivgate_hw::piv::Algorithm;
-use pivgate_hw::vcard::{Profile, ProfileOptions};
 use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::{binary, site::scratch};
+use pivgate_vcard::{Profile, ProfileOptions};
 
 fn ctl(dir: &Path, port: u16, args: &[&str]) -> Result<String> {
     let out = Command::new(binary("pivgatectl")?).args(["--gateway", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(dir).args(args).output()?;

@@ -14,10 +14,10 @@ use pivgate_gateway::client::{connect, Admin, Credentials};
 use pivgate_gateway::model::{Operator, Slot as GwSlot};
 use pivgate_gateway::pki::Role;
 use pivgate_hw::piv::Slot;
-use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::process::GatewayProcess;
 use pivgate_tests::site::{agent_client, scratch, tap, Lcg, Tap};
+use pivgate_vcard::{IssuingCa, Profile, ProfileOptions};
 
 const AGENTS: usize = 4;
 const CYCLES: usize = 100;

@@ -102,7 +102,7 @@ async fn http_get(port: u16) -> Result<String> {
 
 #[tokio::test]
 async fn metrics_and_crls_fetched_over_http() -> Result<()> {
-    let issuer = pivgate_hw::vcard::IssuingCa::generate("issuer")?;
+    let issuer = pivgate_vcard::IssuingCa::generate("issuer")?;
     let now = time::OffsetDateTime::now_utc();
     let crl = issuer.crl(&[], now - time::Duration::minutes(10), now + time::Duration::days(1), 7)?;
     let crl_port = serve_once_forever(crl).await?;

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use pb::agent_service_client::AgentServiceClient;
 use pivgate_hw::piv::{Algorithm, Slot};
-use pivgate_hw::vcard::{IssuingCa, Profile, Validity};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::site::{begin, complete, scratch, sign, sign_digest, tap, AgentClient, Challenge, Site, Tap};
+use pivgate_vcard::{IssuingCa, Profile, Validity};
 
 const T: &str = "admin-panel";
 
@@ -117,7 +117,7 @@ async fn self_signed_leaf() -> Result<()> {
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name.push(rcgen::DnType::CommonName, "self");
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 17], pivgate_hw::vcard::profile::piv_san(&p.chuid))];
+        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 17], pivgate_vcard::profile::piv_san(&p.chuid))];
         Ok(params.self_signed(&key)?.der().to_vec())
     })
     .await
@@ -162,7 +162,7 @@ async fn wrong_certificate_policy() -> Result<()> {
     card_only_refusal(pb::DenyReason::WrongPolicy, |s, p| {
         issue_9e(s, p, Validity::days(30), |params| {
             params.custom_extensions[1] =
-                rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 32], pivgate_hw::vcard::profile::certificate_policies(&[1, 3, 6, 1, 4, 1, 99999, 1]))
+                rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 32], pivgate_vcard::profile::certificate_policies(&[1, 3, 6, 1, 4, 1, 99999, 1]))
         })
     })
     .await

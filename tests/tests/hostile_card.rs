@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use pivgate_hw::piv::{Algorithm, Limits, PivClient, Slot};
 use pivgate_hw::tlv;
-use pivgate_hw::vcard::{Fault, Profile, ProfileOptions, VirtualCard};
 use pivgate_hw::{Error, Pin};
+use pivgate_vcard::{Fault, Profile, ProfileOptions, VirtualCard};
 
 #[derive(Clone, Copy, Debug)]
 enum Op {

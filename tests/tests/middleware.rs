@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use pivgate_hw::vcard::profile::pem_decode;
 use pivgate_tests::{reader, run_dir, verify_signature};
+use pivgate_vcard::profile::pem_decode;
 use sha2::Digest;
 
 use pivgate_tests::binary as bin;
@@ -112,8 +112,8 @@ fn opensc_and_yubico_piv_tool_use_the_virtual_card_as_a_piv_card() -> Result<()>
 #[test]
 fn an_integrator_personalises_the_virtual_card_with_yubico_piv_tool() -> Result<()> {
     use pivgate_hw::piv::{Algorithm, PinStatus, PivClient, Slot};
-    use pivgate_hw::vcard::{vpcd, Profile, ProfileOptions, Validity};
     use pivgate_hw::Pin;
+    use pivgate_vcard::{vpcd, Profile, ProfileOptions, Validity};
 
     let r = reader()?;
     let dir = run_dir()?.join(format!("personalise-{}", std::process::id()));
@@ -135,7 +135,7 @@ fn an_integrator_personalises_the_virtual_card_with_yubico_piv_tool() -> Result<
     let spki = pem_decode(&std::fs::read_to_string(&public)?)?;
     let cert = profile.ca.issue_for_spki(Slot::Signature, &spki, &profile.chuid, "Integrator", Validity::days(30))?;
     let cert_pem = dir.join("9c-cert.pem");
-    std::fs::write(&cert_pem, pivgate_hw::vcard::profile::pem_encode("CERTIFICATE", &cert))?;
+    std::fs::write(&cert_pem, pivgate_vcard::profile::pem_encode("CERTIFICATE", &cert))?;
     tool(&["-a", "import-certificate", "-s", "9c", "-i", cert_pem.to_str().context("path")?])?;
     // Block the PIN, then RESET RETRY COUNTER with the PUK.
     for _ in 0..3 {

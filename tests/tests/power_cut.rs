@@ -65,7 +65,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_never_a_half_made_installation
     // The installer's files on the real disk; the gateway's data folder on
     // the model.
     let dir = scratch("powercut");
-    let issuer = pivgate_hw::vcard::IssuingCa::generate("power cut issuer")?;
+    let issuer = pivgate_vcard::IssuingCa::generate("power cut issuer")?;
     std::fs::write(dir.join("issuer.pem"), &issuer.cert_pem)?;
     // Checkpoints every second, so cuts also land around those.
     std::fs::write(dir.join("gateway.toml"), format!("audit_checkpoint_s = 1\n[cards]\ntrust_anchors = [{:?}]\n", dir.join("issuer.pem")))?;

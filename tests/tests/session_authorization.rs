@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use pivgate_hw::piv::{Algorithm, Slot};
-use pivgate_hw::vcard::{IssuingCa, Profile, ProfileOptions, Validity};
 use pivgate_proto::v1 as pb;
 use pivgate_tests::pki::{self, CrlSpec};
 use pivgate_tests::site::{eventually, scratch, tap, Site, Tap};
+use pivgate_vcard::{IssuingCa, Profile, ProfileOptions, Validity};
 
 const T: &str = "dispatch-01";
 

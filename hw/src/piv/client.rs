@@ -21,7 +21,7 @@ use crate::tlv;
 use crate::transport::{Clock, SystemClock, Transport};
 
 use super::objects::{self, ApplicationProperties, Chuid, Discovery};
-use super::{Algorithm, ObjectTag, Slot, PIV_AID_TRUNCATED};
+use super::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID_TRUNCATED};
 
 /// Bounds on what a card may make the client do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +182,7 @@ impl<T: Transport> PivClient<T> {
     /// The PIN's state, read with an empty VERIFY that spends no try.
     pub fn pin_status(&mut self) -> Result<PinStatus> {
         const CMD: &str = "VERIFY (status)";
-        let r = self.exchange(CMD, &Command::new(Ins::Verify, 0x00, 0x80))?;
+        let r = self.exchange(CMD, &Command::new(Ins::Verify, 0x00, KeyRef::Pin.code()))?;
         let status = match r.sw {
             StatusWord::SUCCESS => PinStatus::Verified,
             StatusWord::AUTH_METHOD_BLOCKED => PinStatus::Blocked,
@@ -204,7 +204,7 @@ impl<T: Transport> PivClient<T> {
         if self.pin_blocked {
             return Err(Error::PinBlocked);
         }
-        let cmd = Command::new(Ins::Verify, 0x00, 0x80).with_data(pin.padded().to_vec());
+        let cmd = Command::new(Ins::Verify, 0x00, KeyRef::Pin.code()).with_data(pin.padded().to_vec());
         let r = self.exchange(CMD, &cmd)?;
         match r.sw {
             StatusWord::SUCCESS => Ok(()),
@@ -229,7 +229,7 @@ impl<T: Transport> PivClient<T> {
     /// card (end the PC/SC transaction with a reset).
     pub fn reset_pin_state(&mut self) -> Result<bool> {
         const CMD: &str = "VERIFY (reset)";
-        let r = self.exchange(CMD, &Command::new(Ins::Verify, 0xFF, 0x80))?;
+        let r = self.exchange(CMD, &Command::new(Ins::Verify, 0xFF, KeyRef::Pin.code()))?;
         match r.sw {
             StatusWord::SUCCESS => Ok(true),
             StatusWord::INCORRECT_P1P2 | StatusWord::INS_NOT_SUPPORTED | StatusWord(0x6B00) => Ok(false),

@@ -39,6 +39,42 @@ pub enum Slot {
     CardAuthentication,
 }
 
+/// What a command's key reference (P2) names (SP 800-73-4 Part 1,
+/// Table 4 and Part 2, §3.2): a PIN, the PUK, or a key slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyRef {
+    /// 00: the Global PIN (not offered by pivgate's cards).
+    GlobalPin,
+    /// 80: the PIV Card Application PIN.
+    Pin,
+    /// 81: the PUK.
+    Puk,
+    /// 9A to 9E: a key.
+    Key(Slot),
+}
+
+impl KeyRef {
+    /// The key reference byte.
+    pub fn code(self) -> u8 {
+        match self {
+            KeyRef::GlobalPin => 0x00,
+            KeyRef::Pin => 0x80,
+            KeyRef::Puk => 0x81,
+            KeyRef::Key(s) => s.key_ref(),
+        }
+    }
+
+    /// What a key reference byte names, if anything.
+    pub fn from_code(b: u8) -> Option<KeyRef> {
+        Some(match b {
+            0x00 => KeyRef::GlobalPin,
+            0x80 => KeyRef::Pin,
+            0x81 => KeyRef::Puk,
+            other => KeyRef::Key(Slot::from_key_ref(other)?),
+        })
+    }
+}
+
 impl Slot {
     /// The key reference byte.
     pub fn key_ref(self) -> u8 {
@@ -209,5 +245,22 @@ impl ObjectTag {
 impl fmt::Display for ObjectTag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_references_read_back() {
+        for b in 0..=255u8 {
+            if let Some(k) = KeyRef::from_code(b) {
+                assert_eq!(k.code(), b);
+            }
+        }
+        assert_eq!(KeyRef::from_code(0x80), Some(KeyRef::Pin));
+        assert_eq!(KeyRef::from_code(0x9E), Some(KeyRef::Key(Slot::CardAuthentication)));
+        assert_eq!(KeyRef::from_code(0x99), None);
     }
 }

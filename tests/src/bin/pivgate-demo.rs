@@ -26,7 +26,7 @@ use pivgate_gateway::model::{Mechanism, Operator, Slot as GwSlot, TerminalPolicy
 use pivgate_gateway::pki::Role;
 use pivgate_hw::indicator::{Indicator, Pattern};
 use pivgate_hw::piv::Slot;
-use pivgate_hw::vcard::{vpcd, Latency, Profile, ProfileOptions};
+use pivgate_vcard::{vpcd, Latency, Profile, ProfileOptions};
 
 const TERMINAL: &str = "console-1";
 
@@ -169,7 +169,7 @@ async fn main() -> Result<()> {
         c.set_latency(Latency::typical_contact());
     }
     let inserted: Arc<Mutex<Option<vpcd::Inserted>>> = Arc::default();
-    let insert = |card: pivgate_hw::vcard::VirtualCard| -> Result<vpcd::Inserted> {
+    let insert = |card: pivgate_vcard::VirtualCard| -> Result<vpcd::Inserted> {
         println!(">>> badge inserted into \"{reader}\"");
         Ok(vpcd::insert(card, vpcd_addr)?)
     };

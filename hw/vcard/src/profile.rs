@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
-use crate::piv::objects::{certificate_container, Chuid, Discovery, Fascn, FascnFields};
-use crate::piv::{Algorithm, ObjectTag, Slot, PIV_AID};
-use crate::tlv;
+use pivgate_hw::piv::objects::{certificate_container, Chuid, Discovery, Fascn, FascnFields};
+use pivgate_hw::piv::{Algorithm, ObjectTag, Slot, PIV_AID};
+use pivgate_hw::tlv;
 
 use super::card::{CardContents, VirtualCard, DEFAULT_TRIES};
 use super::keys::{CardKey, ManagementKey, DEFAULT_MANAGEMENT_KEY};

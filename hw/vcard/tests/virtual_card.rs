@@ -4,7 +4,7 @@
 
 use pivgate_hw::piv::Algorithm;
 use pivgate_hw::tlv;
-use pivgate_hw::vcard::{ManagementKey, Profile, ProfileOptions, VirtualCard, DEFAULT_MANAGEMENT_KEY};
+use pivgate_vcard::{ManagementKey, Profile, ProfileOptions, VirtualCard, DEFAULT_MANAGEMENT_KEY};
 
 fn sw(resp: &[u8]) -> u16 {
     u16::from_be_bytes([resp[resp.len() - 2], resp[resp.len() - 1]])

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use pivgate_hw::piv::{Algorithm, ObjectTag, PivClient, Slot, Stats};
 use pivgate_hw::transport::Transport;
-use pivgate_hw::vcard::{Latency, Profile, ProfileOptions};
 use pivgate_hw::Pin;
+use pivgate_vcard::{Latency, Profile, ProfileOptions};
 use sha2::Digest;
 
 const ROUNDS: usize = 15;
@@ -140,7 +140,7 @@ fn main() {
 
 fn pcscd_figures(profile: &Profile, latency: Latency, digest: &[u8]) -> (Figures, Figures) {
     use pivgate_hw::pcsc::{establish, wait_for_card, PcscCard};
-    use pivgate_hw::vcard::vpcd;
+    use pivgate_vcard::vpcd;
     let port: u16 = std::env::var("PIVGATE_VPCD_BASE_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(36963);
     let reader = "pivgate vpcd 0 00 00";
     let ctx = establish().expect("pcscd");

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use pivgate_hw::pcsc::{Monitor, PcscCard, ReaderEvent};
 use pivgate_hw::piv::{PinStatus, PivClient, Slot};
-use pivgate_hw::vcard::{vpcd, Latency, Profile, ProfileOptions};
 use pivgate_hw::Pin;
+use pivgate_vcard::{vpcd, Latency, Profile, ProfileOptions};
 use sha2::Digest;
 
 fn main() -> Result<()> {

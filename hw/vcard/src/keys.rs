@@ -6,10 +6,10 @@ use rand_core::CryptoRngCore;
 use rsa::traits::PublicKeyParts;
 use zeroize::Zeroizing;
 
-use crate::apdu::StatusWord;
 use crate::error::{Error, Result};
-use crate::piv::Algorithm;
-use crate::tlv;
+use pivgate_hw::apdu::StatusWord;
+use pivgate_hw::piv::Algorithm;
+use pivgate_hw::tlv;
 
 /// A private key in one of the card's asymmetric slots.
 #[derive(Clone)]

@@ -12,9 +12,9 @@ use std::time::Duration;
 use rand_core::{CryptoRngCore, OsRng};
 use zeroize::Zeroizing;
 
-use crate::apdu::StatusWord;
-use crate::piv::{Algorithm, ObjectTag, Slot, PIV_AID};
-use crate::tlv;
+use pivgate_hw::apdu::{Ins, StatusWord};
+use pivgate_hw::piv::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID};
+use pivgate_hw::tlv;
 
 use super::keys::{CardKey, ManagementKey};
 use super::{Fault, Latency};
@@ -115,72 +115,91 @@ enum Cmd<'a> {
     VerifyReset,
     ChangeReference { puk: bool, old: &'a [u8], new: &'a [u8] },
     ResetRetryCounter { puk: &'a [u8], new_pin: &'a [u8] },
-    GeneralAuthenticate { alg: u8, key_ref: u8, template: &'a [u8] },
+    GeneralAuthenticate { alg: u8, key: KeyRef, template: &'a [u8] },
     GenerateKeyPair { slot: Slot, alg: u8 },
     GetResponse,
     GetVersion,
     GetSerial,
-    GetMetadata { key_ref: u8 },
+    GetMetadata { key: KeyRef },
+}
+
+/// P1 P2 of GET DATA and PUT DATA (SP 800-73-4 Part 2, §3.1.2, §3.3.1).
+const DATA_P1P2: (u8, u8) = (0x3F, 0xFF);
+/// P1 of VERIFY: 00 verifies, FF resets the security status.
+const VERIFY_CHECK: u8 = 0x00;
+const VERIFY_RESET: u8 = 0xFF;
+/// A PIN or PUK as VERIFY and CHANGE REFERENCE DATA carry it: 8 bytes,
+/// padded with FF.
+const PADDED_LEN: usize = 8;
+
+/// The object tag of a GET DATA / PUT DATA tag list (5C), 1 to 3 bytes.
+fn object_tag(v: &[u8]) -> Result<u32, StatusWord> {
+    if v.is_empty() || v.len() > 3 {
+        return Err(StatusWord::INCORRECT_DATA);
+    }
+    Ok(v.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)))
 }
 
 fn parse_cmd<'a>(a: &Apdu<'a>) -> Result<Cmd<'a>, StatusWord> {
     let p1p2 = (a.p1, a.p2);
-    Ok(match a.ins {
-        0xA4 if p1p2 == (0x04, 0x00) => Cmd::Select { aid: a.data },
-        0xA4 => return Err(StatusWord::INCORRECT_P1P2),
-        0xCB | 0xDB if p1p2 != (0x3F, 0xFF) => return Err(StatusWord::INCORRECT_P1P2),
-        0xCB => {
+    let key = KeyRef::from_code(a.p2);
+    Ok(match Ins::from_code(a.ins) {
+        Ins::Select if p1p2 == (0x04, 0x00) => Cmd::Select { aid: a.data },
+        Ins::Select => return Err(StatusWord::INCORRECT_P1P2),
+        Ins::GetData | Ins::PutData if p1p2 != DATA_P1P2 => return Err(StatusWord::INCORRECT_P1P2),
+        Ins::GetData => {
             let v = tlv::expect_single(a.data, 0x5C).ok().flatten().ok_or(StatusWord::INCORRECT_DATA)?;
-            if v.is_empty() || v.len() > 3 {
-                return Err(StatusWord::INCORRECT_DATA);
-            }
-            Cmd::GetData { tag: v.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) }
+            Cmd::GetData { tag: object_tag(v)? }
         }
-        0xDB => {
+        Ins::PutData => {
             let (t, rest) = tlv::parse_one(a.data).map_err(|_| StatusWord::INCORRECT_DATA)?;
-            if t.tag != 0x5C || t.value.is_empty() || t.value.len() > 3 {
+            if t.tag != 0x5C {
                 return Err(StatusWord::INCORRECT_DATA);
             }
-            let tag = t.value.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b));
+            let tag = object_tag(t.value)?;
             let contents = tlv::expect_single(rest, 0x53).ok().flatten().ok_or(StatusWord::INCORRECT_DATA)?;
             Cmd::PutData { tag, contents }
         }
-        0x20 => match (a.p1, a.p2, a.data.len()) {
-            (0x00, 0x80, 0) => Cmd::VerifyStatus,
-            (0x00, 0x80, 8) => Cmd::Verify { pin: a.data },
-            (0xFF, 0x80, 0) => Cmd::VerifyReset,
-            (0x00 | 0xFF, 0x80, _) => return Err(StatusWord::INCORRECT_DATA),
-            (_, 0x00, _) => return Err(StatusWord::REFERENCE_NOT_FOUND), // no Global PIN
+        Ins::Verify => match (a.p1, key, a.data.len()) {
+            (VERIFY_CHECK, Some(KeyRef::Pin), 0) => Cmd::VerifyStatus,
+            (VERIFY_CHECK, Some(KeyRef::Pin), PADDED_LEN) => Cmd::Verify { pin: a.data },
+            (VERIFY_RESET, Some(KeyRef::Pin), 0) => Cmd::VerifyReset,
+            (VERIFY_CHECK | VERIFY_RESET, Some(KeyRef::Pin), _) => return Err(StatusWord::INCORRECT_DATA),
+            // No Global PIN on this card.
+            (_, Some(KeyRef::GlobalPin), _) => return Err(StatusWord::REFERENCE_NOT_FOUND),
             _ => return Err(StatusWord::INCORRECT_P1P2),
         },
-        0x24 | 0x2C if a.p1 != 0 => return Err(StatusWord::INCORRECT_P1P2),
-        0x24 if a.data.len() != 16 => return Err(StatusWord::INCORRECT_DATA),
-        0x24 => match a.p2 {
-            0x80 | 0x81 => Cmd::ChangeReference { puk: a.p2 == 0x81, old: &a.data[..8], new: &a.data[8..] },
+        Ins::ChangeReferenceData | Ins::ResetRetryCounter if a.p1 != 0 => return Err(StatusWord::INCORRECT_P1P2),
+        Ins::ChangeReferenceData if a.data.len() != 2 * PADDED_LEN => return Err(StatusWord::INCORRECT_DATA),
+        Ins::ChangeReferenceData => match key {
+            Some(k @ (KeyRef::Pin | KeyRef::Puk)) => Cmd::ChangeReference { puk: k == KeyRef::Puk, old: &a.data[..PADDED_LEN], new: &a.data[PADDED_LEN..] },
             _ => return Err(StatusWord::REFERENCE_NOT_FOUND),
         },
-        0x2C if a.p2 != 0x80 => return Err(StatusWord::REFERENCE_NOT_FOUND),
-        0x2C if a.data.len() != 16 => return Err(StatusWord::INCORRECT_DATA),
-        0x2C => Cmd::ResetRetryCounter { puk: &a.data[..8], new_pin: &a.data[8..] },
-        0x87 => {
+        Ins::ResetRetryCounter if key != Some(KeyRef::Pin) => return Err(StatusWord::REFERENCE_NOT_FOUND),
+        Ins::ResetRetryCounter if a.data.len() != 2 * PADDED_LEN => return Err(StatusWord::INCORRECT_DATA),
+        Ins::ResetRetryCounter => Cmd::ResetRetryCounter { puk: &a.data[..PADDED_LEN], new_pin: &a.data[PADDED_LEN..] },
+        Ins::GeneralAuthenticate => {
             let template = tlv::expect_single(a.data, 0x7C).ok().flatten().ok_or(StatusWord::INCORRECT_DATA)?;
-            Cmd::GeneralAuthenticate { alg: a.p1, key_ref: a.p2, template }
+            match key {
+                Some(key @ KeyRef::Key(_)) => Cmd::GeneralAuthenticate { alg: a.p1, key, template },
+                _ => return Err(StatusWord::INCORRECT_P1P2),
+            }
         }
-        0x47 => {
-            let slot = match Slot::from_key_ref(a.p2) {
-                Some(s) if a.p1 == 0 && s != Slot::Management => s,
+        Ins::GenerateAsymmetricKeyPair => {
+            let slot = match key {
+                Some(KeyRef::Key(s)) if a.p1 == 0 && s != Slot::Management => s,
                 _ => return Err(StatusWord::INCORRECT_P1P2),
             };
             let ac = tlv::expect_single(a.data, 0xAC).ok().flatten().ok_or(StatusWord::INCORRECT_DATA)?;
             let alg = tlv::find(ac, 0x80).ok().flatten().filter(|v| v.len() == 1).ok_or(StatusWord::INCORRECT_DATA)?;
             Cmd::GenerateKeyPair { slot, alg: alg[0] }
         }
-        0xC0 => Cmd::GetResponse,
+        Ins::GetResponse => Cmd::GetResponse,
         // Vendor commands that YubiKey-aware tools send; harmless to others.
-        0xFD => Cmd::GetVersion,
-        0xF8 => Cmd::GetSerial,
-        0xF7 => Cmd::GetMetadata { key_ref: a.p2 },
-        _ => return Err(StatusWord::INS_NOT_SUPPORTED),
+        Ins::YubicoGetVersion => Cmd::GetVersion,
+        Ins::YubicoGetSerial => Cmd::GetSerial,
+        Ins::YubicoGetMetadata => Cmd::GetMetadata { key: key.ok_or(StatusWord::REFERENCE_NOT_FOUND)? },
+        Ins::Other(_) => return Err(StatusWord::INS_NOT_SUPPORTED),
     })
 }
 
@@ -344,7 +363,7 @@ impl VirtualCard {
                         return Some(response.clone());
                     }
                 }
-                Fault::EndlessChain if ins == 0xC0 => {
+                Fault::EndlessChain if Ins::from_code(ins) == Ins::GetResponse => {
                     let mut r = vec![0x5A; 256];
                     r.extend_from_slice(&[0x61, 0x00]);
                     return Some(r);
@@ -437,12 +456,12 @@ impl VirtualCard {
             }
             Cmd::ChangeReference { puk, old, new } => (self.change_reference(puk, old, new), self.latency.per_verify),
             Cmd::ResetRetryCounter { puk, new_pin } => (self.reset_retry_counter(puk, new_pin), self.latency.per_verify),
-            Cmd::GeneralAuthenticate { alg, key_ref, template } => self.general_authenticate(alg, key_ref, template),
+            Cmd::GeneralAuthenticate { alg, key, template } => self.general_authenticate(alg, key, template),
             Cmd::GenerateKeyPair { slot, alg } => (self.generate(slot, alg), self.latency.per_signature * 4),
             Cmd::GetResponse => (Err(StatusWord::CONDITIONS_NOT_SATISFIED), z),
             Cmd::GetVersion => (Ok(vec![5, 4, 3]), z),
             Cmd::GetSerial => (Ok(self.contents.serial.to_be_bytes().to_vec()), z),
-            Cmd::GetMetadata { key_ref } => (self.metadata(key_ref), z),
+            Cmd::GetMetadata { key } => (self.metadata(key), z),
         }
     }
 
@@ -499,7 +518,7 @@ impl VirtualCard {
         } else if self.pin_verified {
             Ok(vec![])
         } else {
-            Err(StatusWord(0x63C0 | u16::from(self.pin_tries)))
+            Err(StatusWord::verify_failed(self.pin_tries))
         }
     }
 
@@ -517,7 +536,7 @@ impl VirtualCard {
         } else {
             self.pin_tries -= 1;
             self.pin_verified = false;
-            Err(StatusWord(0x63C0 | u16::from(self.pin_tries)))
+            Err(StatusWord::verify_failed(self.pin_tries))
         }
     }
 
@@ -533,7 +552,7 @@ impl VirtualCard {
         if !ct_eq(old, &current[..]) {
             let t = if puk { &mut self.puk_tries } else { &mut self.pin_tries };
             *t -= 1;
-            return Err(StatusWord(0x63C0 | u16::from(*t)));
+            return Err(StatusWord::verify_failed(*t));
         }
         let mut value = Zeroizing::new([0u8; 8]);
         value.copy_from_slice(new);
@@ -557,7 +576,7 @@ impl VirtualCard {
         }
         if !ct_eq(puk, &self.contents.puk[..]) {
             self.puk_tries -= 1;
-            return Err(StatusWord(0x63C0 | u16::from(self.puk_tries)));
+            return Err(StatusWord::verify_failed(self.puk_tries));
         }
         self.puk_tries = DEFAULT_TRIES;
         let mut value = Zeroizing::new([0u8; 8]);
@@ -568,17 +587,16 @@ impl VirtualCard {
     }
 
     /// GENERAL AUTHENTICATE (SP 800-73-4 Part 2, §3.2.4 and Appendix A.1).
-    fn general_authenticate(&mut self, alg: u8, key_ref: u8, template: &[u8]) -> (Reply, Duration) {
+    fn general_authenticate(&mut self, alg: u8, key: KeyRef, template: &[u8]) -> (Reply, Duration) {
         let z = Duration::ZERO;
         let fields = match parse_template(template) {
             Ok(f) => f,
             Err(sw) => return (Err(sw), z),
         };
-        if key_ref == 0x9B {
-            return (self.management_auth(alg, &fields), z);
-        }
-        let Some(slot) = Slot::from_key_ref(key_ref) else {
-            return (Err(StatusWord::INCORRECT_P1P2), z);
+        let slot = match key {
+            KeyRef::Key(Slot::Management) => return (self.management_auth(alg, &fields), z),
+            KeyRef::Key(slot) => slot,
+            _ => return (Err(StatusWord::INCORRECT_P1P2), z),
         };
         let Some(key) = self.contents.keys.get(&slot) else {
             return (Err(StatusWord::REFERENCE_NOT_FOUND), z);
@@ -680,17 +698,17 @@ impl VirtualCard {
     }
 
     /// Vendor GET METADATA (as YubiKey 5.3+): algorithm and retry counters.
-    fn metadata(&self, key_ref: u8) -> Reply {
+    fn metadata(&self, key: KeyRef) -> Reply {
         let mut out = Vec::new();
-        match key_ref {
-            0x80 | 0x81 => {
-                let (max, left) = if key_ref == 0x80 { (self.contents.pin_tries_max, self.pin_tries) } else { (DEFAULT_TRIES, self.puk_tries) };
+        match key {
+            KeyRef::Pin | KeyRef::Puk => {
+                let (max, left) = if key == KeyRef::Pin { (self.contents.pin_tries_max, self.pin_tries) } else { (DEFAULT_TRIES, self.puk_tries) };
                 tlv::write(&mut out, 0x01, &[0xFF]);
                 tlv::write(&mut out, 0x06, &[max, left]);
             }
-            0x9B => tlv::write(&mut out, 0x01, &[self.contents.management_key.algorithm().id()]),
-            other => {
-                let slot = Slot::from_key_ref(other).ok_or(StatusWord::REFERENCE_NOT_FOUND)?;
+            KeyRef::GlobalPin => return Err(StatusWord::REFERENCE_NOT_FOUND),
+            KeyRef::Key(Slot::Management) => tlv::write(&mut out, 0x01, &[self.contents.management_key.algorithm().id()]),
+            KeyRef::Key(slot) => {
                 let key = self.contents.keys.get(&slot).ok_or(StatusWord::REFERENCE_NOT_FOUND)?;
                 tlv::write(&mut out, 0x01, &[key.algorithm().id()]);
                 tlv::write(&mut out, 0x04, &key.public_template());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use pivgate_hw::piv::Algorithm;
-use pivgate_hw::vcard::{vpcd, Latency, Profile, ProfileOptions};
+use pivgate_vcard::{vpcd, Latency, Profile, ProfileOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Alg {

@@ -1,5 +1,7 @@
 //! A virtual PIV card, faithful to SP 800-73-4, for tests, demos and
-//! integrators without hardware.
+//! integrators without hardware. Its own crate: the agent on a Pi carries
+//! none of its key generation and crypto (`pivgate-hw` is the client side
+//! only).
 //!
 //! - [`card`]: the card itself, sans-IO: APDU in, APDU out, plus the time a
 //!   real card would take.
@@ -14,7 +16,10 @@
 //! process. A [`Latency`] model lets benchmarks stand in for a real card, and
 //! [`Fault`]s make it hostile on purpose.
 
+#![forbid(unsafe_code)]
+
 pub mod card;
+pub mod error;
 pub mod keys;
 pub mod profile;
 pub mod vpcd;
@@ -22,11 +27,11 @@ pub mod vpcd;
 use std::time::Duration;
 
 pub use card::{Answer, CardContents, VirtualCard, ATR};
+pub use error::{Error, Result};
 pub use keys::{CardKey, ManagementKey, DEFAULT_MANAGEMENT_KEY};
 pub use profile::{IssuingCa, Profile, ProfileOptions, Validity};
 
-use crate::error::{Error, Result};
-use crate::transport::Transport;
+use pivgate_hw::Transport;
 
 /// How long the card takes, modelled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -91,13 +96,13 @@ pub enum Fault {
 /// In-process transport: the card answers directly, sleeping for its
 /// modelled latency (zero by default).
 impl Transport for VirtualCard {
-    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>> {
+    fn transmit(&mut self, command: &[u8]) -> pivgate_hw::Result<Vec<u8>> {
         let answer = self.process(command);
         if !answer.delay.is_zero() {
             std::thread::sleep(answer.delay);
         }
         if answer.disconnect {
-            return Err(Error::CardRemoved);
+            return Err(pivgate_hw::Error::CardRemoved);
         }
         Ok(answer.response)
     }
