@@ -278,6 +278,35 @@ impl KeySource for Typed {
     fn drain(&mut self) {}
 }
 
+/// What a test's terminal has around the flow: keys typed at once, and
+/// nothing to show.
+struct AtTerminal {
+    keys: Typed,
+    around: Nothing,
+}
+
+impl AtTerminal {
+    fn typing(pin: &str) -> AtTerminal {
+        AtTerminal { keys: Typed::pin(pin), around: Nothing }
+    }
+
+    fn flow<'a, T>(
+        &'a mut self,
+        agent: &'a mut AgentClient,
+        terminal: &'a str,
+        requested: Option<pb::Mechanism>,
+    ) -> Flow<'a, T, AgentClient, SystemClock, Nothing> {
+        Flow {
+            terminal,
+            requested,
+            gateway: agent,
+            pin: PinWay::Keys { keys: &mut self.keys, rules: EntryRules::default() },
+            around: &mut self.around,
+            clock: &SystemClock,
+        }
+    }
+}
+
 fn requested(m: pb::Mechanism) -> Option<pb::Mechanism> {
     (m != pb::Mechanism::Unspecified).then_some(m)
 }
@@ -290,15 +319,8 @@ fn ended(r: TapResult) -> anyhow::Error {
 /// flow ([`pivgate_agent::tap`]): the same steps and checks as an agent at
 /// a terminal, PIN typed at once.
 pub async fn tap(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard, pin: &str, mechanism: pb::Mechanism) -> Result<Tap> {
-    let mut keys = Typed::pin(pin);
-    let mut flow = Flow {
-        terminal,
-        requested: requested(mechanism),
-        gateway: agent,
-        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
-        around: &mut Nothing,
-        clock: &SystemClock,
-    };
+    let mut at = AtTerminal::typing(pin);
+    let mut flow = at.flow(agent, terminal, requested(mechanism));
     match flow.run(&mut PivClient::new(card)).await.result {
         TapResult::Granted(g) => Ok(Tap::Granted(g)),
         TapResult::Denied(d) => Ok(Tap::Denied(d)),
@@ -314,15 +336,8 @@ pub async fn begin(
     card: &mut VirtualCard,
     mechanism: pb::Mechanism,
 ) -> Result<std::result::Result<Challenge, pb::DenyReason>> {
-    let mut keys = Typed::pin("");
-    let mut flow = Flow {
-        terminal,
-        requested: requested(mechanism),
-        gateway: agent,
-        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
-        around: &mut Nothing,
-        clock: &SystemClock,
-    };
+    let mut at = AtTerminal::typing("");
+    let mut flow = at.flow(agent, terminal, requested(mechanism));
     let mut piv = PivClient::new(card);
     let chuid = flow.identify(&mut piv).map_err(ended)?;
     match flow.begin(&mut piv, &chuid).await {
@@ -335,15 +350,8 @@ pub async fn begin(
 /// The flow's sign alone: the agent's check of the message, the PIN when
 /// the challenge needs it, the signature, the PIN state reset.
 pub fn sign(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard, c: &Challenge, pin: &str) -> Result<Vec<u8>> {
-    let mut keys = Typed::pin(pin);
-    let mut flow = Flow {
-        terminal,
-        requested: None,
-        gateway: agent,
-        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
-        around: &mut Nothing,
-        clock: &SystemClock,
-    };
+    let mut at = AtTerminal::typing(pin);
+    let mut flow = at.flow(agent, terminal, None);
     let mut piv = PivClient::new(card);
     let chuid = flow.identify(&mut piv).map_err(ended)?;
     let sig = flow.sign(&mut piv, &chuid, c).map_err(ended);
@@ -367,15 +375,8 @@ pub fn sign_digest(card: &mut VirtualCard, slot: Slot, alg: Algorithm, digest: &
 /// The flow's completion alone.
 pub async fn complete(agent: &mut AgentClient, terminal: &str, c: &Challenge, signature: Vec<u8>) -> Result<Tap> {
     use pivgate_agent::tap::Completed;
-    let mut keys = Typed::pin("");
-    let mut flow: Flow<'_, &mut VirtualCard, _, _, _> = Flow {
-        terminal,
-        requested: None,
-        gateway: agent,
-        pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
-        around: &mut Nothing,
-        clock: &SystemClock,
-    };
+    let mut at = AtTerminal::typing("");
+    let mut flow = at.flow::<&mut VirtualCard>(agent, terminal, None);
     match flow.complete(c, signature).await.map_err(ended)? {
         Completed::Granted(g) => Ok(Tap::Granted(g)),
         Completed::Denied(d) => Ok(Tap::Denied(d)),
