@@ -22,7 +22,7 @@
 //! ([`crate::config::LimitsConfig`]) and applied in `lib.rs` and `tls.rs`.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::model::AuditKind;
 use pivgate_proto::v1 as pb;
@@ -371,12 +371,10 @@ impl AuditBudget {
     }
 }
 
-/// The default interval between summaries of suppressed records.
-pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn identifiers_and_text() {
