@@ -76,6 +76,9 @@ pub(crate) struct Ask<'a> {
     pub check: Check,
     /// A change being decided.
     pub overlay: &'a Overlay<'a>,
+    /// The roles a live session carries (consoles act on them): each must
+    /// still be the operator's.
+    pub session_roles: Option<&'a [String]>,
 }
 
 /// Everything an allowed request was judged on.
@@ -106,6 +109,8 @@ pub(crate) enum Verdict {
     NeedCertificate(Slot),
     /// Refused, and why (for the audit record).
     Refused(Deny, &'static str),
+    /// A role the session carries is no longer the operator's.
+    SessionRoleRemoved,
 }
 
 /// How long a session's certificate verdict is reused.
@@ -146,6 +151,11 @@ impl Gateway {
         if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
             return Ok(Refused(Deny::NotAuthorized, "operator has no role allowed at this terminal"));
         }
+        // Before any certificate check: no certificate verdict (a stale CRL
+        // that leaves a session standing) may hide a role taken away.
+        if ask.session_roles.is_some_and(|held| held.iter().any(|r| !operator.roles.contains(r))) {
+            return Ok(Verdict::SessionRoleRemoved);
+        }
         let mechanism = match ask.mechanism {
             Some(m) if !policy.allowed_mechanisms.contains(&m) => return Ok(Refused(Deny::MechanismNotAllowed, "mechanism not allowed at this terminal")),
             Some(m) => m,
@@ -163,7 +173,9 @@ impl Gateway {
             (Certificate::Enrolled, None) => return Ok(Refused(Deny::UnknownCard, "no certificate enrolled for the slot")),
         };
         let fingerprint: [u8; 32] = sha2::Sha256::digest(&certificate).into();
-        if self.store.denied(DenyKey::Card(card.uuid))? || self.store.denied(DenyKey::Certificate(fingerprint))? {
+        // A deny list that cannot be read denies (and ends sessions).
+        let denied = |k: DenyKey| self.store.denied(k).unwrap_or(true);
+        if denied(DenyKey::Card(card.uuid)) || denied(DenyKey::Certificate(fingerprint)) {
             return Ok(Refused(Deny::RevokedDenyList, "card revoked"));
         }
         let (mut info, mut validation) = (None, None);

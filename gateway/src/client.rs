@@ -156,10 +156,13 @@ impl Admin {
     pub async fn operators(&mut self) -> Result<Vec<pb::Operator>> {
         let (mut all, mut page_token) = (Vec::new(), String::new());
         loop {
-            let r = self.rpc.list_operators(pb::ListOperatorsRequest { page_size: 0, page_token }).await?.into_inner();
+            let r = self.rpc.list_operators(pb::ListOperatorsRequest { page_size: 0, page_token: page_token.clone() }).await?.into_inner();
             all.extend(r.operators);
             if r.next_page_token.is_empty() {
                 return Ok(all);
+            }
+            if r.next_page_token == page_token {
+                return Err(Error::InvalidRequest("the gateway gave the same page token twice".into()));
             }
             page_token = r.next_page_token;
         }

@@ -367,6 +367,10 @@ impl Gateway {
 
     fn begin_check(&self, caller: &Caller, req: &BeginRequest) -> Result<std::result::Result<BeginCheck, (Deny, serde_json::Value)>> {
         let denied = |d: Deny, why: &str| Ok(Err((d, json!({ "why": why, "card_uuid": uuid_text(&req.card_uuid) }))));
+        // An agent learns nothing about cards at terminals it does not serve.
+        if self.bound_terminal(&caller.name, &req.terminal)?.is_none() {
+            return denied(Deny::TerminalNotBound, "terminal unknown or not bound to this agent");
+        }
         // Which enrolled card this is: by its UUID, or by its FASC-N.
         let uuid = match (self.store.card(&req.card_uuid)?, &req.fascn) {
             (Some(c), _) => Some(c),
@@ -391,6 +395,7 @@ impl Gateway {
             certificate: Certificate::Offered(req.certificate.as_deref()),
             check: Check::Full,
             overlay: &Overlay::default(),
+            session_roles: None,
         };
         match self.authorize(&ask)? {
             Verdict::Allowed(a) => {
@@ -399,6 +404,7 @@ impl Gateway {
             }
             Verdict::NeedCertificate(slot) => Ok(Ok(BeginCheck::NeedCertificate(slot))),
             Verdict::Refused(d, why) => denied(d, why),
+            Verdict::SessionRoleRemoved => denied(Deny::NotAuthorized, "role removed"),
         }
     }
 
@@ -462,6 +468,7 @@ impl Gateway {
                             certificate: Certificate::Pinned(&p.certificate),
                             check: Check::SinceGeneration(generation),
                             overlay: &Overlay::default(),
+                            session_roles: None,
                         };
                         let allowed = match self.authorize(&ask)? {
                             Verdict::Allowed(a) => a,
@@ -469,7 +476,7 @@ impl Gateway {
                                 refused = Some((d, why));
                                 return Ok(None);
                             }
-                            Verdict::NeedCertificate(_) => {
+                            Verdict::NeedCertificate(_) | Verdict::SessionRoleRemoved => {
                                 refused = Some((Deny::UnknownCard, "certificate no longer enrolled"));
                                 return Ok(None);
                             }
@@ -554,11 +561,12 @@ impl Gateway {
             certificate: Certificate::Pinned(&p.certificate),
             check: Check::Full,
             overlay: &Overlay::default(),
+            session_roles: None,
         };
         let allowed = match self.authorize(&ask)? {
             Verdict::Allowed(a) => a,
             Verdict::Refused(deny, why) => return d(deny, why),
-            Verdict::NeedCertificate(_) => return d(Deny::UnknownCard, "certificate no longer enrolled"),
+            Verdict::NeedCertificate(_) | Verdict::SessionRoleRemoved => return d(Deny::UnknownCard, "certificate no longer enrolled"),
         };
         let (Some(info), Some(validation)) = (allowed.info, allowed.validation) else { return d(Deny::UnknownCard, "certificate not checked") };
         let (card, operator) = (allowed.card, allowed.operator);
@@ -623,12 +631,21 @@ impl Gateway {
     /// end sessions (an issuer's outage must not lock a control room).
     fn session_verdict(&self, t: &Terminal, overlay: &Overlay<'_>) -> Result<Option<LockReason>> {
         let Session::Unlocked { mechanism, card_uuid, agent, roles: session_roles, .. } = &t.session else { return Ok(None) };
-        let ask =
-            Ask { agent, terminal: &t.id, card: *card_uuid, mechanism: Some(*mechanism), certificate: Certificate::Enrolled, check: Check::Cached, overlay };
-        Ok(match self.authorize(&ask)? {
+        let ask = Ask {
+            agent,
+            terminal: &t.id,
+            card: *card_uuid,
+            mechanism: Some(*mechanism),
+            certificate: Certificate::Enrolled,
+            check: Check::Cached,
+            overlay,
             // Consoles act on the roles a session carries: one the operator
             // no longer holds ends it (a new tap carries the roles held now).
-            Verdict::Allowed(a) => session_roles.iter().any(|r| !a.operator.roles.contains(r)).then_some(LockReason::RoleRemoved),
+            session_roles: Some(session_roles),
+        };
+        Ok(match self.authorize(&ask)? {
+            Verdict::Allowed(_) => None,
+            Verdict::SessionRoleRemoved => Some(LockReason::RoleRemoved),
             Verdict::NeedCertificate(_) => Some(LockReason::Revoked),
             Verdict::Refused(deny, _) => lock_reason(deny, overlay.policy.is_some_and(|(id, _)| id == t.id)),
         })

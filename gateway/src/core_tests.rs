@@ -412,3 +412,42 @@ async fn the_metrics_count_grants_and_denials_by_reason() {
     assert!(text.contains("pivgate_authentications_total{outcome=\"denied\",reason=\"challenge_replayed\"} 1"), "{text}");
     assert!(text.contains("pivgate_unlocked_terminals 1"), "{text}");
 }
+
+#[tokio::test]
+async fn a_stale_crl_leaves_a_session_standing_but_hides_no_role_taken_away() {
+    let b = bench(|c| {
+        c.cards.crl_strict = true;
+        c.agent_grace_s = 100_000;
+    })
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    let crl = issuer().crl(&[], now - time::Duration::minutes(1), now + time::Duration::hours(1), 1).unwrap();
+    let report = b.gw.offer_crls(vec![("test".into(), Ok(vec![crl]))]).await.unwrap();
+    assert_eq!(report.installed, 1, "{:?}", report.refused);
+    let two = Operator { id: "op-1".into(), name: "Op One".into(), roles: vec!["dispatcher".into(), "supervisor".into()], enabled: true };
+    b.gw.add_operator(&admin(), two).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    // The issuer is down: the CRL goes stale. New taps are refused, the
+    // session stands.
+    b.clock.advance(Duration::from_secs(2 * 3600));
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("a tap began on a stale CRL") };
+    assert_eq!(d, Deny::CrlStale);
+    b.gw.reauthorize_sessions("test").await.unwrap();
+    assert_eq!(locked_for(&b), None, "a stale CRL locked a control room");
+    // A role the session carries is taken away: it ends, stale CRL or not.
+    b.gw.add_operator(&admin(), Operator { id: "op-1".into(), name: "Op One".into(), roles: vec!["dispatcher".into()], enabled: true }).await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::RoleRemoved));
+}
+
+#[tokio::test]
+async fn an_agent_learns_nothing_of_cards_at_a_terminal_it_does_not_serve() {
+    let b = bench(|_| {}).await;
+    let fascn = card_profile().chuid.fascn.map(|f| f.0.to_vec()).expect("the test card has a FASC-N");
+    // The enrolled card's FASC-N with another UUID: at its own terminal an
+    // identity mismatch, at a terminal it does not serve nothing but that.
+    let probe = |terminal: &str| BeginRequest { card_uuid: [7; 16], fascn: Some(fascn.clone()), ..begin_req(terminal) };
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), probe(T)).await.unwrap() else { panic!() };
+    assert_eq!(d, Deny::IdentityMismatch);
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), probe("vault")).await.unwrap() else { panic!() };
+    assert_eq!(d, Deny::TerminalNotBound);
+}

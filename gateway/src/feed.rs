@@ -90,6 +90,11 @@ impl Gateway {
     /// that is locked now (a lock it already knows changes nothing).
     /// `None`: nothing to push.
     pub fn presence_push(&self, agent: &str, live: Live<'_>) -> Result<Option<Vec<String>>> {
+        if let Live::Event(e) = &live {
+            if !matches!(e.session, Session::Locked { .. }) {
+                return Ok(None);
+            }
+        }
         let bound = self.store.agent(agent)?.map(|a| a.terminals).unwrap_or_default();
         Ok(match live {
             Live::Event(e) if matches!(e.session, Session::Locked { .. }) && bound.contains(&e.terminal_id) => Some(vec![e.terminal_id.clone()]),
