@@ -215,3 +215,35 @@ fn the_vpcd_reader_has_no_pin_pad() -> Result<()> {
     inserted.remove();
     Ok(())
 }
+
+/// Compatibility: a card whose PIV applet answers only the whole 11-byte
+/// AID, and one that answers only the 9-byte truncation, are selected,
+/// read and signed with through pcscd, as a card taking any prefix is.
+#[test]
+fn cards_that_take_only_the_whole_aid_or_only_its_truncation_sign_through_pcscd() -> Result<()> {
+    use pivgate_vcard::AidMatch;
+    let r = reader()?;
+    let profile = Profile::generate(&ProfileOptions::default())?;
+    for matching in [AidMatch::FullOnly, AidMatch::TruncatedOnly] {
+        let mut virtual_card = profile.card();
+        virtual_card.set_aid_match(matching);
+        let inserted = vpcd::insert(virtual_card, r.addr)?;
+        let mut card = connect_card(&r.name)?;
+        {
+            let mut piv = PivClient::new(card.transaction()?);
+            piv.select()?;
+            assert_eq!(piv.read_chuid()?, profile.chuid, "{matching:?}");
+            piv.verify_pin(&Pin::new(b"123456")?)?;
+            let digest = digest_for(Algorithm::EccP256, b"challenge from the gateway");
+            let sig = piv.sign(Slot::Authentication, Algorithm::EccP256, &digest)?;
+            verify_signature(&profile.certificates[&Slot::Authentication], &digest, &sig)?;
+            piv.reset_pin_state()?;
+        }
+        card.disconnect(false)?;
+        let seen = inserted.remove();
+        assert_eq!(seen.commands_seen(0xA4), if matching == AidMatch::FullOnly { 2 } else { 1 }, "{matching:?}");
+        // Gone from pcscd before the next card comes.
+        pivgate_hw::pcsc::wait_for_card(&pivgate_hw::pcsc::establish()?, &r.name, false, T)?;
+    }
+    Ok(())
+}

@@ -21,7 +21,7 @@ use crate::tlv;
 use crate::transport::{Clock, SystemClock, Transport};
 
 use super::objects::{self, ApplicationProperties, Chuid, Discovery};
-use super::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID_TRUNCATED};
+use super::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID, PIV_AID_TRUNCATED};
 
 /// Bounds on what a card may make the client do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +125,20 @@ impl<T: Transport> PivClient<T> {
 
     /// SELECT the PIV Card Application by its truncated AID and parse the
     /// Application Property Template (SP 800-73-4 Part 2, §3.1.1).
+    ///
+    /// A card that does not know the truncation (some Java Card applets
+    /// match only the whole AID) is asked again with the whole 11-byte AID:
+    /// one APDU for most cards, two for those.
     pub fn select(&mut self) -> Result<ApplicationProperties> {
+        match self.select_aid(&PIV_AID_TRUNCATED) {
+            Err(Error::NoPivApplication) => self.select_aid(&PIV_AID),
+            r => r,
+        }
+    }
+
+    fn select_aid(&mut self, aid: &[u8]) -> Result<ApplicationProperties> {
         const CMD: &str = "SELECT";
-        let cmd = Command::new(Ins::Select, 0x04, 0x00).with_data(PIV_AID_TRUNCATED.to_vec()).with_le(256);
+        let cmd = Command::new(Ins::Select, 0x04, 0x00).with_data(aid.to_vec()).with_le(256);
         let r = self.exchange(CMD, &cmd)?;
         self.pin_blocked = false;
         match r.sw {

@@ -13,7 +13,7 @@ use rand_core::{CryptoRngCore, OsRng};
 use zeroize::Zeroizing;
 
 use pivgate_hw::apdu::{Ins, StatusWord};
-use pivgate_hw::piv::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID};
+use pivgate_hw::piv::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID, PIV_AID_TRUNCATED};
 use pivgate_hw::tlv;
 
 use super::keys::{CardKey, ManagementKey};
@@ -45,6 +45,21 @@ pub struct CardContents {
     pub serial: u32,
     /// PIN tries before it blocks.
     pub pin_tries_max: u8,
+}
+
+/// Which AIDs a card's SELECT accepts. SP 800-73-4 lets a client select by
+/// the right-truncated AID (`A0 00 00 03 08 00 00 10 00`), and most cards
+/// take any prefix of the whole AID; some Java Card applets match only the
+/// whole 11-byte AID, and some tokens only the 9-byte truncation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AidMatch {
+    /// Any prefix of the whole AID of at least 5 bytes (the RID).
+    #[default]
+    Prefix,
+    /// The whole 11-byte AID only.
+    FullOnly,
+    /// The 9-byte truncation only.
+    TruncatedOnly,
 }
 
 /// One answer: the response APDU and the time a real card would take.
@@ -224,6 +239,7 @@ pub struct VirtualCard {
     pending: Vec<u8>,
     chain: Option<([u8; 4], Vec<u8>)>,
     latency: Latency,
+    aid_match: AidMatch,
     faults: Vec<Fault>,
     rng: Box<dyn CryptoRngCore + Send>,
     apdus: usize,
@@ -249,6 +265,7 @@ impl VirtualCard {
             pending: Vec::new(),
             chain: None,
             latency: Latency::default(),
+            aid_match: AidMatch::default(),
             faults: Vec::new(),
             rng: Box::new(OsRng),
             apdus: 0,
@@ -265,6 +282,11 @@ impl VirtualCard {
     /// Sets the latency model.
     pub fn set_latency(&mut self, latency: Latency) {
         self.latency = latency;
+    }
+
+    /// Sets which AIDs SELECT accepts (cards differ: see [`AidMatch`]).
+    pub fn set_aid_match(&mut self, aid_match: AidMatch) {
+        self.aid_match = aid_match;
     }
 
     /// Adds a fault (hostile behaviour) for tests.
@@ -404,7 +426,8 @@ impl VirtualCard {
             }
         }
         if joined.is_none() && apdu.cla & 0x10 != 0 {
-            if !matches!(apdu.ins, 0x87 | 0xDB | 0x47 | 0x24 | 0x2C) {
+            use Ins::*;
+            if !matches!(Ins::from_code(apdu.ins), GeneralAuthenticate | PutData | GenerateAsymmetricKeyPair | ChangeReferenceData | ResetRetryCounter) {
                 return (sw_only(StatusWord::CHAINING_NOT_SUPPORTED), Duration::ZERO);
             }
             self.chain = Some((header, apdu.data.to_vec()));
@@ -414,7 +437,8 @@ impl VirtualCard {
         let full = Apdu { data, ..apdu };
         let le = full.le.unwrap_or(256);
         let (reply, extra) = match parse_cmd(&full) {
-            Ok(Cmd::GetResponse) => return (self.take_pending(le), Duration::ZERO),
+            // Nothing pending: refused (6985), as real cards do, not 9000.
+            Ok(Cmd::GetResponse) if !self.pending.is_empty() => return (self.take_pending(le), Duration::ZERO),
             Ok(cmd) => self.execute(cmd),
             Err(sw) => (Err(sw), Duration::ZERO),
         };
@@ -468,7 +492,12 @@ impl VirtualCard {
     /// SELECT by full or right-truncated AID (SP 800-73-4 Part 2, §3.1.1).
     /// Re-selecting PIV keeps the security status, as cards do.
     fn select(&mut self, aid: &[u8]) -> Reply {
-        if aid.len() < 5 || !PIV_AID.starts_with(aid) {
+        let accepted = match self.aid_match {
+            AidMatch::Prefix => aid.len() >= 5 && PIV_AID.starts_with(aid),
+            AidMatch::FullOnly => aid == PIV_AID,
+            AidMatch::TruncatedOnly => aid == PIV_AID_TRUNCATED,
+        };
+        if !accepted {
             return Err(StatusWord::NOT_FOUND);
         }
         let mut apt = Vec::new();

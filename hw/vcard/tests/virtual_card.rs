@@ -2,7 +2,7 @@
 //! authentication (3DES and AES, mutual and single), and the rules that
 //! PUT DATA, GENERATE, CHANGE REFERENCE DATA and RESET RETRY COUNTER keep.
 
-use pivgate_hw::piv::Algorithm;
+use pivgate_hw::piv::{Algorithm, PivClient};
 use pivgate_hw::tlv;
 use pivgate_vcard::{ManagementKey, Profile, ProfileOptions, VirtualCard, DEFAULT_MANAGEMENT_KEY};
 
@@ -149,4 +149,28 @@ fn extended_length_where_card_and_reader_take_it() {
     let before = short.stats().apdus;
     short.sign(Slot::Authentication, Algorithm::Rsa2048, &[5; 32]).unwrap();
     assert!(short.stats().apdus - before >= 3, "short RSA sign without chaining");
+}
+
+#[test]
+fn the_client_selects_cards_that_take_only_the_whole_aid_or_only_its_truncation() {
+    use pivgate_vcard::AidMatch;
+    let profile = Profile::generate(&ProfileOptions::default()).unwrap();
+    for (matching, apdus) in [(AidMatch::Prefix, 1), (AidMatch::TruncatedOnly, 1), (AidMatch::FullOnly, 2)] {
+        let mut card = profile.card();
+        card.set_aid_match(matching);
+        let mut piv = PivClient::new(&mut card);
+        piv.select().unwrap_or_else(|e| panic!("{matching:?}: {e}"));
+        assert_eq!(piv.read_chuid().unwrap(), profile.chuid, "{matching:?}");
+        drop(piv);
+        // The CHUID read is one APDU (the card answers it whole).
+        assert_eq!(card.apdu_count(), apdus + 1, "{matching:?}: SELECT cost more than it must");
+    }
+    // And the card itself refuses what it does not match.
+    let mut full_only = profile.card();
+    full_only.set_aid_match(AidMatch::FullOnly);
+    assert_eq!(full_only.process(&[0x00, 0xA4, 0x04, 0x00, 0x09, 0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0x00]).response, vec![0x6A, 0x82]);
+    let mut truncated_only = profile.card();
+    truncated_only.set_aid_match(AidMatch::TruncatedOnly);
+    let whole = [0x00, 0xA4, 0x04, 0x00, 0x0B, 0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00];
+    assert_eq!(truncated_only.process(&whole).response, vec![0x6A, 0x82]);
 }
