@@ -233,8 +233,8 @@ pub struct Outcome {
     pub result: TapResult,
     /// The card, once read.
     pub card: Option<[u8; 16]>,
-    /// Whether the card confirmed its PIN state reset (else the shell
-    /// resets the card).
+    /// Whether the card's PIN state is known clear: nothing was verified,
+    /// or the card confirmed the reset (else the shell resets the card).
     pub pin_reset: bool,
 }
 
@@ -265,20 +265,27 @@ enum PinRead {
 impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<'_, T, G, C, S> {
     /// The whole tap. The PIN state is reset at the end whatever happened,
     /// so the next person gets no verified PIN.
+    ///
+    /// A tap whose challenge never asked for the PIN (card only, a denial
+    /// at begin, a gateway out of reach) sent no VERIFY, so there is nothing
+    /// to clear and no reset is sent: a known card-only tap is three APDUs
+    /// (SELECT, CHUID, GENERAL AUTHENTICATE).
     pub async fn run(&mut self, piv: &mut PivClient<T>) -> Outcome {
-        let mut card = None;
-        let result = match self.steps(piv, &mut card).await {
+        let (mut card, mut pin_asked) = (None, false);
+        let result = match self.steps(piv, &mut card, &mut pin_asked).await {
             Ok(grant) => TapResult::Granted(grant),
             Err(r) => r,
         };
-        let pin_reset = piv.reset_pin_state().unwrap_or(false);
+        let pin_reset = !pin_asked || piv.reset_pin_state().unwrap_or(false);
         Outcome { result, card, pin_reset }
     }
 
-    async fn steps(&mut self, piv: &mut PivClient<T>, card: &mut Option<[u8; 16]>) -> Step<Grant> {
+    async fn steps(&mut self, piv: &mut PivClient<T>, card: &mut Option<[u8; 16]>, pin_asked: &mut bool) -> Step<Grant> {
         let chuid = self.identify(piv)?;
         *card = Some(chuid.guid);
         let challenge = self.begin(piv, &chuid).await?;
+        // From here the card may hold a verified PIN: it is reset at the end.
+        *pin_asked = challenge.pin_required;
         let signature = self.sign(piv, &chuid, &challenge)?;
         match self.complete(&challenge, signature).await? {
             Completed::Granted(g) => Ok(g),

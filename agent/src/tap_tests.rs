@@ -429,6 +429,27 @@ fn the_certificate_is_sent_once_when_asked() {
 }
 
 #[test]
+fn a_known_card_costs_six_apdus_with_the_pin_and_three_without() {
+    // SELECT, CHUID, VERIFY (status), VERIFY, GENERAL AUTHENTICATE, VERIFY
+    // (reset).
+    let r = run(Setup::new(Plan::Grant, vec![Act::Keys("123456#")]));
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)));
+    assert_eq!(r.card.apdu_count(), 6);
+    // SELECT, CHUID, GENERAL AUTHENTICATE: no VERIFY was sent, none is
+    // reset.
+    let r = run(Setup { requested: Some(Mechanism::CardOnly), ..Setup::new(Plan::Grant, vec![]) });
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)));
+    assert_eq!(r.card.apdu_count(), 3);
+    assert!(r.outcome.pin_reset && !r.card.pin_verified());
+    // A card the gateway does not know yet: its 9A certificate too (one
+    // GET DATA and the GET RESPONSE rounds of a ~600-byte certificate).
+    let r = run(Setup { want_certificate: Some(Slot::Authentication), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) });
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)));
+    let cert = profile().certificates[&Slot::Authentication].len() + 8;
+    assert_eq!(r.card.apdu_count(), 6 + cert.div_ceil(256), "a {cert}-byte certificate container");
+}
+
+#[test]
 fn card_only_signs_with_9e_and_no_pin() {
     let r = run(Setup { requested: Some(Mechanism::CardOnly), ..Setup::new(Plan::Grant, vec![]) });
     assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
