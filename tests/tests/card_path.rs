@@ -247,3 +247,35 @@ fn cards_that_take_only_the_whole_aid_or_only_its_truncation_sign_through_pcscd(
     }
     Ok(())
 }
+
+/// Compatibility: extended length is used only when both ends say so.
+/// A card whose ATR announces it, in a reader that does not (vpcd answers
+/// no SCARD_ATTR_MAXINPUT, like many readers), gets an RSA-2048
+/// signature's 266-byte command as two chained short APDUs, as a card
+/// without the announcement does, and signs. (The extended path itself is
+/// tested in process: `extended_length_where_card_and_reader_take_it`.)
+#[test]
+fn rsa_signatures_are_chained_unless_card_and_reader_both_take_extended_length() -> Result<()> {
+    let r = reader()?;
+    let profile = Profile::generate(&ProfileOptions { algorithm: Algorithm::Rsa2048, ..Default::default() })?;
+    for extended in [false, true] {
+        let mut virtual_card = profile.card();
+        virtual_card.set_extended_length(extended);
+        let inserted = vpcd::insert(virtual_card, r.addr)?;
+        let mut card = connect_card(&r.name)?;
+        let digest = digest_for(Algorithm::Rsa2048, b"challenge from the gateway");
+        {
+            let tx = card.transaction()?;
+            assert!(!pivgate_hw::Transport::supports_extended(&tx), "vpcd now announces extended length: test that path here");
+            let mut piv = PivClient::new(tx);
+            piv.select()?;
+            let sig = piv.sign(Slot::CardAuthentication, Algorithm::Rsa2048, &digest)?;
+            verify_signature(&profile.certificates[&Slot::CardAuthentication], &digest, &sig)?;
+        }
+        card.disconnect(false)?;
+        let seen = inserted.remove();
+        assert_eq!(seen.commands_seen(0x87), 2, "extended length announced by the card: {extended}");
+        pivgate_hw::pcsc::wait_for_card(&pivgate_hw::pcsc::establish()?, &r.name, false, T)?;
+    }
+    Ok(())
+}

@@ -24,6 +24,11 @@ use super::{Fault, Latency};
 /// PIV card with no vendor quirks.
 pub const ATR: [u8; 16] = [0x3B, 0x8B, 0x80, 0x01, 0x80, 0xF9, 0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0xC8];
 
+/// The ATR of a virtual card that takes extended-length APDUs: [`ATR`]
+/// with card capabilities (compact-TLV 73: command chaining and extended
+/// Lc/Le, ISO/IEC 7816-4 §12.1.1.9) in its historical bytes.
+pub const ATR_EXTENDED: [u8; 20] = [0x3B, 0x8F, 0x80, 0x01, 0x80, 0xF9, 0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0x73, 0x00, 0x00, 0xC0, 0x7F];
+
 /// Retry counter for PIN and PUK after personalisation.
 pub const DEFAULT_TRIES: u8 = 3;
 
@@ -240,6 +245,7 @@ pub struct VirtualCard {
     chain: Option<([u8; 4], Vec<u8>)>,
     latency: Latency,
     aid_match: AidMatch,
+    extended_atr: bool,
     faults: Vec<Fault>,
     rng: Box<dyn CryptoRngCore + Send>,
     apdus: usize,
@@ -266,6 +272,7 @@ impl VirtualCard {
             chain: None,
             latency: Latency::default(),
             aid_match: AidMatch::default(),
+            extended_atr: false,
             faults: Vec::new(),
             rng: Box::new(OsRng),
             apdus: 0,
@@ -331,7 +338,17 @@ impl VirtualCard {
 
     /// The ATR.
     pub fn atr(&self) -> &'static [u8] {
-        &ATR
+        if self.extended_atr {
+            &ATR_EXTENDED
+        } else {
+            &ATR
+        }
+    }
+
+    /// Announces extended-length APDUs in the ATR ([`ATR_EXTENDED`]), as
+    /// cards that take them do; the card parses both forms either way.
+    pub fn set_extended_length(&mut self, announce: bool) {
+        self.extended_atr = announce;
     }
 
     /// Power-up or warm reset: volatile state goes, counters stay. PIV is
@@ -787,6 +804,13 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_extended_atr_says_so_and_checks_out() {
+        assert_eq!(ATR_EXTENDED[1..].iter().fold(0, |a, b| a ^ b), 0);
+        assert!(pivgate_hw::pcsc::atr_supports_extended(&ATR_EXTENDED));
+        assert!(!pivgate_hw::pcsc::atr_supports_extended(&ATR));
+    }
 
     #[test]
     fn atr_checksum_is_valid() {

@@ -26,7 +26,7 @@ pub mod vpcd;
 
 use std::time::Duration;
 
-pub use card::{AidMatch, Answer, CardContents, VirtualCard, ATR};
+pub use card::{AidMatch, Answer, CardContents, VirtualCard, ATR, ATR_EXTENDED};
 pub use error::{Error, Result};
 pub use keys::{CardKey, ManagementKey, DEFAULT_MANAGEMENT_KEY};
 pub use profile::{IssuingCa, Profile, ProfileOptions, Validity};
