@@ -481,3 +481,15 @@ fn a_challenge_for_another_terminal_is_refused_before_the_pin() {
     assert_eq!(verifies(&r.card), 1, "only the reset's VERIFY");
     assert_eq!(r.card.commands_seen(Ins::GeneralAuthenticate.code()), 0);
 }
+
+#[test]
+fn a_card_that_cannot_reset_its_pin_state_is_left_to_the_shell_to_reset() {
+    // Cards made to SP 800-73-3 refuse VERIFY P1=FF; the flow says so and
+    // the terminal shell resets the card.
+    let mut card = profile().card();
+    card.set_verify_reset(false);
+    let r = run(Setup { card: Some(card), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) });
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
+    assert!(!r.outcome.pin_reset);
+    assert!(r.card.pin_verified(), "the in-process card is not reset by the flow itself");
+}

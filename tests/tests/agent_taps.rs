@@ -233,3 +233,31 @@ async fn a_card_pulled_in_the_middle_of_a_tap_unlocks_nothing_and_the_next_tap_w
     inserted.remove();
     agent.stop().await
 }
+
+/// Compatibility: a card that refuses VERIFY P1=FF (SP 800-73-3) has its
+/// PIN state cleared by a card reset when the agent ends its transaction;
+/// a card that takes it is not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_without_the_pin_reset_command_is_reset_after_the_tap() -> Result<()> {
+    let r = reader()?;
+    let site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &[], Algorithm::EccP256).await?;
+    let agent = start_agent(&site, "pi-1", &[TerminalSpec { id: "t1", reader: &r.name, keypad: true }]).await?;
+    let mut seen = 0;
+    for supported in [true, false] {
+        let mut card = profile.card();
+        card.set_verify_reset(supported);
+        let inserted = vpcd::insert(card, r.addr)?;
+        seen = agent.wait_pattern("t1", Pattern::EnterPin, seen, T).await?;
+        agent.type_keys("t1", "123456#");
+        assert_granted(agent.next_result("t1", T).await?, "op-1");
+        // The transaction is ended (and the card reset if need be) before
+        // the result is reported; give pcscd a moment to pass it on.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let card = inserted.remove();
+        assert_eq!(card.warm_resets(), if supported { 0 } else { 1 }, "VERIFY reset supported: {supported}");
+        assert!(!card.pin_verified());
+        pivgate_hw::pcsc::wait_for_card(&pivgate_hw::pcsc::establish()?, &r.name, false, T)?;
+    }
+    agent.stop().await
+}

@@ -246,6 +246,8 @@ pub struct VirtualCard {
     latency: Latency,
     aid_match: AidMatch,
     extended_atr: bool,
+    verify_reset: bool,
+    warm_resets: u32,
     faults: Vec<Fault>,
     rng: Box<dyn CryptoRngCore + Send>,
     apdus: usize,
@@ -273,6 +275,8 @@ impl VirtualCard {
             latency: Latency::default(),
             aid_match: AidMatch::default(),
             extended_atr: false,
+            verify_reset: true,
+            warm_resets: 0,
             faults: Vec::new(),
             rng: Box::new(OsRng),
             apdus: 0,
@@ -343,6 +347,26 @@ impl VirtualCard {
         } else {
             &ATR
         }
+    }
+
+    /// Whether VERIFY with P1 FF resets the PIN's security status
+    /// (SP 800-73-4); cards made to SP 800-73-3 refuse it with 6A86, and
+    /// only a card reset clears their PIN.
+    pub fn set_verify_reset(&mut self, supported: bool) {
+        self.verify_reset = supported;
+    }
+
+    /// A warm reset from the reader (an application ending its
+    /// transaction with SCARD_RESET_CARD): the card's state is cleared as
+    /// at power-on, and counted.
+    pub fn warm_reset(&mut self) {
+        self.warm_resets += 1;
+        self.reset();
+    }
+
+    /// How many warm resets the reader asked for.
+    pub fn warm_resets(&self) -> u32 {
+        self.warm_resets
     }
 
     /// Announces extended-length APDUs in the ATR ([`ATR_EXTENDED`]), as
@@ -491,6 +515,7 @@ impl VirtualCard {
             Cmd::PutData { tag, contents } => (self.put_data(tag, contents), z),
             Cmd::VerifyStatus => (self.verify_status(), z),
             Cmd::Verify { pin } => (self.verify(pin), self.latency.per_verify),
+            Cmd::VerifyReset if !self.verify_reset => (Err(StatusWord::INCORRECT_P1P2), z),
             Cmd::VerifyReset => {
                 self.pin_verified = false;
                 (Ok(vec![]), z)

@@ -95,8 +95,12 @@ pub fn serve_with_stats(card: &mut VirtualCard, mut stream: TcpStream, removed: 
         let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
         let reply: Vec<u8> = match &buf[..n] {
             [] => continue,
-            [0] | [1] | [2] => {
+            [0] | [1] => {
                 card.reset();
+                continue;
+            }
+            [2] => {
+                card.warm_reset();
                 continue;
             }
             [4] => card.atr().to_vec(),
