@@ -530,6 +530,36 @@ impl PowerCut {
         self.attach()
     }
 
+    /// The connection is aborted and the model mounted again, keeping
+    /// everything written (not a power cut): a process held in a request
+    /// that will never be answered dies then.
+    pub fn remount(&mut self) -> Result<()> {
+        self.thaw();
+        self.detach();
+        self.attach()
+    }
+
+    /// Reaps `child`, sent SIGKILL while this disk held one of its changes
+    /// (and released since). A killed process dies only once each of its
+    /// filesystem requests is answered; one that has not died within 5 s
+    /// has a request the model never took up, so the connection is aborted
+    /// and mounted again ([`PowerCut::remount`]), and the process dies then.
+    /// Seen once in some thousand stops: the gateway's threads waiting in
+    /// `request_wait_answer` with the model's worker idle.
+    pub fn reap(&mut self, child: &mut std::process::Child) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                eprintln!("the killed process is still held by the filesystem after 5 s: aborting the connection");
+                self.remount()?;
+                child.wait()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Unmounts (lazily) without waiting for the session to end: a mount
     /// namespace made while the model was mounted (the rig's pcscd
     /// restarts under `unshare -m`) holds a copy of the mount, which keeps

@@ -145,6 +145,15 @@ impl GatewayProcess {
         }
     }
 
+    /// Reaps a gateway sent SIGKILL while `disk` held one of its changes
+    /// (see [`crate::powercut::PowerCut::reap`]).
+    pub fn reap_held(&mut self, disk: &mut crate::powercut::PowerCut) -> Result<()> {
+        match self.child.take() {
+            Some(mut c) => disk.reap(&mut c),
+            None => Ok(()),
+        }
+    }
+
     /// SIGKILL, no warning.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -236,7 +236,7 @@ async fn a_restore_interrupted_at_any_step_leaves_no_half_made_folder() -> Resul
         };
         let _ = child.kill();
         disk.release();
-        let _ = child.wait();
+        disk.reap(&mut child)?;
         if cut {
             disk.cut()?;
         } else {

@@ -56,7 +56,7 @@ async fn a_kill_or_power_cut_at_any_step_of_the_first_start_never_leaves_a_half_
         }
         gw.send_kill();
         disk.release();
-        gw.kill();
+        gw.reap_held(&mut disk)?;
         let how = if i % 2 == 0 { "killed" } else { "power cut" };
         if i % 2 == 0 {
             disk.thaw();

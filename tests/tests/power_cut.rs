@@ -174,7 +174,7 @@ async fn a_kill_or_power_cut_at_any_step_of_a_restart_loses_nothing() -> Result<
         let stopped = gw.stopped_or_ready(&disk).with_context(|| format!("a restart, change {n}"))?;
         gw.send_kill();
         disk.release();
-        gw.kill();
+        gw.reap_held(&mut disk)?;
         if !stopped {
             disk.thaw();
             continue;
