@@ -95,16 +95,6 @@ impl Link {
         }))
     }
 
-    /// This agent's name (from its certificate).
-    pub fn name(&self) -> &str {
-        &self.calls.name
-    }
-
-    /// How far a challenge's time may be from this agent's clock.
-    pub fn max_clock_skew(&self) -> Duration {
-        self.calls.max_clock_skew
-    }
-
     /// Whether the presence stream is up.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
