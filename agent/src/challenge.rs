@@ -24,8 +24,13 @@ pub struct Expected<'a> {
     pub agent: &'a str,
     /// This terminal.
     pub terminal: &'a str,
-    /// The card in the reader (CHUID GUID).
-    pub card_uuid: [u8; 16],
+    /// The ids the card in the reader goes by: its CHUID GUID, the id the
+    /// gateway bound its last granted challenge to.
+    pub cards: &'a [[u8; 16]],
+    /// SHA-256 of the certificate read from the card during this tap: a
+    /// message naming it is for this card whatever id it gives (a card
+    /// without a CHUID, met for the first time).
+    pub certificate_sha256: Option<[u8; 32]>,
     /// Now, on this agent's clock.
     pub now: SystemTime,
     /// How far the gateway's time may differ from ours.
@@ -63,10 +68,18 @@ pub enum Refused {
     Unsupported,
 }
 
+/// What the card may sign, once the message checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToSign {
+    /// The digest the card signs: SHA-384 for P-384, else SHA-256.
+    pub digest: Vec<u8>,
+    /// The card id the message names (the gateway's name for this card).
+    pub card: [u8; 16],
+}
+
 /// Checks `message` against `expected` for a signature by `slot` with
-/// `alg`, and returns the digest the card signs: SHA-384 for P-384, else
-/// SHA-256.
-pub fn digest_to_sign(message: &[u8], slot: Slot, alg: Algorithm, expected: &Expected<'_>) -> Result<Vec<u8>, Refused> {
+/// `alg`, and returns the digest the card signs.
+pub fn digest_to_sign(message: &[u8], slot: Slot, alg: Algorithm, expected: &Expected<'_>) -> Result<ToSign, Refused> {
     let m = card_message::parse(message).map_err(Refused::Message)?;
     if m.agent != expected.agent {
         return Err(Refused::OtherAgent(m.agent.chars().take(64).collect()));
@@ -74,7 +87,7 @@ pub fn digest_to_sign(message: &[u8], slot: Slot, alg: Algorithm, expected: &Exp
     if m.terminal != expected.terminal {
         return Err(Refused::OtherTerminal(m.terminal.chars().take(64).collect()));
     }
-    if m.card_uuid != expected.card_uuid {
+    if !expected.cards.contains(&m.card_uuid) && expected.certificate_sha256 != Some(m.certificate_sha256) {
         return Err(Refused::OtherCard);
     }
     let mechanism = match slot {
@@ -93,11 +106,12 @@ pub fn digest_to_sign(message: &[u8], slot: Slot, alg: Algorithm, expected: &Exp
     if skew.unsigned_abs() > expected.max_skew.as_millis() as u64 {
         return Err(Refused::ClockSkew(skew / 1000));
     }
-    Ok(match alg {
+    let digest = match alg {
         Algorithm::EccP384 => sha2::Sha384::digest(message).to_vec(),
         Algorithm::EccP256 | Algorithm::Rsa2048 => sha2::Sha256::digest(message).to_vec(),
         _ => return Err(Refused::Unsupported),
-    })
+    };
+    Ok(ToSign { digest, card: m.card_uuid })
 }
 
 #[cfg(test)]
@@ -125,7 +139,8 @@ mod tests {
         Expected {
             agent: "pi-1",
             terminal: "dispatch-01",
-            card_uuid: [4; 16],
+            cards: &[[4; 16]],
+            certificate_sha256: None,
             now: SystemTime::UNIX_EPOCH + Duration::from_millis(NOW_MS as u64 + 1500),
             max_skew: Duration::from_secs(60),
         }
@@ -135,11 +150,23 @@ mod tests {
     fn a_message_for_this_tap_is_hashed_for_the_card() {
         let m = message().encode();
         let d = digest_to_sign(&m, Slot::Authentication, Algorithm::EccP256, &expected()).unwrap();
-        assert_eq!(d, sha2::Sha256::digest(&m).to_vec());
+        assert_eq!(d, ToSign { digest: sha2::Sha256::digest(&m).to_vec(), card: [4; 16] });
         let d = digest_to_sign(&m, Slot::Authentication, Algorithm::EccP384, &expected()).unwrap();
-        assert_eq!(d, sha2::Sha384::digest(&m).to_vec());
+        assert_eq!(d.digest, sha2::Sha384::digest(&m).to_vec());
         let card_only = CardMessage { mechanism: MECHANISM_CARD_ONLY, ..message() }.encode();
         assert!(digest_to_sign(&card_only, Slot::CardAuthentication, Algorithm::EccP256, &expected()).is_ok());
+    }
+
+    #[test]
+    fn a_card_met_for_the_first_time_is_known_by_the_certificate_read() {
+        // An enrolled-key card without a CHUID: the gateway names it by an
+        // id the agent has never seen, and the certificate the agent just
+        // read from it.
+        let read = Expected { cards: &[], certificate_sha256: Some([5; 32]), ..expected() };
+        let m = CardMessage { card_uuid: [8; 16], ..message() }.encode();
+        assert_eq!(digest_to_sign(&m, Slot::Authentication, Algorithm::EccP256, &read).map(|t| t.card), Ok([8; 16]));
+        let other = CardMessage { card_uuid: [8; 16], certificate_sha256: [6; 32], ..message() }.encode();
+        assert_eq!(digest_to_sign(&other, Slot::Authentication, Algorithm::EccP256, &read), Err(Refused::OtherCard));
     }
 
     #[test]
@@ -151,6 +178,10 @@ mod tests {
         assert_eq!(sign(&CardMessage { agent: "pi-2", ..message() }.encode(), Slot::Authentication), Err(Refused::OtherAgent("pi-2".into())));
         assert_eq!(sign(&CardMessage { terminal: "t2", ..message() }.encode(), Slot::Authentication), Err(Refused::OtherTerminal("t2".into())));
         assert_eq!(sign(&CardMessage { card_uuid: [9; 16], ..message() }.encode(), Slot::Authentication), Err(Refused::OtherCard));
+        // A card the agent has not met and whose certificate it did not read
+        // this tap (no CHUID): nothing the message names is this card's.
+        let unknown = Expected { cards: &[], ..expected() };
+        assert_eq!(digest_to_sign(&message().encode(), Slot::Authentication, Algorithm::EccP256, &unknown), Err(Refused::OtherCard));
         // A card-only message offered for the PIN key, and the reverse.
         assert_eq!(sign(&CardMessage { mechanism: MECHANISM_CARD_ONLY, ..message() }.encode(), Slot::Authentication), Err(Refused::WrongMechanism));
         assert_eq!(sign(&message().encode(), Slot::CardAuthentication), Err(Refused::WrongMechanism));

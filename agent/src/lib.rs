@@ -25,6 +25,7 @@ pub mod challenge;
 pub mod config;
 pub mod keys;
 pub mod link;
+pub mod memory;
 pub mod tap;
 pub mod terminal;
 
@@ -128,6 +129,9 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
     let link = link::Link::new(&config.gateway, &ids)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let presence = tokio::spawn(link.clone().presence_loop(stop_rx));
+    // One memory of cards for all terminals: a card met at one is known at
+    // the next.
+    let memory = Arc::new(memory::CardMemory::new());
     let rules = EntryRules { idle_timeout: Duration::from_secs(config.pin.idle_timeout_s), total_timeout: Duration::from_secs(config.pin.total_timeout_s) };
 
     // One worker per terminal.
@@ -145,6 +149,7 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
         let (tx, rx) = mpsc::channel();
         let on_result = io.on_result.clone();
         let worker = Worker {
+            memory: memory.clone(),
             terminal: t.id.clone(),
             card_only: t.card_only || matches!(t.keypad, config::KeypadConfig::None),
             link: link.clone(),

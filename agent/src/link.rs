@@ -301,7 +301,7 @@ impl Gateway for Calls {
     async fn begin(&mut self, req: BeginRequest) -> Result<Begun, GatewayError> {
         let req = pb::BeginAuthenticationRequest {
             terminal_id: req.terminal,
-            card_uuid: req.card_uuid.to_vec(),
+            card_uuid: req.card_uuid.map(|u| u.to_vec()).unwrap_or_default(),
             fascn: req.fascn.map(|f| f.0.to_vec()).unwrap_or_default(),
             certificate: req.certificate.unwrap_or_default(),
             requested_mechanism: req.requested.map(|m| m as i32).unwrap_or_default(),

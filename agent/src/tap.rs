@@ -2,7 +2,8 @@
 //! worker, the scenario tests, the demo and the benchmarks.
 //!
 //! ```text
-//! identify ─ SELECT, CHUID
+//! identify ─ SELECT, CHUID (or GET SERIAL for a card without one; a card
+//!            met before by its serial alone)
 //! begin    ─ BeginAuthentication; the certificate once, when asked
 //! sign     ─ the message checked (challenge::digest_to_sign) before the
 //!            PIN is even asked for; PIN with tries, last-try warning, no
@@ -29,10 +30,12 @@ use std::time::{Duration, Instant};
 use pivgate_hw::indicator::Pattern;
 use pivgate_hw::keypad::entry::{EntryRules, PinEntry, Progress};
 use pivgate_hw::piv::{Algorithm, Chuid, Fascn, PinStatus, PivClient, Slot};
+use sha2::Digest;
 use pivgate_hw::{Clock, Pin, Transport};
 
 use crate::challenge::{self, Expected, Refused};
 use crate::keys::KeySource;
+use crate::memory::{CardMemory, Handle, Memo, TRIES_FULL};
 
 /// The contract's words for a denial and a mechanism: plain enums of the
 /// gRPC contract, not messages.
@@ -43,8 +46,9 @@ pub use pivgate_proto::v1::{DenyReason, Mechanism};
 pub struct BeginRequest {
     /// The terminal.
     pub terminal: String,
-    /// The card (CHUID GUID).
-    pub card_uuid: [u8; 16],
+    /// The card as the agent knows it (the id it learned, else the CHUID
+    /// GUID); `None` for a card without a CHUID the agent has not met.
+    pub card_uuid: Option<[u8; 16]>,
     /// The CHUID's FASC-N, when the card has one.
     pub fascn: Option<Fascn>,
     /// The certificate, when the gateway asked for it.
@@ -241,6 +245,32 @@ pub struct Outcome {
 /// Each step gives its value or ends the tap with a result.
 pub type Step<T> = Result<T, TapResult>;
 
+/// The card in the reader, as this tap knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identified {
+    /// Its CHUID, when it has one (a new YubiKey has none).
+    pub chuid: Option<Chuid>,
+    /// Its serial number, when it answered GET SERIAL.
+    pub serial: Option<u32>,
+    /// What the agent remembers it by.
+    pub handle: Option<Handle>,
+    /// What the agent remembered about it.
+    pub memo: Option<Memo>,
+    /// SHA-256 of the certificate read from it during this tap.
+    pub certificate_sha256: Option<[u8; 32]>,
+}
+
+impl Identified {
+    /// The id the gateway is told: the one learned, else the CHUID GUID.
+    pub fn hint(&self) -> Option<[u8; 16]> {
+        self.memo.map(|m| m.id).or(self.chuid.as_ref().map(|c| c.guid))
+    }
+
+    fn known_ids(&self) -> Vec<[u8; 16]> {
+        self.memo.map(|m| m.id).into_iter().chain(self.chuid.as_ref().map(|c| c.guid)).collect()
+    }
+}
+
 /// One badge tap at one terminal.
 pub struct Tap<'a, T, G, C: ?Sized, S: ?Sized> {
     /// The terminal.
@@ -255,6 +285,8 @@ pub struct Tap<'a, T, G, C: ?Sized, S: ?Sized> {
     pub around: &'a mut S,
     /// Time.
     pub clock: &'a C,
+    /// What the agent remembers about cards.
+    pub memory: &'a CardMemory,
 }
 
 enum PinRead {
@@ -281,37 +313,96 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
     }
 
     async fn steps(&mut self, piv: &mut PivClient<T>, card: &mut Option<[u8; 16]>, pin_asked: &mut bool) -> Step<Grant> {
-        let chuid = self.identify(piv)?;
-        *card = Some(chuid.guid);
-        let challenge = self.begin(piv, &chuid).await?;
+        let mut id = self.identify(piv)?;
+        *card = id.hint();
+        let challenge = self.begin(piv, &mut id).await?;
         // From here the card may hold a verified PIN: it is reset at the end.
         *pin_asked = challenge.pin_required;
-        let signature = self.sign(piv, &chuid, &challenge)?;
+        let (signature, named) = self.sign_for(piv, &id, &challenge)?;
+        *card = Some(named);
+        let tries = challenge.pin_required.then_some(TRIES_FULL);
         match self.complete(&challenge, signature).await? {
-            Completed::Granted(g) => Ok(g),
-            Completed::Denied(d) => Err(TapResult::Denied(d)),
+            Completed::Granted(g) => {
+                // The id the gateway bound the grant to is the card's from
+                // now on (for an enrolled-key card: not its CHUID GUID).
+                if let Some(h) = id.handle {
+                    self.memory.remember(h, named, tries);
+                }
+                Ok(g)
+            }
+            Completed::Denied(d) => {
+                self.forget(&id);
+                Err(TapResult::Denied(d))
+            }
         }
     }
 
-    /// SELECT and CHUID.
-    pub fn identify(&mut self, piv: &mut PivClient<T>) -> Step<Chuid> {
+    fn forget(&self, id: &Identified) {
+        if let (Some(h), Some(_)) = (id.handle, id.memo) {
+            self.memory.forget(h);
+        }
+    }
+
+    /// SELECT, then the card's CHUID, or for a card without one its serial
+    /// number (GET SERIAL, the YubiKey extension). Cards of a kind (ATR)
+    /// that had no CHUID are asked for their serial first, and a serial the
+    /// agent remembers spares the CHUID: a known card costs one APDU here
+    /// either way.
+    pub fn identify(&mut self, piv: &mut PivClient<T>) -> Step<Identified> {
         self.around.show(Pattern::Working);
         piv.select()?;
-        let chuid = piv.read_chuid()?;
-        self.around.identified(chuid.guid);
-        Ok(chuid)
+        let atr = piv.transport().atr().map(<[u8]>::to_vec);
+        let mut id = Identified::default();
+        let serial_first = self.memory.serial_first(atr.as_deref());
+        if serial_first {
+            id.serial = serial(piv)?;
+            id.memo = id.serial.and_then(|s| self.memory.card(Handle::Serial(s)));
+        }
+        if id.memo.is_none() {
+            id.chuid = match piv.read_chuid() {
+                Ok(c) => Some(c),
+                Err(pivgate_hw::Error::ObjectNotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if id.chuid.is_none() && !serial_first {
+                id.serial = serial(piv)?;
+                if id.serial.is_some() {
+                    self.memory.learn_serial_first(atr.as_deref());
+                }
+            }
+        }
+        id.handle = id.serial.map(Handle::Serial).or(id.chuid.as_ref().map(|c| Handle::Guid(c.guid)));
+        if id.memo.is_none() {
+            id.memo = id.handle.and_then(|h| self.memory.card(h));
+        }
+        if let Some(card) = id.hint() {
+            self.around.identified(card);
+        }
+        Ok(id)
     }
 
     /// BeginAuthentication, sending the certificate of the slot the gateway
     /// names, once.
-    pub async fn begin(&mut self, piv: &mut PivClient<T>, chuid: &Chuid) -> Step<Challenge> {
-        let mut req =
-            BeginRequest { terminal: self.terminal.to_string(), card_uuid: chuid.guid, fascn: chuid.fascn, certificate: None, requested: self.requested };
+    pub async fn begin(&mut self, piv: &mut PivClient<T>, id: &mut Identified) -> Step<Challenge> {
+        let mut req = BeginRequest {
+            terminal: self.terminal.to_string(),
+            card_uuid: id.hint(),
+            fascn: id.chuid.as_ref().and_then(|c| c.fascn),
+            certificate: None,
+            requested: self.requested,
+        };
         loop {
             match self.gateway.begin(req.clone()).await? {
                 Begun::Challenge(c) => return Ok(c),
-                Begun::Denied(d) => return Err(TapResult::Denied(d)),
-                Begun::CertificateNeeded(slot) if req.certificate.is_none() => req.certificate = Some(piv.read_certificate(slot)?),
+                Begun::Denied(d) => {
+                    self.forget(id);
+                    return Err(TapResult::Denied(d));
+                }
+                Begun::CertificateNeeded(slot) if req.certificate.is_none() => {
+                    let der = piv.read_certificate(slot)?;
+                    id.certificate_sha256 = Some(sha2::Sha256::digest(&der).into());
+                    req.certificate = Some(der);
+                }
                 Begun::CertificateNeeded(_) => return Err(GatewayError::Malformed("the certificate was asked for twice".into()).into()),
             }
         }
@@ -319,17 +410,24 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
 
     /// Checks the challenge is this tap's, gets the PIN to the card when the
     /// challenge needs it, and has the card sign.
-    pub fn sign(&mut self, piv: &mut PivClient<T>, chuid: &Chuid, challenge: &Challenge) -> Step<Vec<u8>> {
+    pub fn sign(&mut self, piv: &mut PivClient<T>, id: &Identified, challenge: &Challenge) -> Step<Vec<u8>> {
+        self.sign_for(piv, id, challenge).map(|(s, _)| s)
+    }
+
+    /// [`Tap::sign`], also returning the card id the message names.
+    fn sign_for(&mut self, piv: &mut PivClient<T>, id: &Identified, challenge: &Challenge) -> Step<(Vec<u8>, [u8; 16])> {
         // The card signs only a pivgate message for this very tap; checked
         // before the PIN is even asked for.
+        let known = id.known_ids();
         let expected = Expected {
             agent: self.gateway.agent_name(),
             terminal: self.terminal,
-            card_uuid: chuid.guid,
+            cards: &known,
+            certificate_sha256: id.certificate_sha256,
             now: self.clock.wall(),
             max_skew: self.gateway.max_clock_skew(),
         };
-        let digest = match challenge::digest_to_sign(&challenge.message, challenge.slot, challenge.algorithm, &expected) {
+        let to_sign = match challenge::digest_to_sign(&challenge.message, challenge.slot, challenge.algorithm, &expected) {
             Ok(d) => d,
             Err(why) => {
                 tracing::error!(terminal = %self.terminal, reason = %why, "the gateway asked the card to sign something that is not this tap's challenge; refused");
@@ -340,11 +438,24 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
             tracing::error!(terminal = %self.terminal, "the challenge's PIN requirement does not match its key slot; refused");
             return Err(TapResult::Refused(Refused::PinRequirement));
         }
+        if id.memo.map(|m| m.id) != Some(to_sign.card) {
+            self.around.identified(to_sign.card);
+        }
         if challenge.pin_required {
-            self.verify_pin(piv, self.clock.now() + challenge.expires_in)?;
+            let remembered = id.memo.and_then(|m| m.pin_tries);
+            let verified = self.verify_pin(piv, remembered, self.clock.now() + challenge.expires_in);
+            if let Some(h) = id.handle {
+                match &verified {
+                    Ok(()) => self.memory.pin_tries(h, TRIES_FULL),
+                    Err(TapResult::WrongPin { tries }) => self.memory.pin_tries(h, *tries),
+                    Err(TapResult::PinBlocked) => self.memory.pin_tries(h, 0),
+                    Err(_) => {}
+                }
+            }
+            verified?;
         }
         self.around.show(Pattern::Working);
-        Ok(piv.sign(challenge.slot, challenge.algorithm, &digest)?)
+        Ok((piv.sign(challenge.slot, challenge.algorithm, &to_sign.digest)?, to_sign.card))
     }
 
     /// CompleteAuthentication.
@@ -354,14 +465,25 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
 
     /// Gets the PIN to the card before `expires`: asks again after a wrong
     /// PIN, warns before the last try, never sends VERIFY to a blocked card.
-    fn verify_pin(&mut self, piv: &mut PivClient<T>, expires: Instant) -> Step<()> {
+    ///
+    /// The tries are asked of the card (an empty VERIFY) unless known: from
+    /// a wrong PIN just now, or remembered from this card's last tap at
+    /// this agent when at least two were left. A card whose PIN was tried
+    /// wrongly elsewhere since may then block on a wrong PIN without the
+    /// last-try warning; the card still counts, so nothing is lost but the
+    /// warning.
+    fn verify_pin(&mut self, piv: &mut PivClient<T>, remembered: Option<u8>, expires: Instant) -> Step<()> {
         let mut last_wrong = None;
+        let mut known = remembered.filter(|t| *t >= 2);
         let gave_up = |last_wrong: Option<u8>| last_wrong.map(|tries| TapResult::WrongPin { tries }).unwrap_or(TapResult::NoPin);
         loop {
-            let tries = match piv.pin_status()? {
-                PinStatus::Verified => return Ok(()),
-                PinStatus::Blocked => return Err(TapResult::PinBlocked),
-                PinStatus::TriesLeft(n) => n,
+            let tries = match known.take() {
+                Some(n) => n,
+                None => match piv.pin_status()? {
+                    PinStatus::Verified => return Ok(()),
+                    PinStatus::Blocked => return Err(TapResult::PinBlocked),
+                    PinStatus::TriesLeft(n) => n,
+                },
             };
             if self.clock.now() >= expires {
                 return Err(gave_up(last_wrong));
@@ -390,6 +512,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
                     tracing::info!(terminal = %self.terminal, tries_left = tries, "wrong PIN");
                     self.around.show(Pattern::Denied);
                     last_wrong = Some(tries);
+                    known = Some(tries);
                 }
                 Err(pivgate_hw::Error::PinPadEntry(_)) => return Err(TapResult::NoPin),
                 Err(e) => return Err(e.into()),
@@ -425,6 +548,16 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
                 }
             }
         }
+    }
+}
+
+/// GET SERIAL, as a hint: a card that fails it otherwise than by leaving
+/// simply has no serial.
+fn serial<T: Transport>(piv: &mut PivClient<T>) -> Step<Option<u32>> {
+    match piv.serial() {
+        Ok(s) => Ok(s),
+        Err(e @ (pivgate_hw::Error::CardRemoved | pivgate_hw::Error::ReaderUnavailable)) => Err(e.into()),
+        Err(_) => Ok(None),
     }
 }
 

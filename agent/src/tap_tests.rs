@@ -19,9 +19,12 @@ use sha2::Digest;
 use super::*;
 use crate::challenge::Refused;
 use crate::keys::KeySource;
+use crate::memory::{CardMemory, Handle};
 
 const AGENT: &str = "pi-1";
 const TERMINAL: &str = "dispatch-01";
+/// The id the scripted gateway gives a card it found by its key.
+const ENROLLED_KEY_ID: [u8; 16] = [0xE7; 16];
 
 /// Virtual time: moves only when a test (or its keypad) moves it.
 #[derive(Clone)]
@@ -154,12 +157,15 @@ impl Gateway for ScriptedGateway {
             Plan::DenyAtBegin => return Ok(Begun::Denied(DenyReason::UnknownCard)),
             _ => {}
         }
-        if let Some(slot) = self.want_certificate {
+        let card_only = req.requested == Some(Mechanism::CardOnly);
+        // A card it cannot name (no CHUID, not met before) is found by its
+        // certificate, as the gateway does for enrolled-key cards.
+        let unnamed = req.card_uuid.is_none().then_some(if card_only { Slot::CardAuthentication } else { Slot::Authentication });
+        if let Some(slot) = self.want_certificate.or(unnamed) {
             if req.certificate.is_none() {
                 return Ok(Begun::CertificateNeeded(slot));
             }
         }
-        let card_only = req.requested == Some(Mechanism::CardOnly);
         let pin_required = self.pin_required && !card_only;
         let unix_ms = self.clock.wall().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
         let terminal = if self.plan == Plan::ForeignTerminal { "vault-door".to_string() } else { req.terminal.clone() };
@@ -169,9 +175,9 @@ impl Gateway for ScriptedGateway {
             gateway_id: [9; 32],
             agent: AGENT,
             terminal: &terminal,
-            card_uuid: req.card_uuid,
+            card_uuid: req.card_uuid.unwrap_or(ENROLLED_KEY_ID),
             mechanism: if pin_required { MECHANISM_CARD_AND_PIN } else { MECHANISM_CARD_ONLY },
-            certificate_sha256: [5; 32],
+            certificate_sha256: req.certificate.as_ref().map(|c| sha2::Sha256::digest(c).into()).unwrap_or([5; 32]),
             unix_ms,
         }
         .encode();
@@ -222,6 +228,8 @@ struct Reader {
     card: VirtualCard,
     pull_after_verify: bool,
     pulled: bool,
+    /// The instruction byte of each command, in order.
+    apdus: Vec<u8>,
 }
 
 impl Transport for Reader {
@@ -230,11 +238,15 @@ impl Transport for Reader {
             return Err(pivgate_hw::Error::CardRemoved);
         }
         let r = self.card.transmit(command)?;
+        self.apdus.push(command.get(1).copied().unwrap_or(0));
         let verified = command.get(1) == Some(&Ins::Verify.code()) && command.len() > 5 && r.ends_with(&[0x90, 0x00]);
         if verified && self.pull_after_verify {
             self.pulled = true;
         }
         Ok(r)
+    }
+    fn atr(&self) -> Option<&[u8]> {
+        Some(self.card.atr())
     }
 }
 
@@ -244,6 +256,7 @@ struct Run {
     around: Watched,
     card: VirtualCard,
     elapsed: Duration,
+    apdus: Vec<u8>,
 }
 
 struct Setup {
@@ -268,13 +281,18 @@ fn profile() -> &'static Profile {
 }
 
 fn run(s: Setup) -> Run {
+    run_remembering(s, &CardMemory::new())
+}
+
+/// A tap at an agent that remembers what earlier taps taught it.
+fn run_remembering(s: Setup, memory: &CardMemory) -> Run {
     let clock = VirtualClock::new();
     let started = clock.now();
     let mut gateway = ScriptedGateway::new(s.plan, &clock, profile());
     gateway.want_certificate = s.want_certificate;
     let mut keys = ScriptedKeys::new(&clock, s.keys);
     let mut around = Watched { pull_at_prompt: s.pull_at_prompt, ..Default::default() };
-    let mut reader = Reader { card: s.card.unwrap_or_else(|| profile().card()), pull_after_verify: s.pull_after_verify, pulled: false };
+    let mut reader = Reader { card: s.card.unwrap_or_else(|| profile().card()), pull_after_verify: s.pull_after_verify, pulled: false, apdus: vec![] };
     let outcome = {
         let mut piv = PivClient::new(&mut reader);
         let mut tap = Tap {
@@ -284,11 +302,12 @@ fn run(s: Setup) -> Run {
             pin: PinWay::Keys { keys: &mut keys, rules: EntryRules::default() },
             around: &mut around,
             clock: &clock,
+            memory,
         };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(tap.run(&mut piv))
     };
-    Run { outcome, gateway, around, card: reader.card, elapsed: clock.now() - started }
+    Run { outcome, gateway, around, card: reader.card, elapsed: clock.now() - started, apdus: reader.apdus }
 }
 
 fn card_tries(piv: &mut PivClient<&mut VirtualCard>) -> u8 {
@@ -428,25 +447,137 @@ fn the_certificate_is_sent_once_when_asked() {
     assert_eq!(r.gateway.begins[1].certificate.as_deref(), Some(&profile().certificates[&Slot::Authentication][..]));
 }
 
+const SELECT: u8 = 0xA4;
+const GET_DATA: u8 = 0xCB;
+const GET_RESPONSE: u8 = 0xC0;
+const GET_SERIAL: u8 = 0xF8;
+const VERIFY: u8 = 0x20;
+const SIGN: u8 = 0x87;
+
 #[test]
-fn a_known_card_costs_six_apdus_with_the_pin_and_three_without() {
-    // SELECT, CHUID, VERIFY (status), VERIFY, GENERAL AUTHENTICATE, VERIFY
-    // (reset).
-    let r = run(Setup::new(Plan::Grant, vec![Act::Keys("123456#")]));
+fn a_known_card_costs_five_apdus_with_the_pin_and_three_without() {
+    let memory = CardMemory::new();
+    let pin = || Setup::new(Plan::Grant, vec![Act::Keys("123456#")]);
+    // Met for the first time: SELECT, CHUID, VERIFY (status), VERIFY,
+    // GENERAL AUTHENTICATE, VERIFY (reset).
+    let r = run_remembering(pin(), &memory);
     assert!(matches!(r.outcome.result, TapResult::Granted(_)));
-    assert_eq!(r.card.apdu_count(), 6);
+    assert_eq!(r.apdus, [SELECT, GET_DATA, VERIFY, VERIFY, SIGN, VERIFY]);
+    // Known: its tries are remembered from the last tap, no status asked.
+    let r = run_remembering(pin(), &memory);
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)));
+    assert_eq!(r.apdus, [SELECT, GET_DATA, VERIFY, SIGN, VERIFY]);
+    assert!(r.outcome.pin_reset && !r.card.pin_verified());
     // SELECT, CHUID, GENERAL AUTHENTICATE: no VERIFY was sent, none is
     // reset.
-    let r = run(Setup { requested: Some(Mechanism::CardOnly), ..Setup::new(Plan::Grant, vec![]) });
+    let r = run_remembering(Setup { requested: Some(Mechanism::CardOnly), ..Setup::new(Plan::Grant, vec![]) }, &memory);
     assert!(matches!(r.outcome.result, TapResult::Granted(_)));
-    assert_eq!(r.card.apdu_count(), 3);
+    assert_eq!(r.apdus, [SELECT, GET_DATA, SIGN]);
     assert!(r.outcome.pin_reset && !r.card.pin_verified());
     // A card the gateway does not know yet: its 9A certificate too (one
     // GET DATA and the GET RESPONSE rounds of a ~600-byte certificate).
-    let r = run(Setup { want_certificate: Some(Slot::Authentication), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) });
+    let r = run(Setup { want_certificate: Some(Slot::Authentication), ..pin() });
     assert!(matches!(r.outcome.result, TapResult::Granted(_)));
     let cert = profile().certificates[&Slot::Authentication].len() + 8;
     assert_eq!(r.card.apdu_count(), 6 + cert.div_ceil(256), "a {cert}-byte certificate container");
+}
+
+#[test]
+fn a_wrong_pin_elsewhere_is_found_out_by_the_card_not_the_memory() {
+    // The memory says full tries; the card was tried wrongly twice at
+    // another agent since. The card counts: a wrong PIN now blocks it, and
+    // the next tap knows it is blocked without asking.
+    let memory = CardMemory::new();
+    let r = run_remembering(Setup::new(Plan::Grant, vec![Act::Keys("123456#")]), &memory);
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)));
+    let mut card = profile().card();
+    {
+        let mut piv = PivClient::new(&mut card);
+        piv.select().unwrap();
+        for _ in 0..2 {
+            let _ = piv.verify_pin(&pivgate_hw::Pin::new(b"000000").unwrap());
+        }
+        assert_eq!(card_tries(&mut piv), 1);
+    }
+    let r = run_remembering(Setup { card: Some(card), ..Setup::new(Plan::Grant, vec![Act::Keys("999999#")]) }, &memory);
+    assert_eq!(r.outcome.result, TapResult::PinBlocked);
+    assert_eq!(r.card.pin_tries(), 0);
+    assert_eq!(memory.card(Handle::Guid(profile().chuid.guid)).and_then(|m| m.pin_tries), Some(0));
+    let r = run_remembering(Setup { card: Some(r.card), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) }, &memory);
+    assert_eq!(r.outcome.result, TapResult::PinBlocked);
+    assert_eq!(r.apdus, [SELECT, GET_DATA, VERIFY, VERIFY], "status asked (tries under 2 are never assumed), no VERIFY with a PIN");
+}
+
+/// A YubiKey as the site's IT provisioned it: keys and certificates, no
+/// CHUID.
+fn without_chuid() -> VirtualCard {
+    let mut c = profile().card();
+    c.contents_mut().objects.remove(&pivgate_hw::piv::ObjectTag::CHUID.0);
+    c
+}
+
+#[test]
+fn a_card_without_a_chuid_is_found_by_its_certificate_then_known_by_its_serial() {
+    let memory = CardMemory::new();
+    let pin = || Setup { card: Some(without_chuid()), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) };
+    let r = run_remembering(pin(), &memory);
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
+    assert_eq!(r.gateway.begins[0].card_uuid, None, "nothing to name it by");
+    assert!(r.gateway.begins[1].certificate.is_some());
+    assert_eq!(&r.apdus[..4], [SELECT, GET_DATA, GET_SERIAL, GET_DATA], "CHUID missing, serial, certificate");
+    assert_eq!(r.outcome.card, Some(ENROLLED_KEY_ID));
+    assert_eq!(r.around.identified, Some(ENROLLED_KEY_ID), "presence reports the id the gateway knows");
+    // Known by its serial: no CHUID asked, no certificate read.
+    let r = run_remembering(pin(), &memory);
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
+    assert_eq!(r.gateway.begins.len(), 1);
+    assert_eq!(r.gateway.begins[0].card_uuid, Some(ENROLLED_KEY_ID));
+    assert_eq!(r.apdus, [SELECT, GET_SERIAL, VERIFY, SIGN, VERIFY]);
+    let r = run_remembering(Setup { card: Some(without_chuid()), requested: Some(Mechanism::CardOnly), ..Setup::new(Plan::Grant, vec![]) }, &memory);
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
+    assert_eq!(r.apdus, [SELECT, GET_SERIAL, SIGN]);
+    // A card of the same kind with another serial is not taken for it.
+    let mut other = without_chuid();
+    other.contents_mut().serial += 1;
+    let r = run_remembering(Setup { card: Some(other), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) }, &memory);
+    assert_eq!(r.gateway.begins[0].card_uuid, None);
+    assert_eq!(&r.apdus[..3], [SELECT, GET_SERIAL, GET_DATA], "serial first, unknown, so its CHUID is looked for");
+}
+
+#[test]
+fn a_card_without_a_chuid_or_a_serial_reads_its_certificate_every_tap() {
+    let memory = CardMemory::new();
+    let java_card = || {
+        let mut c = without_chuid();
+        c.set_vendor_commands(false);
+        Setup { card: Some(c), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) }
+    };
+    for _ in 0..2 {
+        let r = run_remembering(java_card(), &memory);
+        assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
+        assert_eq!(r.gateway.begins[0].card_uuid, None);
+        assert!(r.gateway.begins[1].certificate.is_some());
+        let rounds = r.apdus.iter().filter(|i| **i == GET_RESPONSE).count();
+        assert_eq!(r.apdus.len(), 3 + 1 + rounds + 4, "SELECT, CHUID, GET SERIAL; the certificate; VERIFY x2, sign, reset");
+    }
+    assert_eq!(memory.cards(), 0, "nothing to remember it by");
+}
+
+#[test]
+fn a_remembered_card_that_is_denied_is_forgotten() {
+    // Another card with the same CHUID GUID, or a card revoked since: the
+    // memory costs one denied tap, then the card is looked up afresh.
+    let memory = CardMemory::new();
+    let pin = |plan| Setup { card: Some(without_chuid()), ..Setup::new(plan, vec![Act::Keys("123456#")]) };
+    assert!(matches!(run_remembering(pin(Plan::Grant), &memory).outcome.result, TapResult::Granted(_)));
+    let serial = profile().card().contents().serial;
+    assert!(memory.card(Handle::Serial(serial)).is_some());
+    let r = run_remembering(pin(Plan::DenyAtComplete), &memory);
+    assert_eq!(r.outcome.result, TapResult::Denied(DenyReason::RevokedCrl));
+    assert!(memory.card(Handle::Serial(serial)).is_none());
+    let r = run_remembering(pin(Plan::Grant), &memory);
+    assert!(matches!(r.outcome.result, TapResult::Granted(_)));
+    assert_eq!(r.gateway.begins[0].card_uuid, None, "looked up afresh");
 }
 
 #[test]

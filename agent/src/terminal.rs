@@ -67,6 +67,8 @@ pub struct Worker {
     pub rules: EntryRules,
     /// Called with every tap's result (tests, metrics).
     pub on_result: Option<OnResult>,
+    /// What the agent remembers about cards (shared by its terminals).
+    pub memory: Arc<crate::memory::CardMemory>,
 }
 
 impl Worker {
@@ -191,6 +193,7 @@ impl Worker {
                     pin,
                     around: &mut around,
                     clock: &SystemClock,
+                    memory: &self.memory,
                 };
                 let outcome = self.rt.block_on(tap.run(&mut piv));
                 // Whatever happened, the next person gets no verified PIN:

@@ -18,7 +18,7 @@ use sha2::Digest;
 
 use crate::core::Gateway;
 use crate::error::Result;
-use crate::model::{Agent, Card, DenyKey, Mechanism, Operator, Slot, Terminal, TerminalPolicy};
+use crate::model::{Agent, Card, DenyKey, IdentityRule, Mechanism, Operator, Slot, Terminal, TerminalPolicy};
 use crate::verify::{self, Deny, Validation};
 
 /// Records as a change being decided will leave them, for judging live
@@ -168,6 +168,11 @@ impl Gateway {
         let (certificate, supplied) = match (ask.certificate, card.certificates.get(&slot)) {
             (Certificate::Pinned(d), _) => (d.to_vec(), false),
             (Certificate::Offered(_) | Certificate::Enrolled, Some(d)) => (d.clone(), false),
+            // An enrolled-key card's keys are the ones enrolled: a key
+            // offered for another slot is no key of this card's.
+            (Certificate::Offered(Some(_)), None) if card.identity == IdentityRule::EnrolledKey => {
+                return Ok(Refused(Deny::UnknownCard, "no key enrolled for the slot"))
+            }
             (Certificate::Offered(Some(d)), None) => (d.to_vec(), true),
             (Certificate::Offered(None), None) => return Ok(Verdict::NeedCertificate(slot)),
             (Certificate::Enrolled, None) => return Ok(Refused(Deny::UnknownCard, "no certificate enrolled for the slot")),
@@ -206,15 +211,33 @@ impl Gateway {
     /// The identity, path and key checks of a card certificate.
     fn check_certificate(&self, card: &Card, der: &[u8], slot: Slot) -> std::result::Result<(verify::CertInfo, Validation), Deny> {
         let info = verify::inspect(der)?;
-        if info.uuid != Some(card.uuid) {
-            return Err(Deny::IdentityMismatch);
-        }
-        if let (Some(a), Some(b)) = (&info.fascn, &card.fascn) {
-            if a != b {
-                return Err(Deny::IdentityMismatch);
+        match card.identity {
+            IdentityRule::Fips201 => {
+                if info.uuid != Some(card.uuid) {
+                    return Err(Deny::IdentityMismatch);
+                }
+                if let (Some(a), Some(b)) = (&info.fascn, &card.fascn) {
+                    if a != b {
+                        return Err(Deny::IdentityMismatch);
+                    }
+                }
+            }
+            // The key is the card: the certificate must carry the key
+            // enrolled for the slot, whatever else it names.
+            IdentityRule::EnrolledKey => {
+                let enrolled = card.certificates.get(&slot).and_then(|d| verify::inspect(d).ok());
+                if enrolled.is_none_or(|e| e.spki != info.spki) {
+                    return Err(Deny::IdentityMismatch);
+                }
             }
         }
         let v = self.trust.validate(der, slot, self.clock.system())?;
+        // A card is judged under the rule it was enrolled under: an issuer
+        // moved to another rule (or a certificate from another issuer)
+        // does not carry it over.
+        if v.identity != card.identity {
+            return Err(Deny::IdentityMismatch);
+        }
         // One key for both slots would make the no-PIN key a PIN key.
         let other = match slot {
             Slot::PivAuthentication => Slot::CardAuthentication,

@@ -95,7 +95,18 @@ impl Admin {
     /// Enrols a card certificate (DER) for an operator's `slot`; returns the
     /// card as the gateway holds it.
     pub async fn enrol_card(&mut self, operator_id: &str, certificate: &[u8], slot: Slot) -> Result<pb::Card> {
-        let req = pb::EnrolCardRequest { operator_id: operator_id.into(), certificate: certificate.to_vec(), slot: crate::service::slot_pb(slot) as i32 };
+        self.enrol_card_to(operator_id, certificate, slot, None).await
+    }
+
+    /// [`Admin::enrol_card`] for an enrolled-key card: `to_card` (as
+    /// listed) is the card whose other slot this certificate's key is for.
+    pub async fn enrol_card_to(&mut self, operator_id: &str, certificate: &[u8], slot: Slot, to_card: Option<&str>) -> Result<pb::Card> {
+        let req = pb::EnrolCardRequest {
+            operator_id: operator_id.into(),
+            certificate: certificate.to_vec(),
+            slot: crate::service::slot_pb(slot) as i32,
+            card_uuid: to_card.unwrap_or_default().into(),
+        };
         Ok(self.rpc.enrol_card(req).await?.into_inner().card.unwrap_or_default())
     }
 

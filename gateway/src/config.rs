@@ -12,6 +12,7 @@
 //!
 //! [cards]
 //! trust_anchors = ["/etc/pivgate/card-issuer-ca.pem"]
+//! enrolled_key_anchors = ["/etc/pivgate/corporate-smartcard-ca.pem"]
 //! intermediates = ["/etc/pivgate/card-issuing-sub-ca.pem"]
 //! crl_files = ["/var/lib/pivgate/issuer.crl"]
 //! crl_urls = ["http://crl.issuer.example/issuer.crl"]
@@ -129,8 +130,14 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CardsConfig {
-    /// PEM files of the card issuers the site trusts.
+    /// PEM files of the FIPS 201 card issuers the site trusts: a card is
+    /// the card UUID (and FASC-N) its certificate names.
     pub trust_anchors: Vec<PathBuf>,
+    /// PEM files of the card issuers whose cards are known by the key
+    /// enrolled for them (YubiKeys and Java Card tokens the site's IT
+    /// provisioned, AD CS smart-card logon certificates: no card UUID in
+    /// the certificate, often no CHUID on the card).
+    pub enrolled_key_anchors: Vec<PathBuf>,
     /// PEM files of intermediate CAs between the trust anchors and the
     /// cards; each must chain to a trust anchor. Their validity and
     /// revocation (by their issuer's CRL) are checked with every card.
@@ -185,6 +192,7 @@ impl Default for CardsConfig {
     fn default() -> Self {
         CardsConfig {
             trust_anchors: vec![],
+            enrolled_key_anchors: vec![],
             intermediates: vec![],
             crl_files: vec![],
             crl_urls: vec![],
@@ -273,7 +281,13 @@ impl Config {
                 return Err(Error::Config(format!("cards.{field}: {bad:?} is not a dotted OID")));
             }
         }
-        for p in c.trust_anchors.iter().chain(&c.intermediates).chain(&c.crl_files) {
+        if let Some(p) = c.enrolled_key_anchors.iter().find(|p| c.trust_anchors.contains(p)) {
+            return Err(Error::Config(format!(
+                "cards: {} is in both trust_anchors (identity by card UUID) and enrolled_key_anchors (identity by enrolled key); an issuer has one identity rule",
+                p.display()
+            )));
+        }
+        for p in c.trust_anchors.iter().chain(&c.enrolled_key_anchors).chain(&c.intermediates).chain(&c.crl_files) {
             if !p.exists() {
                 return Err(Error::Config(format!("{} does not exist", p.display())));
             }

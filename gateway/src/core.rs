@@ -16,7 +16,7 @@ use crate::authorize::{lock_reason, Allowed, Ask, Certificate, Check, Overlay, V
 use crate::challenge::{Challenges, Pending};
 use crate::error::{Error, Result};
 use crate::metrics::{push_sample, Counters};
-use crate::model::{uuid_text, Agent, AuditKind, Card, DenyKey, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
+use crate::model::{uuid_text, Agent, IdentityRule, AuditKind, Card, DenyKey, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
 use crate::pki::Caller;
 use crate::store::{AuditEntry, AuditRecord, Change, Store};
 use crate::verify::{self, CardTrust, Deny};
@@ -163,16 +163,17 @@ pub struct Gateway {
 }
 
 enum BeginCheck {
-    Ready { mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
+    Ready { card: [u8; 16], mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
     NeedCertificate(Slot),
 }
 
 /// A begin-authentication request, parsed.
+#[derive(Debug, Clone)]
 pub struct BeginRequest {
     /// Terminal.
     pub terminal: String,
-    /// Card UUID.
-    pub card_uuid: [u8; 16],
+    /// The agent's hint: the CHUID GUID, or the card id it learned.
+    pub card_uuid: Option<[u8; 16]>,
     /// FASC-N, if sent.
     pub fascn: Option<Vec<u8>>,
     /// Certificate, if sent.
@@ -366,20 +367,51 @@ impl Gateway {
     }
 
     fn begin_check(&self, caller: &Caller, req: &BeginRequest) -> Result<std::result::Result<BeginCheck, (Deny, serde_json::Value)>> {
-        let denied = |d: Deny, why: &str| Ok(Err((d, json!({ "why": why, "card_uuid": uuid_text(&req.card_uuid) }))));
+        let hint = req.card_uuid.as_ref().map(uuid_text);
+        let denied = |d: Deny, why: &str| Ok(Err((d, json!({ "why": why, "card_uuid": hint }))));
         // An agent learns nothing about cards at terminals it does not serve.
-        if self.bound_terminal(&caller.name, &req.terminal)?.is_none() {
+        let Some(terminal) = self.bound_terminal(&caller.name, &req.terminal)? else {
             return denied(Deny::TerminalNotBound, "terminal unknown or not bound to this agent");
-        }
-        // Which enrolled card this is: by its UUID, or by its FASC-N.
-        let uuid = match (self.store.card(&req.card_uuid)?, &req.fascn) {
-            (Some(c), _) => Some(c),
-            (None, Some(f)) => self.store.card_by_fascn(f)?.map(|u| self.store.card(&u)).transpose()?.flatten(),
-            (None, None) => None,
         };
-        if let Some(card) = &uuid {
-            if card.uuid != req.card_uuid {
-                return denied(Deny::IdentityMismatch, "FASC-N belongs to another card UUID");
+        // Which enrolled card this is. The certificate, when offered, names
+        // it by its key (any card) or its card UUID (FIPS 201 cards); else
+        // the agent's hint (a CHUID GUID, or the id it learned) or the
+        // CHUID's FASC-N. The hint only picks the card: the proof is judged
+        // against that card's own certificates.
+        let offered = match req.certificate.as_deref().map(verify::inspect).transpose() {
+            Ok(i) => i,
+            Err(d) => return denied(d, "certificate refused"),
+        };
+        let card = match &offered {
+            Some(info) => match self.store.card_by_key(&info.key_sha256)?.or(info.uuid) {
+                Some(id) => self.store.card(&id)?,
+                None => None,
+            },
+            None => match (req.card_uuid.map(|u| self.store.card(&u)).transpose()?.flatten(), &req.fascn) {
+                (Some(c), _) => Some(c),
+                (None, Some(f)) => self.store.card_by_fascn(f)?.map(|u| self.store.card(&u)).transpose()?.flatten(),
+                (None, None) => None,
+            },
+        };
+        let Some(card) = card else {
+            if offered.is_some() {
+                return denied(Deny::UnknownCard, "card not enrolled");
+            }
+            // A card without a CHUID, or one the agent has not met, is
+            // found by the key of the slot the terminal will use.
+            let wanted = match req.mechanism {
+                Some(m) if terminal.policy.allowed_mechanisms.contains(&m) => Some(m),
+                Some(_) => None,
+                None => terminal.policy.allowed_mechanisms.first().copied(),
+            };
+            return match wanted {
+                Some(m) => Ok(Ok(BeginCheck::NeedCertificate(m.slot()))),
+                None => denied(Deny::MechanismNotAllowed, "mechanism not allowed at this terminal"),
+            };
+        };
+        if card.identity == IdentityRule::Fips201 {
+            if req.card_uuid.is_some_and(|u| u != card.uuid) {
+                return denied(Deny::IdentityMismatch, "the CHUID names another card than the certificate or FASC-N");
             }
             if let (Some(a), Some(b)) = (&req.fascn, &card.fascn) {
                 if a != b {
@@ -390,7 +422,7 @@ impl Gateway {
         let ask = Ask {
             agent: &caller.name,
             terminal: &req.terminal,
-            card: req.card_uuid,
+            card: card.uuid,
             mechanism: req.mechanism,
             certificate: Certificate::Offered(req.certificate.as_deref()),
             check: Check::Full,
@@ -400,7 +432,7 @@ impl Gateway {
         match self.authorize(&ask)? {
             Verdict::Allowed(a) => {
                 let algorithm = a.info.as_ref().map(|i| i.algorithm).ok_or_else(|| Error::Transaction("a full check without the certificate".into()))?;
-                Ok(Ok(BeginCheck::Ready { mechanism: a.mechanism, algorithm, der: a.certificate, supplied: a.supplied }))
+                Ok(Ok(BeginCheck::Ready { card: a.card.uuid, mechanism: a.mechanism, algorithm, der: a.certificate, supplied: a.supplied }))
             }
             Verdict::NeedCertificate(slot) => Ok(Ok(BeginCheck::NeedCertificate(slot))),
             Verdict::Refused(d, why) => denied(d, why),
@@ -417,13 +449,13 @@ impl Gateway {
                 Ok(Begin::Denied(d, text))
             }
             Ok(BeginCheck::NeedCertificate(slot)) => Ok(Begin::CertificateNeeded(slot)),
-            Ok(BeginCheck::Ready { mechanism, algorithm, der, supplied }) => {
+            Ok(BeginCheck::Ready { card, mechanism, algorithm, der, supplied }) => {
                 // A supplied certificate is kept only once a proof with its
                 // key succeeds (see `complete`).
                 let issued = self.challenges.issue(
                     &caller.name,
                     t,
-                    req.card_uuid,
+                    card,
                     mechanism,
                     algorithm,
                     der,
@@ -791,23 +823,88 @@ impl Gateway {
     }
 
     /// Enrols a card from a certificate, after validating it.
-    pub async fn enrol_card(&self, caller: &Caller, operator_id: &str, der: &[u8], slot: Slot) -> Result<Card> {
+    ///
+    /// What the card is depends on its issuer's identity rule. FIPS 201:
+    /// the card UUID the certificate names (a new certificate with the same
+    /// UUID replaces the slot's). Enrolled key: the certificate's key; a
+    /// key already enrolled names its card, `to_card` names the card a new
+    /// key joins (its other slot), else a new card is made whose id is
+    /// derived from the key. A slot never silently changes key: a new key
+    /// for an enrolled slot is a new card.
+    pub async fn enrol_card(&self, caller: &Caller, operator_id: &str, der: &[u8], slot: Slot, to_card: Option<[u8; 16]>) -> Result<Card> {
         if self.store.operator(operator_id)?.is_none() {
             return Err(Error::NotFound(format!("operator {operator_id}")));
         }
         let info = verify::inspect(der).map_err(|d| Error::InvalidRequest(format!("certificate: {}", d.name())))?;
-        let uuid = info.uuid.ok_or_else(|| Error::InvalidRequest("certificate has no urn:uuid: card UUID".into()))?;
-        if self.store.denied(DenyKey::Card(uuid))? {
+        let validation =
+            self.trust.validate(der, slot, self.clock.system()).map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
+        let uuid = match validation.identity {
+            IdentityRule::Fips201 => {
+                let uuid = info.uuid.ok_or_else(|| {
+                    Error::InvalidRequest(
+                        "certificate has no urn:uuid: card UUID, and its issuer is a FIPS 201 issuer (cards.trust_anchors); \
+                         list the issuer under cards.enrolled_key_anchors to enrol its cards by their key"
+                            .into(),
+                    )
+                })?;
+                if to_card.is_some_and(|c| c != uuid) {
+                    return Err(Error::InvalidRequest("a FIPS 201 card is the card UUID its certificate names; card_uuid names another".into()));
+                }
+                uuid
+            }
+            IdentityRule::EnrolledKey => match (self.store.card_by_key(&info.key_sha256)?, to_card) {
+                (Some(held), Some(c)) if held != c => {
+                    return Err(Error::AlreadyExists(format!("this key is enrolled for card {}, not {}", uuid_text(&held), uuid_text(&c))))
+                }
+                (Some(held), _) => held,
+                (None, Some(c)) => c,
+                (None, None) => crate::model::enrolled_key_id(&info.spki),
+            },
+        };
+        if self.store.denied(DenyKey::Card(uuid))? || self.store.denied(DenyKey::Certificate(info.fingerprint))? {
             return Err(Error::InvalidRequest("card is on the deny list".into()));
         }
-        self.trust.validate(der, slot, self.clock.system()).map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
-        let mut card =
-            self.store.card(&uuid)?.unwrap_or(Card { uuid, fascn: info.fascn.clone(), operator_id: operator_id.to_string(), certificates: Default::default() });
+        let mut card = match self.store.card(&uuid)? {
+            Some(c) => c,
+            None if to_card.is_some() && validation.identity == IdentityRule::EnrolledKey => {
+                return Err(Error::NotFound(format!("card {}", uuid_text(&uuid))));
+            }
+            None => Card {
+                uuid,
+                identity: validation.identity,
+                fascn: info.fascn.clone().filter(|_| validation.identity == IdentityRule::Fips201),
+                operator_id: operator_id.to_string(),
+                certificates: Default::default(),
+            },
+        };
         if card.operator_id != operator_id {
             return Err(Error::AlreadyExists(format!("card {} belongs to operator {}", uuid_text(&uuid), card.operator_id)));
         }
+        if card.identity != validation.identity {
+            return Err(Error::InvalidRequest(format!(
+                "card {} was enrolled under the {} identity rule; this certificate's issuer has the {} rule",
+                uuid_text(&uuid),
+                card.identity.name(),
+                validation.identity.name()
+            )));
+        }
+        let key_of = |slot: Slot| card.certificates.get(&slot).and_then(|d| verify::inspect(d).ok()).map(|i| i.spki);
+        if card.identity == IdentityRule::EnrolledKey && key_of(slot).is_some_and(|k| k != info.spki) {
+            return Err(Error::AlreadyExists(format!(
+                "slot {slot:?} of card {} holds another key: a new key is a new card (revoke this one first)",
+                uuid_text(&uuid)
+            )));
+        }
+        let other = match slot {
+            Slot::PivAuthentication => Slot::CardAuthentication,
+            Slot::CardAuthentication => Slot::PivAuthentication,
+        };
+        if key_of(other).is_some_and(|k| k == info.spki) {
+            return Err(Error::InvalidRequest("the card's other slot holds the same key: a card-only key must not stand in for the PIN key".into()));
+        }
         card.certificates.insert(slot, der.to_vec());
         let detail = json!({ "operator": operator_id, "card_uuid": uuid_text(&uuid), "slot": format!("{slot:?}"),
+            "identity": card.identity.name(), "key_sha256": hex::encode(info.key_sha256),
             "certificate_sha256": hex::encode(info.fingerprint) });
         self.commit(Self::admin_entry(caller, AuditKind::EnrolCard, detail), vec![Change::Card(card.clone())]).await?;
         Ok(card)

@@ -101,7 +101,7 @@ async fn bench(tweak: impl FnOnce(&mut Config)) -> Bench {
     let clock = TestClock::new();
     let (gw, _, _) = crate::open_with(&config, Box::new(clock.clone()), Box::new(Counter(AtomicU64::new(0)))).unwrap();
     gw.add_operator(&admin(), Operator { id: "op-1".into(), name: "Op One".into(), roles: vec!["dispatcher".into()], enabled: true }).await.unwrap();
-    gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::Authentication], Slot::PivAuthentication).await.unwrap();
+    gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::Authentication], Slot::PivAuthentication, None).await.unwrap();
     gw.bind_agent(&admin(), "pi-1", vec![T.into(), "lobby".into()]).await.unwrap();
     Bench { gw, clock, dir }
 }
@@ -111,7 +111,7 @@ fn uuid() -> [u8; 16] {
 }
 
 fn begin_req(terminal: &str) -> BeginRequest {
-    BeginRequest { terminal: terminal.into(), card_uuid: uuid(), fascn: None, certificate: None, mechanism: None }
+    BeginRequest { terminal: terminal.into(), card_uuid: Some(uuid()), fascn: None, certificate: None, mechanism: None }
 }
 
 /// The card signs the message as the agent would have it (PIN verified
@@ -313,8 +313,15 @@ async fn an_unbound_terminal_and_an_unknown_card_are_refused_at_begin() {
     let b = bench(|_| {}).await;
     let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req("vault")).await.unwrap() else { panic!("began at a terminal it is not bound to") };
     assert_eq!(d, Deny::TerminalNotBound);
-    let stranger = BeginRequest { card_uuid: [7; 16], ..begin_req(T) };
-    let Begin::Denied(d, _) = b.gw.begin(&agent(), stranger).await.unwrap() else { panic!("began for an unknown card") };
+    // A card id the gateway does not know may be a card without a CHUID
+    // or one known by its key: the gateway asks for its certificate, and
+    // refuses once the certificate names no enrolled card.
+    let stranger = BeginRequest { card_uuid: Some([7; 16]), ..begin_req(T) };
+    assert!(matches!(b.gw.begin(&agent(), stranger.clone()).await.unwrap(), Begin::CertificateNeeded(Slot::PivAuthentication)));
+    let other = Profile::generate(&ProfileOptions::default()).unwrap().certificates[&CardSlot::Authentication].clone();
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), BeginRequest { certificate: Some(other), ..stranger }).await.unwrap() else {
+        panic!("began for an unknown card")
+    };
     assert_eq!(d, Deny::UnknownCard);
 }
 
@@ -337,7 +344,7 @@ async fn a_card_only_terminal_asks_for_the_9e_certificate_and_keeps_it_once_prov
 #[tokio::test]
 async fn a_9e_signature_where_the_pin_was_asked_is_a_policy_violation() {
     let b = bench(|_| {}).await;
-    b.gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::CardAuthentication], Slot::CardAuthentication).await.unwrap();
+    b.gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::CardAuthentication], Slot::CardAuthentication, None).await.unwrap();
     let Begin::Challenge { id, message, mechanism, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!() };
     assert_eq!(mechanism, Mechanism::CardAndPin);
     let sig = card_signs(&message, Mechanism::CardOnly);
@@ -445,7 +452,7 @@ async fn an_agent_learns_nothing_of_cards_at_a_terminal_it_does_not_serve() {
     let fascn = card_profile().chuid.fascn.map(|f| f.0.to_vec()).expect("the test card has a FASC-N");
     // The enrolled card's FASC-N with another UUID: at its own terminal an
     // identity mismatch, at a terminal it does not serve nothing but that.
-    let probe = |terminal: &str| BeginRequest { card_uuid: [7; 16], fascn: Some(fascn.clone()), ..begin_req(terminal) };
+    let probe = |terminal: &str| BeginRequest { card_uuid: Some([7; 16]), fascn: Some(fascn.clone()), ..begin_req(terminal) };
     let Begin::Denied(d, _) = b.gw.begin(&agent(), probe(T)).await.unwrap() else { panic!() };
     assert_eq!(d, Deny::IdentityMismatch);
     let Begin::Denied(d, _) = b.gw.begin(&agent(), probe("vault")).await.unwrap() else { panic!() };

@@ -67,12 +67,48 @@ pub struct Operator {
     pub enabled: bool,
 }
 
+/// How a card issuer's cards are told apart.
+///
+/// FIPS 201 cards carry their identity in the certificate (the card UUID
+/// in a `urn:uuid:` SAN, the FASC-N): a card re-issued by that issuer with
+/// the same UUID is the same card. Enterprise tokens (YubiKeys and Java
+/// Card PIV applets provisioned by the site's IT, AD CS smart-card logon
+/// certificates) carry no such name: for their issuers the key enrolled
+/// for each slot is the identity, and a CHUID GUID or a serial number only
+/// helps find it. Never the subject name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityRule {
+    /// The card UUID (and FASC-N) in the certificate.
+    #[default]
+    Fips201,
+    /// The key pinned at enrolment.
+    EnrolledKey,
+}
+
+impl IdentityRule {
+    /// The rule's name in the configuration and in audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentityRule::Fips201 => "fips201",
+            IdentityRule::EnrolledKey => "enrolled-key",
+        }
+    }
+}
+
 /// An enrolled card: its strong identifiers, its operator, and the
 /// certificates the gateway holds for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Card {
-    /// Card UUID (CHUID GUID), 16 bytes.
+    /// The card's id: for a FIPS 201 card its card UUID (the CHUID GUID
+    /// and the certificate's `urn:uuid:`); for an enrolled-key card an id
+    /// derived from the key first enrolled for it ([`enrolled_key_id`]).
     pub uuid: [u8; 16],
+    /// How the card is told apart: the identity rule of its issuer when it
+    /// was enrolled. A certificate from an issuer with another rule is not
+    /// this card's.
+    #[serde(default)]
+    pub identity: IdentityRule,
     /// FASC-N, 25 bytes, when the card has one.
     pub fascn: Option<Vec<u8>>,
     /// The operator.
@@ -190,6 +226,19 @@ pub struct Event {
 pub fn uuid_text(u: &[u8; 16]) -> String {
     let h = hex::encode(u);
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// The id of a card whose identity is its enrolled key: SHA-256 of a
+/// domain prefix and the key's SubjectPublicKeyInfo, cut to 16 bytes and
+/// marked as an RFC 9562 version 8 UUID, so it reads like any card UUID.
+pub fn enrolled_key_id(spki: &[u8]) -> [u8; 16] {
+    use sha2::Digest;
+    let h = sha2::Sha256::new().chain_update(b"pivgate enrolled key\0").chain_update(spki).finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h[..16]);
+    id[6] = (id[6] & 0x0F) | 0x80;
+    id[8] = (id[8] & 0x3F) | 0x80;
+    id
 }
 
 /// Parses a canonical (or bare hex) UUID.

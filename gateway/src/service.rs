@@ -260,7 +260,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let r = req.into_inner();
         let begin = BeginRequest {
             terminal: r.terminal_id,
-            card_uuid: card_uuid(&r.card_uuid)?,
+            card_uuid: if r.card_uuid.is_empty() { None } else { Some(card_uuid(&r.card_uuid)?) },
             fascn: (!r.fascn.is_empty()).then_some(r.fascn),
             certificate: (!r.certificate.is_empty()).then_some(r.certificate),
             mechanism: mechanism_from(r.requested_mechanism)?,
@@ -480,6 +480,7 @@ fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
         certificate_sha256: fp,
         slot: slot_pb(slot) as i32,
         revoked: gw.store.denied(crate::model::DenyKey::Card(c.uuid)).unwrap_or(false),
+        identity: c.identity.name().to_string(),
     }
 }
 
@@ -567,7 +568,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
     async fn enrol_card(&self, req: Request<pb::EnrolCardRequest>) -> Result<Response<pb::EnrolCardResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.EnrolCard").await?;
         let r = req.into_inner();
-        let card = self.0.enrol_card(&caller, &r.operator_id, &r.certificate, slot_from(r.slot)?).await?;
+        let to_card = match r.card_uuid.as_str() {
+            "" => None,
+            u => Some(model::parse_uuid(u).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?),
+        };
+        let card = self.0.enrol_card(&caller, &r.operator_id, &r.certificate, slot_from(r.slot)?, to_card).await?;
         Ok(Response::new(pb::EnrolCardResponse { card: Some(card_pb(&self.0, &card)) }))
     }
 

@@ -28,6 +28,15 @@ use tokio::sync::{broadcast, oneshot};
 use crate::error::{Error, Result};
 use crate::model::{Agent, Card, Event, Operator, Session, Terminal};
 
+/// The card index holds two kinds of key: a FASC-N (25 bytes) and, for
+/// every certificate a card holds, `key\0` and the SHA-256 of its public
+/// key (36 bytes), each naming the card's id. A key index entry whose card
+/// no longer holds that key is harmless: the card's own certificates are
+/// what every check compares with.
+fn key_index(key_sha256: &[u8; 32]) -> Vec<u8> {
+    [b"key\0".as_slice(), key_sha256].concat()
+}
+
 /// The largest value the store writes: well under sled 0.34's blob
 /// threshold (a quarter of its 512 KiB segment), past which sled writes the
 /// value as a file under `blobs/` that it never fsyncs.
@@ -516,6 +525,11 @@ impl Store {
                     if let Some(f) = &card.fascn {
                         writes.push((T_FASCN, f.clone(), card.uuid.to_vec()));
                     }
+                    for der in card.certificates.values() {
+                        if let Ok(info) = crate::verify::inspect(der) {
+                            writes.push((T_FASCN, key_index(&info.key_sha256), card.uuid.to_vec()));
+                        }
+                    }
                 }
                 Change::Deny(keys) => {
                     for k in keys {
@@ -785,7 +799,13 @@ impl Store {
         self.cards.get(uuid)?.map(|v| dec(&v)).transpose()
     }
 
-    /// A card UUID by FASC-N.
+    /// The card that holds this key (SHA-256 of its SubjectPublicKeyInfo)
+    /// in one of its certificates.
+    pub fn card_by_key(&self, key_sha256: &[u8; 32]) -> Result<Option<[u8; 16]>> {
+        Ok(self.fascn_index.get(key_index(key_sha256))?.and_then(|v| v.as_ref().try_into().ok()))
+    }
+
+    /// The card whose FASC-N this is.
     pub fn card_by_fascn(&self, fascn: &[u8]) -> Result<Option<[u8; 16]>> {
         Ok(self.fascn_index.get(fascn)?.and_then(|v| v.as_ref().try_into().ok()))
     }

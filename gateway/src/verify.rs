@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use webpki::{CertRevocationList, EndEntityCert, OwnedCertRevocationList, RevocationCheckDepth, UnknownStatusPolicy};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
+pub use crate::model::IdentityRule;
 use crate::model::{KeyAlgorithm, Slot};
 
 /// Why a proof or certificate was refused; each has its own code in the
@@ -106,6 +107,9 @@ pub struct CertInfo {
     pub algorithm: KeyAlgorithm,
     /// DER SubjectPublicKeyInfo.
     pub spki: Vec<u8>,
+    /// SHA-256 of the SubjectPublicKeyInfo: the key, whatever certificate
+    /// carries it.
+    pub key_sha256: [u8; 32],
     /// SHA-256 of the certificate.
     pub fingerprint: [u8; 32],
 }
@@ -135,7 +139,8 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, Deny> {
             }
         }
     }
-    Ok(CertInfo { uuid, fascn, algorithm, spki, fingerprint: Sha256::digest(der).into() })
+    let key_sha256 = Sha256::digest(&spki).into();
+    Ok(CertInfo { uuid, fascn, algorithm, spki, key_sha256, fingerprint: Sha256::digest(der).into() })
 }
 
 /// The OCTET STRING inside an otherName value (with or without its
@@ -320,9 +325,27 @@ pub struct Crl {
     pub sha256: [u8; 32],
 }
 
+/// A trusted card issuer: its certificate (DER) and its identity rule.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    /// The issuer's certificate, DER.
+    pub der: Vec<u8>,
+    /// How its cards are told apart.
+    pub identity: IdentityRule,
+}
+
+impl Anchor {
+    /// A FIPS 201 issuer.
+    pub fn fips201(der: Vec<u8>) -> Anchor {
+        Anchor { der, identity: IdentityRule::Fips201 }
+    }
+}
+
 /// What a successful validation learned, for the audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Validation {
+    /// The identity rule of the issuer the path ends at.
+    pub identity: IdentityRule,
     /// "deny-list" or "deny-list+crl:SOURCE[,SOURCE...]" (the CRLs that
     /// cover the card's certificate).
     pub revocation_source: String,
@@ -358,6 +381,8 @@ impl IssuerCert {
 /// the cards, the CRLs in force, and the policy.
 pub struct CardTrust {
     anchors: Vec<TrustAnchor<'static>>,
+    /// The identity rule of each anchor, in the same order.
+    rules: Vec<IdentityRule>,
     intermediates: Vec<CertificateDer<'static>>,
     /// Anchors and intermediates, as possible signers of CRLs.
     issuers: Vec<IssuerCert>,
@@ -444,16 +469,24 @@ impl Crl {
 }
 
 impl CardTrust {
-    /// Trust these issuer certificates (DER), with these intermediates
-    /// (DER; each must chain to an anchor) and this policy.
-    pub fn new(anchors_der: &[Vec<u8>], intermediates_der: &[Vec<u8>], policy: CardPolicy) -> Result<CardTrust, String> {
+    /// Trust these issuers, with these intermediates (DER; each must chain
+    /// to an anchor) and this policy.
+    pub fn new(trusted: &[Anchor], intermediates_der: &[Vec<u8>], policy: CardPolicy) -> Result<CardTrust, String> {
         let mut anchors = Vec::new();
+        let mut rules = Vec::new();
         let mut issuers = Vec::new();
-        for der in anchors_der {
-            let cert = CertificateDer::from(der.as_slice());
+        for a in trusted {
+            let cert = CertificateDer::from(a.der.as_slice());
             let ta = webpki::anchor_from_trusted_cert(&cert).map_err(|e| format!("trust anchor: {e:?}"))?.to_owned();
+            if let Some(i) = anchors.iter().position(|t: &TrustAnchor<'_>| t.subject_public_key_info == ta.subject_public_key_info) {
+                if rules[i] != a.identity {
+                    return Err(format!("trust anchor {} is listed with two identity rules", subject_text(&a.der)));
+                }
+                continue;
+            }
             anchors.push(ta);
-            issuers.push(IssuerCert::parse(der).map_err(|e| format!("trust anchor: {e}"))?.0);
+            rules.push(a.identity);
+            issuers.push(IssuerCert::parse(&a.der).map_err(|e| format!("trust anchor: {e}"))?.0);
         }
         // Each intermediate must be a CA certificate signed by an anchor or
         // by another intermediate that is.
@@ -482,7 +515,7 @@ impl CardTrust {
                 return Err(format!("intermediate {} does not chain to a trusted card issuer", subject_text(&pending[0].1)));
             }
         }
-        Ok(CardTrust { anchors, intermediates, issuers, crls: RwLock::new(BTreeMap::new()), generation: Default::default(), policy })
+        Ok(CardTrust { anchors, rules, intermediates, issuers, crls: RwLock::new(BTreeMap::new()), generation: Default::default(), policy })
     }
 
     /// Checks a CRL before it may count: parsed, signed by a trust anchor
@@ -627,6 +660,12 @@ impl CardTrust {
         };
         let path =
             ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, &self.intermediates, unix, AnyEku, revocation, None).map_err(map_webpki)?;
+        let identity = self
+            .anchors
+            .iter()
+            .position(|a| a.subject_public_key_info == path.anchor().subject_public_key_info && a.subject == path.anchor().subject)
+            .and_then(|i| self.rules.get(i).copied())
+            .ok_or(Deny::UntrustedIssuer)?;
 
         // webpki consults the first CRL that speaks for each certificate;
         // every CRL that covers it counts here (partitioned CRLs, a full
@@ -723,7 +762,7 @@ impl CardTrust {
                 return Err(Deny::WrongPolicy);
             }
         }
-        Ok(Validation { revocation_source, crl_age_s })
+        Ok(Validation { identity, revocation_source, crl_age_s })
     }
 }
 

@@ -21,6 +21,12 @@ pub trait Transport {
     fn supports_extended(&self) -> bool {
         false
     }
+
+    /// The card's answer to reset, when the transport knows it: the card's
+    /// kind (every YubiKey 5 NFC has the same one), never its identity.
+    fn atr(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -30,6 +36,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     fn supports_extended(&self) -> bool {
         (**self).supports_extended()
     }
+    fn atr(&self) -> Option<&[u8]> {
+        (**self).atr()
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -38,6 +47,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn supports_extended(&self) -> bool {
         (**self).supports_extended()
+    }
+    fn atr(&self) -> Option<&[u8]> {
+        (**self).atr()
     }
 }
 

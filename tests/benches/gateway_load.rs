@@ -55,7 +55,7 @@ fn raw_costs() -> (f64, f64, f64) {
     let rust = per_op(n, t.elapsed());
 
     let anchor = pivgate_vcard::profile::pem_decode(&profile.ca.cert_pem).expect("ca");
-    let trust = CardTrust::new(&[anchor], &[], CardPolicy::default()).expect("trust");
+    let trust = CardTrust::new(&[verify::Anchor::fips201(anchor)], &[], CardPolicy::default()).expect("trust");
     let t = Instant::now();
     for _ in 0..n {
         trust.validate(cert, GwSlot::PivAuthentication, SystemTime::now()).expect("path");

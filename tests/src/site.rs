@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use pb::access_service_client::AccessServiceClient;
 use pb::admin_service_client::AdminServiceClient;
 use pivgate_agent::keys::KeySource;
+use pivgate_agent::memory::CardMemory;
 pub use pivgate_agent::link::Calls as AgentClient;
 pub use pivgate_agent::tap::{Challenge, Grant};
 use pivgate_agent::tap::{Nothing, PinWay, Tap as Flow, TapResult};
@@ -283,11 +284,12 @@ impl KeySource for Typed {
 struct AtTerminal {
     keys: Typed,
     around: Nothing,
+    memory: CardMemory,
 }
 
 impl AtTerminal {
     fn typing(pin: &str) -> AtTerminal {
-        AtTerminal { keys: Typed::pin(pin), around: Nothing }
+        AtTerminal { keys: Typed::pin(pin), around: Nothing, memory: CardMemory::new() }
     }
 
     fn flow<'a, T>(
@@ -303,6 +305,7 @@ impl AtTerminal {
             pin: PinWay::Keys { keys: &mut self.keys, rules: EntryRules::default() },
             around: &mut self.around,
             clock: &SystemClock,
+            memory: &self.memory,
         }
     }
 }
@@ -339,8 +342,8 @@ pub async fn begin(
     let mut at = AtTerminal::typing("");
     let mut flow = at.flow(agent, terminal, requested(mechanism));
     let mut piv = PivClient::new(card);
-    let chuid = flow.identify(&mut piv).map_err(ended)?;
-    match flow.begin(&mut piv, &chuid).await {
+    let mut id = flow.identify(&mut piv).map_err(ended)?;
+    match flow.begin(&mut piv, &mut id).await {
         Ok(c) => Ok(Ok(c)),
         Err(TapResult::Denied(d)) => Ok(Err(d)),
         Err(r) => Err(ended(r)),
@@ -353,8 +356,8 @@ pub fn sign(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard, c: 
     let mut at = AtTerminal::typing(pin);
     let mut flow = at.flow(agent, terminal, None);
     let mut piv = PivClient::new(card);
-    let chuid = flow.identify(&mut piv).map_err(ended)?;
-    let sig = flow.sign(&mut piv, &chuid, c).map_err(ended);
+    let id = flow.identify(&mut piv).map_err(ended)?;
+    let sig = flow.sign(&mut piv, &id, c).map_err(ended);
     piv.reset_pin_state()?;
     sig
 }

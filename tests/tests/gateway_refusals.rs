@@ -92,6 +92,7 @@ async fn card_authentication_certificate_offered_for_the_pin_slot() -> Result<()
             operator_id: "op-1".into(),
             certificate: profile.certificates[&Slot::CardAuthentication].clone(),
             slot: pb::KeySlot::CardAuthentication as i32,
+            ..Default::default()
         })
         .await?;
     let mut card = profile.card();
@@ -280,6 +281,7 @@ async fn card_only_proof_where_card_and_pin_is_required() -> Result<()> {
             operator_id: "op-1".into(),
             certificate: profile.certificates[&Slot::CardAuthentication].clone(),
             slot: pb::KeySlot::CardAuthentication as i32,
+            ..Default::default()
         })
         .await?;
     let Ok(c) = begin(&mut agent, T, &mut card, pb::Mechanism::Unspecified).await? else { bail!("begin refused") };

@@ -52,6 +52,7 @@ pub struct PcscCard {
     card: ::pcsc::Card,
     reader: String,
     extended: bool,
+    atr: Vec<u8>,
 }
 
 impl PcscCard {
@@ -69,7 +70,7 @@ impl PcscCard {
             .and_then(|v| v.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
             .unwrap_or(0);
         let extended = atr_supports_extended(&atr) && reader_max > 261;
-        Ok(PcscCard { card, reader: reader.to_string(), extended })
+        Ok(PcscCard { card, reader: reader.to_string(), extended, atr })
     }
 
     /// The reader's name.
@@ -87,7 +88,7 @@ impl PcscCard {
     pub fn transaction(&mut self) -> Result<PcscTransaction<'_>> {
         let extended = self.extended;
         let tx = self.card.transaction().map_err(map_err)?;
-        Ok(PcscTransaction { tx: Some(tx), extended })
+        Ok(PcscTransaction { tx: Some(tx), extended, atr: &self.atr })
     }
 
     /// Sends a reader control code (SCardControl), for PIN-pad features.
@@ -109,6 +110,7 @@ impl PcscCard {
 pub struct PcscTransaction<'a> {
     tx: Option<::pcsc::Transaction<'a>>,
     extended: bool,
+    atr: &'a [u8],
 }
 
 /// Something that takes reader control codes (SCardControl).
@@ -146,6 +148,10 @@ impl PcscTransaction<'_> {
 impl Transport for PcscTransaction<'_> {
     fn supports_extended(&self) -> bool {
         self.extended
+    }
+
+    fn atr(&self) -> Option<&[u8]> {
+        (!self.atr.is_empty()).then_some(self.atr)
     }
 
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>> {

@@ -176,6 +176,22 @@ impl<T: Transport> PivClient<T> {
         Chuid::parse(&data)
     }
 
+    /// The card's serial number through the YubiKey GET SERIAL extension
+    /// (INS F8), or `None` from a card that does not know the command.
+    /// A lookup hint only: any card can answer any number.
+    pub fn serial(&mut self) -> Result<Option<u32>> {
+        const CMD: &str = "GET SERIAL";
+        let r = self.exchange(CMD, &Command::new(Ins::YubicoGetSerial, 0x00, 0x00).with_le(256))?;
+        match r.sw {
+            StatusWord::SUCCESS => {
+                let b: [u8; 4] = r.data.as_slice().try_into().map_err(|_| Error::malformed(CMD, "a serial number is 4 bytes"))?;
+                Ok(Some(u32::from_be_bytes(b)))
+            }
+            StatusWord::INS_NOT_SUPPORTED | StatusWord::INCORRECT_P1P2 | StatusWord(0x6E00) | StatusWord(0x6A81) | StatusWord::NOT_FOUND => Ok(None),
+            sw => Err(status_error(CMD, sw)),
+        }
+    }
+
     /// Reads and parses the Discovery object.
     pub fn read_discovery(&mut self) -> Result<Discovery> {
         let data = self.get_data(ObjectTag::DISCOVERY)?;

@@ -52,6 +52,28 @@ pub struct CardContents {
     pub pin_tries_max: u8,
 }
 
+impl CardContents {
+    /// A token as it leaves the factory (a new YubiKey in PIV mode): no
+    /// keys, no data objects (no CHUID), PIN 123456, PUK 12345678, the
+    /// well-known default 3DES management key.
+    pub fn blank(serial: u32) -> CardContents {
+        let padded = |s: &[u8]| {
+            let mut out = Zeroizing::new([0xFFu8; 8]);
+            out[..s.len()].copy_from_slice(s);
+            out
+        };
+        CardContents {
+            keys: BTreeMap::new(),
+            objects: BTreeMap::new(),
+            pin: padded(b"123456"),
+            puk: padded(b"12345678"),
+            management_key: ManagementKey::TripleDes(Zeroizing::new(super::keys::DEFAULT_MANAGEMENT_KEY)),
+            serial,
+            pin_tries_max: DEFAULT_TRIES,
+        }
+    }
+}
+
 /// Which AIDs a card's SELECT accepts. SP 800-73-4 lets a client select by
 /// the right-truncated AID (`A0 00 00 03 08 00 00 10 00`), and most cards
 /// take any prefix of the whole AID; some Java Card applets match only the
@@ -247,6 +269,7 @@ pub struct VirtualCard {
     aid_match: AidMatch,
     extended_atr: bool,
     verify_reset: bool,
+    vendor_commands: bool,
     warm_resets: u32,
     faults: Vec<Fault>,
     rng: Box<dyn CryptoRngCore + Send>,
@@ -276,6 +299,7 @@ impl VirtualCard {
             aid_match: AidMatch::default(),
             extended_atr: false,
             verify_reset: true,
+            vendor_commands: true,
             warm_resets: 0,
             faults: Vec::new(),
             rng: Box::new(OsRng),
@@ -354,6 +378,13 @@ impl VirtualCard {
     /// only a card reset clears their PIN.
     pub fn set_verify_reset(&mut self, supported: bool) {
         self.verify_reset = supported;
+    }
+
+    /// Whether the card answers the YubiKey extensions (GET VERSION, GET
+    /// SERIAL, GET METADATA), as YubiKeys do; Java Card PIV applets and
+    /// government cards refuse them with 6D00.
+    pub fn set_vendor_commands(&mut self, answered: bool) {
+        self.vendor_commands = answered;
     }
 
     /// A warm reset from the reader (an application ending its
@@ -525,6 +556,7 @@ impl VirtualCard {
             Cmd::GeneralAuthenticate { alg, key, template } => self.general_authenticate(alg, key, template),
             Cmd::GenerateKeyPair { slot, alg } => (self.generate(slot, alg), self.latency.per_signature * 4),
             Cmd::GetResponse => (Err(StatusWord::CONDITIONS_NOT_SATISFIED), z),
+            Cmd::GetVersion | Cmd::GetSerial | Cmd::GetMetadata { .. } if !self.vendor_commands => (Err(StatusWord::INS_NOT_SUPPORTED), z),
             Cmd::GetVersion => (Ok(vec![5, 4, 3]), z),
             Cmd::GetSerial => (Ok(self.contents.serial.to_be_bytes().to_vec()), z),
             Cmd::GetMetadata { key } => (self.metadata(key), z),

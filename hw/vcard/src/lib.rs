@@ -106,4 +106,8 @@ impl Transport for VirtualCard {
         }
         Ok(answer.response)
     }
+
+    fn atr(&self) -> Option<&[u8]> {
+        Some(VirtualCard::atr(self))
+    }
 }
