@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use pivgate_hw::indicator::Pattern;
 use pivgate_hw::keypad::entry::{EntryRules, PinEntry, Progress};
 use pivgate_hw::piv::{Algorithm, Chuid, Fascn, PinStatus, PivClient, Slot};
-use sha2::Digest;
 use pivgate_hw::{Clock, Pin, Transport};
+use sha2::Digest;
 
 use crate::challenge::{self, Expected, Refused};
 use crate::keys::KeySource;

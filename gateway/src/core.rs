@@ -16,7 +16,9 @@ use crate::authorize::{lock_reason, Allowed, Ask, Certificate, Check, Overlay, V
 use crate::challenge::{Challenges, Pending};
 use crate::error::{Error, Result};
 use crate::metrics::{push_sample, Counters};
-use crate::model::{uuid_text, Agent, IdentityRule, AuditKind, Card, DenyKey, Event, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy};
+use crate::model::{
+    uuid_text, Agent, AuditKind, Card, DenyKey, Event, IdentityRule, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy,
+};
 use crate::pki::Caller;
 use crate::store::{AuditEntry, AuditRecord, Change, Store};
 use crate::verify::{self, CardTrust, Deny};
@@ -373,25 +375,27 @@ impl Gateway {
         let Some(terminal) = self.bound_terminal(&caller.name, &req.terminal)? else {
             return denied(Deny::TerminalNotBound, "terminal unknown or not bound to this agent");
         };
-        // Which enrolled card this is. The certificate, when offered, names
-        // it by its key (any card) or its card UUID (FIPS 201 cards); else
-        // the agent's hint (a CHUID GUID, or the id it learned) or the
-        // CHUID's FASC-N. The hint only picks the card: the proof is judged
-        // against that card's own certificates.
+        // Which enrolled card this is: the agent's hint (a CHUID GUID, or
+        // the id it learned) or the CHUID's FASC-N; else the certificate,
+        // when offered, by its key (any card) or its card UUID (FIPS 201
+        // cards). The hint only picks the card: the proof is judged against
+        // that card's own certificates.
         let offered = match req.certificate.as_deref().map(verify::inspect).transpose() {
             Ok(i) => i,
             Err(d) => return denied(d, "certificate refused"),
         };
-        let card = match &offered {
-            Some(info) => match self.store.card_by_key(&info.key_sha256)?.or(info.uuid) {
+        let hinted = match (req.card_uuid.map(|u| self.store.card(&u)).transpose()?.flatten(), &req.fascn) {
+            (Some(c), _) => Some(c),
+            (None, Some(f)) => self.store.card_by_fascn(f)?.map(|u| self.store.card(&u)).transpose()?.flatten(),
+            (None, None) => None,
+        };
+        let card = match (hinted, &offered) {
+            (Some(c), _) => Some(c),
+            (None, Some(info)) => match self.store.card_by_key(&info.key_sha256)?.or(info.uuid) {
                 Some(id) => self.store.card(&id)?,
                 None => None,
             },
-            None => match (req.card_uuid.map(|u| self.store.card(&u)).transpose()?.flatten(), &req.fascn) {
-                (Some(c), _) => Some(c),
-                (None, Some(f)) => self.store.card_by_fascn(f)?.map(|u| self.store.card(&u)).transpose()?.flatten(),
-                (None, None) => None,
-            },
+            (None, None) => None,
         };
         let Some(card) = card else {
             if offered.is_some() {
@@ -452,18 +456,8 @@ impl Gateway {
             Ok(BeginCheck::Ready { card, mechanism, algorithm, der, supplied }) => {
                 // A supplied certificate is kept only once a proof with its
                 // key succeeds (see `complete`).
-                let issued = self.challenges.issue(
-                    &caller.name,
-                    t,
-                    card,
-                    mechanism,
-                    algorithm,
-                    der,
-                    supplied,
-                    &*self.random,
-                    self.clock.instant(),
-                    self.now_ms(),
-                )?;
+                let issued =
+                    self.challenges.issue(&caller.name, t, card, mechanism, algorithm, der, supplied, &*self.random, self.clock.instant(), self.now_ms())?;
                 Ok(Begin::Challenge { id: issued.id, message: issued.message, mechanism, algorithm, ttl: self.challenges.ttl() })
             }
         }

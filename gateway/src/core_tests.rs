@@ -458,3 +458,117 @@ async fn an_agent_learns_nothing_of_cards_at_a_terminal_it_does_not_serve() {
     let Begin::Denied(d, _) = b.gw.begin(&agent(), probe("vault")).await.unwrap() else { panic!() };
     assert_eq!(d, Deny::TerminalNotBound);
 }
+
+/// An enterprise CA whose cards are known by their key, and certificates
+/// from it with no card UUID (a smart-card logon certificate's shape).
+fn enterprise() -> &'static IssuingCa {
+    static CA: std::sync::OnceLock<IssuingCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| IssuingCa::generate("unit test enterprise smart card CA").unwrap())
+}
+
+fn enterprise_cert(key: &pivgate_vcard::CardKey, slot: CardSlot) -> Vec<u8> {
+    enterprise()
+        .issue_with(slot, &key.spki_der().unwrap(), &card_profile().chuid, "op17@corp.example", pivgate_vcard::Validity::days(30), |p| {
+            p.custom_extensions.retain(|e| e.oid_components().collect::<Vec<_>>() != [2, 5, 29, 17]);
+        })
+        .unwrap()
+}
+
+async fn enterprise_bench() -> Bench {
+    bench(|c| {
+        let anchor = c.data_dir.with_file_name("enterprise.pem");
+        std::fs::write(&anchor, &enterprise().cert_pem).unwrap();
+        c.cards.enrolled_key_anchors = vec![anchor];
+    })
+    .await
+}
+
+fn new_key() -> pivgate_vcard::CardKey {
+    Profile::generate(&ProfileOptions::default()).unwrap().card().contents().keys[&CardSlot::Authentication].clone()
+}
+
+/// A token holding `key` in 9A signs `message` after its PIN.
+fn token_signs(key: &pivgate_vcard::CardKey, message: &[u8]) -> Vec<u8> {
+    let mut contents = pivgate_vcard::CardContents::blank(1);
+    contents.keys.insert(CardSlot::Authentication, key.clone());
+    let mut card = pivgate_vcard::VirtualCard::new(contents);
+    let mut piv = PivClient::new(&mut card);
+    piv.select().unwrap();
+    piv.verify_pin(&pivgate_hw::Pin::new(b"123456").unwrap()).unwrap();
+    piv.sign(CardSlot::Authentication, Algorithm::EccP256, &sha2::Sha256::digest(message)).unwrap()
+}
+
+#[tokio::test]
+async fn an_enrolled_key_card_is_its_key_and_a_slot_never_changes_key_silently() {
+    let b = enterprise_bench().await;
+    let (k9a, k9e, other) = (new_key(), new_key(), new_key());
+    let cert = enterprise_cert(&k9a, CardSlot::Authentication);
+    assert!(verify::inspect(&cert).unwrap().uuid.is_none());
+    let card = b.gw.enrol_card(&admin(), "op-1", &cert, Slot::PivAuthentication, None).await.unwrap();
+    assert_eq!(card.identity, IdentityRule::EnrolledKey);
+    assert_eq!(card.uuid, crate::model::enrolled_key_id(&k9a.spki_der().unwrap()));
+    assert_eq!(card.fascn, None);
+    // A renewed certificate for the same key names the same card.
+    let renewed = enterprise_cert(&k9a, CardSlot::Authentication);
+    assert_ne!(renewed, cert);
+    assert_eq!(b.gw.enrol_card(&admin(), "op-1", &renewed, Slot::PivAuthentication, None).await.unwrap().uuid, card.uuid);
+    // Its 9E key joins it only when the administrator names the card.
+    let nine_e = enterprise_cert(&k9e, CardSlot::CardAuthentication);
+    let joined = b.gw.enrol_card(&admin(), "op-1", &nine_e, Slot::CardAuthentication, Some(card.uuid)).await.unwrap();
+    assert_eq!((joined.uuid, joined.certificates.len()), (card.uuid, 2));
+    // Another key for an enrolled slot is another card, never a re-binding.
+    let swap = enterprise_cert(&other, CardSlot::Authentication);
+    let e = b.gw.enrol_card(&admin(), "op-1", &swap, Slot::PivAuthentication, Some(card.uuid)).await.unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    // A key enrolled for one card cannot be claimed for another.
+    let e = b.gw.enrol_card(&admin(), "op-1", &cert, Slot::PivAuthentication, Some([9; 16])).await.unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    // The card-only key must not be the PIN key.
+    let same = enterprise_cert(&k9a, CardSlot::CardAuthentication);
+    let fresh = b.gw.enrol_card(&admin(), "op-1", &enterprise_cert(&new_key(), CardSlot::Authentication), Slot::PivAuthentication, None).await.unwrap();
+    let e = b.gw.enrol_card(&admin(), "op-1", &same, Slot::CardAuthentication, Some(fresh.uuid)).await.unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_) | Error::InvalidRequest(_)), "{e}");
+    // Under the FIPS 201 rule the same kind of certificate is refused, with
+    // the way out in the message.
+    let fips = bench(|c| {
+        let anchor = c.data_dir.with_file_name("enterprise.pem");
+        std::fs::write(&anchor, &enterprise().cert_pem).unwrap();
+        c.cards.trust_anchors.push(anchor);
+    })
+    .await;
+    let e = fips.gw.enrol_card(&admin(), "op-1", &cert, Slot::PivAuthentication, None).await.unwrap_err();
+    assert!(e.to_string().contains("enrolled_key_anchors"), "{e}");
+}
+
+#[tokio::test]
+async fn an_enrolled_key_card_is_found_by_its_key_and_proves_with_it() {
+    let b = enterprise_bench().await;
+    let key = new_key();
+    let cert = enterprise_cert(&key, CardSlot::Authentication);
+    let card = b.gw.enrol_card(&admin(), "op-1", &cert, Slot::PivAuthentication, None).await.unwrap();
+    // No CHUID, not met: the gateway asks for the certificate.
+    let unnamed = BeginRequest { card_uuid: None, ..begin_req(T) };
+    assert!(matches!(b.gw.begin(&agent(), unnamed.clone()).await.unwrap(), Begin::CertificateNeeded(Slot::PivAuthentication)));
+    // A CHUID GUID is only a hint: it names no enrolled-key card.
+    let guid = BeginRequest { card_uuid: Some([0x42; 16]), ..begin_req(T) };
+    assert!(matches!(b.gw.begin(&agent(), guid).await.unwrap(), Begin::CertificateNeeded(_)));
+    let offered = BeginRequest { certificate: Some(cert.clone()), ..unnamed.clone() };
+    let Begin::Challenge { id, message, .. } = b.gw.begin(&agent(), offered).await.unwrap() else { panic!("no challenge") };
+    let m = pivgate_proto::card_message::parse(&message).unwrap();
+    assert_eq!(m.card_uuid, card.uuid, "bound to the card's id, not a GUID");
+    let sig = token_signs(&key, &message);
+    assert!(matches!(b.gw.complete(&agent(), &id, T, &sig).await.unwrap(), Complete::Granted { .. }));
+    // Known by its id afterwards; another key claiming it signs in vain.
+    let Begin::Challenge { id, message, .. } = b.gw.begin(&agent(), BeginRequest { card_uuid: Some(card.uuid), ..unnamed.clone() }).await.unwrap() else {
+        panic!("no challenge by id")
+    };
+    let impostor = new_key();
+    let sig = token_signs(&impostor, &message);
+    assert!(matches!(b.gw.complete(&agent(), &id, T, &sig).await.unwrap(), Complete::Denied(Deny::BadSignature, _)));
+    // The impostor's own certificate, from the same CA, names no card.
+    let theirs = enterprise_cert(&impostor, CardSlot::Authentication);
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), BeginRequest { certificate: Some(theirs), ..unnamed }).await.unwrap() else {
+        panic!("an unenrolled key began")
+    };
+    assert_eq!(d, Deny::UnknownCard);
+}

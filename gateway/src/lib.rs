@@ -105,7 +105,9 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         .map_err(|e| Error::Tls(e.to_string()))?;
     let gateway_id: [u8; 32] = sha2::Sha256::digest(server_der.as_ref()).into();
     let mut anchors = Vec::new();
-    for (paths, identity) in [(&config.cards.trust_anchors, verify::IdentityRule::Fips201), (&config.cards.enrolled_key_anchors, verify::IdentityRule::EnrolledKey)] {
+    for (paths, identity) in
+        [(&config.cards.trust_anchors, verify::IdentityRule::Fips201), (&config.cards.enrolled_key_anchors, verify::IdentityRule::EnrolledKey)]
+    {
         for p in paths {
             anchors.extend(crl::read_der_or_pem(p, "CERTIFICATE")?.into_iter().map(|der| verify::Anchor { der, identity }));
         }

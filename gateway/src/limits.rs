@@ -213,7 +213,8 @@ impl Bounded for pb::PresenceRequest {
 impl Bounded for pb::BeginAuthenticationRequest {
     fn check(&self) -> Result<(), Status> {
         identifier("terminal_id", &self.terminal_id)?;
-        exactly("card_uuid", &self.card_uuid, 16, false)?;
+        // Empty: a card without a CHUID the agent has not met.
+        exactly("card_uuid", &self.card_uuid, 16, true)?;
         exactly("fascn", &self.fascn, 25, true)?;
         bytes("certificate", &self.certificate, CERTIFICATE_MAX)
     }
@@ -264,6 +265,9 @@ impl Bounded for pb::GetOperatorRequest {
 impl Bounded for pb::EnrolCardRequest {
     fn check(&self) -> Result<(), Status> {
         identifier("operator_id", &self.operator_id)?;
+        if self.card_uuid.len() > 64 {
+            return Err(bad("card_uuid", "is not a UUID"));
+        }
         bytes("certificate", &self.certificate, CERTIFICATE_MAX)
     }
 }

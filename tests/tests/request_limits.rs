@@ -57,7 +57,11 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
         }
         too_large("AddOperator.roles", admin.add_operator(op("op-1", "n", vec![big.clone()])).await, f("operator.roles"))?;
         too_large("GetOperator", admin.get_operator(pb::GetOperatorRequest { operator_id: big.clone() }).await, f("operator_id"))?;
-        too_large("EnrolCard", admin.enrol_card(pb::EnrolCardRequest { operator_id: big.clone(), certificate: vec![], slot: 1, ..Default::default() }).await, f("operator_id"))?;
+        too_large(
+            "EnrolCard",
+            admin.enrol_card(pb::EnrolCardRequest { operator_id: big.clone(), certificate: vec![], slot: 1, ..Default::default() }).await,
+            f("operator_id"),
+        )?;
         if big.len() > 300 {
             too_large(
                 "RevokeCard.reason",

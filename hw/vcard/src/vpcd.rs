@@ -110,6 +110,9 @@ pub fn serve_with_stats(card: &mut VirtualCard, mut stream: TcpStream, removed: 
                     st.first_apdu.get_or_insert_with(Instant::now);
                 }
                 let answer = card.process(apdu);
+                // Each exchange at trace level (RUST_LOG=pivgate_vcard=trace):
+                // the test rig's own `pcscd -a`.
+                tracing::trace!(command = %hex::encode(apdu), response = %hex::encode(&answer.response), "APDU");
                 if answer.disconnect {
                     let _ = stream.shutdown(Shutdown::Both);
                     return Ok(Ended::Dropped);
