@@ -6,6 +6,7 @@
 //! ```text
 //! pivgatectl --data-dir DIR operator add op-17 --name "Ana Silva" --role dispatcher
 //! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9a.pem
+//! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9e.pem --slot 9e --card 8c1f…
 //! pivgatectl --data-dir DIR agent bind pi-dispatch-03 --terminal dispatch-03
 //! pivgatectl --data-dir DIR cert issue --role agent --name pi-dispatch-03 --out-dir ./pi3
 //! pivgatectl --data-dir DIR audit export --out audit.jsonl
@@ -119,7 +120,10 @@ enum SlotArg {
 
 #[derive(Subcommand)]
 enum CardCmd {
-    /// Enrol a card from its 9A or 9E certificate (PEM or DER).
+    /// Enrol a card from its 9A or 9E certificate (PEM or DER). From a
+    /// FIPS 201 issuer the card is the UUID its certificate names; from an
+    /// enrolled-key issuer (cards.enrolled_key_anchors) the certificate's
+    /// key is the card.
     Enrol {
         #[arg(long)]
         operator: String,
@@ -127,9 +131,13 @@ enum CardCmd {
         cert: PathBuf,
         #[arg(long, value_enum, default_value = "9a")]
         slot: SlotArg,
+        /// Enrolled-key cards: the card (as `card list` shows it) whose
+        /// other slot this key is for. Without it a new key is a new card.
+        #[arg(long)]
+        card: Option<String>,
     },
-    /// List enrolled cards (tab-separated: UUID, operator, certificate
-    /// SHA-256, state).
+    /// List enrolled cards (tab-separated: card id, operator, certificate
+    /// SHA-256, state, identity rule).
     List {
         /// Only this operator's cards.
         #[arg(long)]
@@ -323,7 +331,7 @@ async fn main() -> Result<()> {
                 writeln!(out, "  card {} fascn {} cert sha256 {}{}", c.card_uuid, c.fascn, c.certificate_sha256, if c.revoked { " REVOKED" } else { "" })?;
             }
         }
-        Command::Card(CardCmd::Enrol { operator, cert, slot }) => {
+        Command::Card(CardCmd::Enrol { operator, cert, slot, card }) => {
             let bytes = std::fs::read(&cert).with_context(|| cert.display().to_string())?;
             let der = if bytes.starts_with(b"-----BEGIN") {
                 x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?.1.contents
@@ -334,8 +342,8 @@ async fn main() -> Result<()> {
                 SlotArg::A => Slot::PivAuthentication,
                 SlotArg::E => Slot::CardAuthentication,
             };
-            let c = typed.enrol_card(&operator, &der, slot).await?;
-            writeln!(out, "card {} enrolled for {}", c.card_uuid, c.operator_id)?;
+            let c = typed.enrol_card_to(&operator, &der, slot, card.as_deref()).await?;
+            writeln!(out, "card {} enrolled for {} (identity: {})", c.card_uuid, c.operator_id, c.identity)?;
         }
         Command::Card(CardCmd::List { operator }) => {
             let mut page_token = String::new();
@@ -343,7 +351,8 @@ async fn main() -> Result<()> {
                 let r =
                     admin.list_cards(pb::ListCardsRequest { page_size: 0, page_token, operator_id: operator.clone().unwrap_or_default() }).await?.into_inner();
                 for c in r.cards {
-                    writeln!(out, "{}\t{}\t{}\t{}", c.card_uuid, c.operator_id, c.certificate_sha256, if c.revoked { "revoked" } else { "active" })?;
+                    let state = if c.revoked { "revoked" } else { "active" };
+                    writeln!(out, "{}\t{}\t{}\t{}\t{}", c.card_uuid, c.operator_id, c.certificate_sha256, state, c.identity)?;
                 }
                 if r.next_page_token.is_empty() {
                     break;
