@@ -214,6 +214,7 @@ async fn tokens_provisioned_with_yubico_piv_tool_and_openssl_enrol_and_unlock() 
     let (res, p256, known) = tap(&agent, &r, p256, "123456").await?;
     assert_granted(res, "op-17");
     assert_eq!(known, 5, "a known token without a CHUID (the first tap took {first})");
+    eprintln!("APDUs of a CHUID-less token: first tap {first}, known {known}");
     let (res, rsa, known) = tap(&agent, &r, rsa, "123456").await?;
     assert_granted(res, "op-18");
     // RSA-2048 through a reader without extended length: the 256-byte
