@@ -125,6 +125,11 @@ pub enum Ins {
     YubicoGetSerial,
     /// Vendor GET METADATA (0xF7), YubiKey 5.3 and later.
     YubicoGetMetadata,
+    /// Vendor ATTEST (0xF9): a certificate, signed by the card's
+    /// attestation key, for a key generated on the card.
+    YubicoAttest,
+    /// Vendor SET MANAGEMENT KEY (0xFF).
+    YubicoSetManagementKey,
     /// Anything else.
     Other(u8),
 }
@@ -145,6 +150,8 @@ impl Ins {
             Ins::YubicoGetVersion => 0xFD,
             Ins::YubicoGetSerial => 0xF8,
             Ins::YubicoGetMetadata => 0xF7,
+            Ins::YubicoAttest => 0xF9,
+            Ins::YubicoSetManagementKey => 0xFF,
             Ins::Other(b) => b,
         }
     }
@@ -164,6 +171,8 @@ impl Ins {
             0xFD => Ins::YubicoGetVersion,
             0xF8 => Ins::YubicoGetSerial,
             0xF7 => Ins::YubicoGetMetadata,
+            0xF9 => Ins::YubicoAttest,
+            0xFF => Ins::YubicoSetManagementKey,
             other => Ins::Other(other),
         }
     }

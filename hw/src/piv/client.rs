@@ -192,6 +192,35 @@ impl<T: Transport> PivClient<T> {
         }
     }
 
+    /// A certificate for the key in `slot`, signed by the card's
+    /// attestation key (the YubiKey ATTEST extension, INS F9): proof the
+    /// key was generated on the card, with its PIN and touch policies.
+    /// `None` from a card that cannot attest, or for a key it did not
+    /// generate (it was put there from outside).
+    pub fn attest(&mut self, slot: Slot) -> Result<Option<Vec<u8>>> {
+        const CMD: &str = "ATTEST";
+        let r = self.exchange(CMD, &Command::new(Ins::YubicoAttest, slot.key_ref(), 0x00).with_le(256))?;
+        match r.sw {
+            StatusWord::SUCCESS if r.data.len() > self.limits.max_certificate => {
+                Err(Error::TooLarge { what: "attestation certificate", limit: self.limits.max_certificate })
+            }
+            StatusWord::SUCCESS => Ok(Some(r.data)),
+            StatusWord::INS_NOT_SUPPORTED | StatusWord::INCORRECT_DATA | StatusWord::INCORRECT_P1P2 | StatusWord::NOT_FOUND | StatusWord(0x6E00) => Ok(None),
+            sw => Err(status_error(CMD, sw)),
+        }
+    }
+
+    /// The attestation key's own certificate (YubiKey object 5FFF01, the
+    /// link from an attestation to the maker's root), if the card has one.
+    pub fn attestation_certificate(&mut self) -> Result<Option<Vec<u8>>> {
+        match self.get_data(ObjectTag(0x5F_FF01)) {
+            Ok(data) => Ok(Some(objects::certificate_from_container(&data, self.limits.max_certificate)?)),
+            Err(Error::ObjectNotFound { .. }) => Ok(None),
+            Err(Error::Status { sw, .. }) if sw == StatusWord::INCORRECT_DATA || sw == StatusWord::INCORRECT_P1P2 => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads and parses the Discovery object.
     pub fn read_discovery(&mut self) -> Result<Discovery> {
         let data = self.get_data(ObjectTag::DISCOVERY)?;

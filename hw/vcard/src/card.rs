@@ -16,6 +16,7 @@ use pivgate_hw::apdu::{Ins, StatusWord};
 use pivgate_hw::piv::{Algorithm, KeyRef, ObjectTag, Slot, PIV_AID, PIV_AID_TRUNCATED};
 use pivgate_hw::tlv;
 
+use super::attestation::{Attestation, KeyOrigin, PinPolicy, TouchPolicy};
 use super::keys::{CardKey, ManagementKey};
 use super::{Fault, Latency};
 
@@ -28,6 +29,12 @@ pub const ATR: [u8; 16] = [0x3B, 0x8B, 0x80, 0x01, 0x80, 0xF9, 0xA0, 0x00, 0x00,
 /// with card capabilities (compact-TLV 73: command chaining and extended
 /// Lc/Le, ISO/IEC 7816-4 §12.1.1.9) in its historical bytes.
 pub const ATR_EXTENDED: [u8; 20] = [0x3B, 0x8F, 0x80, 0x01, 0x80, 0xF9, 0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0x73, 0x00, 0x00, 0xC0, 0x7F];
+
+/// The object holding the attestation key's certificate (YubiKey).
+pub const ATTESTATION_OBJECT: u32 = 0x5FFF01;
+
+/// The firmware version the card reports (GET VERSION) and attests.
+pub const FIRMWARE: [u8; 3] = [5, 4, 3];
 
 /// Retry counter for PIN and PUK after personalisation.
 pub const DEFAULT_TRIES: u8 = 3;
@@ -50,6 +57,20 @@ pub struct CardContents {
     pub serial: u32,
     /// PIN tries before it blocks.
     pub pin_tries_max: u8,
+    /// Where each slot's key came from and its PIN and touch policies; a
+    /// slot not listed holds a key put there from outside
+    /// ([`KeyOrigin::imported`]).
+    pub origins: BTreeMap<Slot, KeyOrigin>,
+    /// The attestation key and certificate (slot F9), when the card can
+    /// attest (YubiKeys can; most Java Card applets cannot).
+    pub attestation: Option<Attestation>,
+}
+
+impl CardContents {
+    /// Where the key in `slot` came from.
+    pub fn origin(&self, slot: Slot) -> KeyOrigin {
+        self.origins.get(&slot).copied().unwrap_or_else(|| KeyOrigin::imported(slot))
+    }
 }
 
 impl CardContents {
@@ -70,6 +91,8 @@ impl CardContents {
             management_key: ManagementKey::TripleDes(Zeroizing::new(super::keys::DEFAULT_MANAGEMENT_KEY)),
             serial,
             pin_tries_max: DEFAULT_TRIES,
+            origins: BTreeMap::new(),
+            attestation: None,
         }
     }
 }
@@ -158,7 +181,9 @@ enum Cmd<'a> {
     ChangeReference { puk: bool, old: &'a [u8], new: &'a [u8] },
     ResetRetryCounter { puk: &'a [u8], new_pin: &'a [u8] },
     GeneralAuthenticate { alg: u8, key: KeyRef, template: &'a [u8] },
-    GenerateKeyPair { slot: Slot, alg: u8 },
+    GenerateKeyPair { slot: Slot, alg: u8, pin: PinPolicy, touch: TouchPolicy },
+    Attest { slot: Slot },
+    SetManagementKey { alg: u8, key: &'a [u8] },
     GetResponse,
     GetVersion,
     GetSerial,
@@ -234,13 +259,31 @@ fn parse_cmd<'a>(a: &Apdu<'a>) -> Result<Cmd<'a>, StatusWord> {
             };
             let ac = tlv::expect_single(a.data, 0xAC).ok().flatten().ok_or(StatusWord::INCORRECT_DATA)?;
             let alg = tlv::find(ac, 0x80).ok().flatten().filter(|v| v.len() == 1).ok_or(StatusWord::INCORRECT_DATA)?;
-            Cmd::GenerateKeyPair { slot, alg: alg[0] }
+            // YubiKey extensions: AA the PIN policy, AB the touch policy.
+            let byte = |tag| match tlv::find(ac, tag) {
+                Ok(Some([b])) => Ok(*b),
+                Ok(None) => Ok(0),
+                _ => Err(StatusWord::INCORRECT_DATA),
+            };
+            let pin = PinPolicy::from_code(byte(0xAA)?, slot).ok_or(StatusWord::INCORRECT_DATA)?;
+            let touch = TouchPolicy::from_code(byte(0xAB)?).ok_or(StatusWord::INCORRECT_DATA)?;
+            Cmd::GenerateKeyPair { slot, alg: alg[0], pin, touch }
         }
         Ins::GetResponse => Cmd::GetResponse,
         // Vendor commands that YubiKey-aware tools send; harmless to others.
         Ins::YubicoGetVersion => Cmd::GetVersion,
         Ins::YubicoGetSerial => Cmd::GetSerial,
         Ins::YubicoGetMetadata => Cmd::GetMetadata { key: key.ok_or(StatusWord::REFERENCE_NOT_FOUND)? },
+        // P1 FF; P2 FF (no touch) or FE (touch); data: algorithm, 9B, key.
+        Ins::YubicoSetManagementKey => match (a.p1, a.p2, a.data) {
+            (0xFF, 0xFE | 0xFF, [alg, 0x9B, len, key @ ..]) if usize::from(*len) == key.len() => Cmd::SetManagementKey { alg: *alg, key },
+            (0xFF, 0xFE | 0xFF, _) => return Err(StatusWord::INCORRECT_DATA),
+            _ => return Err(StatusWord::INCORRECT_P1P2),
+        },
+        Ins::YubicoAttest => match Slot::from_key_ref(a.p1) {
+            Some(s) if s != Slot::Management && a.p2 == 0 => Cmd::Attest { slot: s },
+            _ => return Err(StatusWord::INCORRECT_P1P2),
+        },
         Ins::Other(_) => return Err(StatusWord::INS_NOT_SUPPORTED),
     })
 }
@@ -554,10 +597,14 @@ impl VirtualCard {
             Cmd::ChangeReference { puk, old, new } => (self.change_reference(puk, old, new), self.latency.per_verify),
             Cmd::ResetRetryCounter { puk, new_pin } => (self.reset_retry_counter(puk, new_pin), self.latency.per_verify),
             Cmd::GeneralAuthenticate { alg, key, template } => self.general_authenticate(alg, key, template),
-            Cmd::GenerateKeyPair { slot, alg } => (self.generate(slot, alg), self.latency.per_signature * 4),
+            Cmd::GetVersion | Cmd::GetSerial | Cmd::GetMetadata { .. } | Cmd::Attest { .. } | Cmd::SetManagementKey { .. } if !self.vendor_commands => {
+                (Err(StatusWord::INS_NOT_SUPPORTED), z)
+            }
+            Cmd::SetManagementKey { alg, key } => (self.set_management_key(alg, key), z),
+            Cmd::GenerateKeyPair { slot, alg, pin, touch } => (self.generate(slot, alg, pin, touch), self.latency.per_signature * 4),
+            Cmd::Attest { slot } => (self.attest(slot), self.latency.per_signature),
             Cmd::GetResponse => (Err(StatusWord::CONDITIONS_NOT_SATISFIED), z),
-            Cmd::GetVersion | Cmd::GetSerial | Cmd::GetMetadata { .. } if !self.vendor_commands => (Err(StatusWord::INS_NOT_SUPPORTED), z),
-            Cmd::GetVersion => (Ok(vec![5, 4, 3]), z),
+            Cmd::GetVersion => (Ok(FIRMWARE.to_vec()), z),
             Cmd::GetSerial => (Ok(self.contents.serial.to_be_bytes().to_vec()), z),
             Cmd::GetMetadata { key } => (self.metadata(key), z),
         }
@@ -592,6 +639,12 @@ impl VirtualCard {
     fn get_data(&mut self, tag: u32) -> Reply {
         if ObjectTag(tag).read_needs_pin() && !self.pin_verified {
             return Err(StatusWord::SECURITY_STATUS_NOT_SATISFIED);
+        }
+        // The attestation certificate (YubiKey object 5FFF01), when the
+        // card can attest.
+        if tag == ATTESTATION_OBJECT {
+            let att = self.contents.attestation.as_ref().ok_or(StatusWord::NOT_FOUND)?;
+            return Ok(tlv::encode(0x53, &pivgate_hw::piv::objects::certificate_container(&att.certificate, false)));
         }
         let stored = self.contents.objects.get(&tag).ok_or(StatusWord::NOT_FOUND)?;
         if tag == ObjectTag::DISCOVERY.0 {
@@ -714,14 +767,15 @@ impl VirtualCard {
         if !resp.is_empty() || input.is_empty() {
             return (Err(StatusWord::INCORRECT_DATA), z);
         }
-        if slot.needs_pin() && !self.pin_verified {
+        let pin = self.contents.origin(slot).pin;
+        if pin != PinPolicy::Never && !self.pin_verified {
             return (Err(StatusWord::SECURITY_STATUS_NOT_SATISFIED), z);
         }
         let sig = match key.sign_raw(input, &mut *self.rng) {
             Ok(s) => s,
             Err(sw) => return (Err(sw), z),
         };
-        if slot == Slot::Signature {
+        if pin == PinPolicy::Always {
             // PIN always: the next signature needs a fresh VERIFY.
             self.pin_verified = false;
         }
@@ -789,7 +843,7 @@ impl VirtualCard {
     }
 
     /// GENERATE ASYMMETRIC KEY PAIR (SP 800-73-4 Part 2, §3.3.2).
-    fn generate(&mut self, slot: Slot, alg: u8) -> Reply {
+    fn generate(&mut self, slot: Slot, alg: u8, pin: PinPolicy, touch: TouchPolicy) -> Reply {
         if !self.mgmt_authenticated {
             return Err(StatusWord::SECURITY_STATUS_NOT_SATISFIED);
         }
@@ -797,7 +851,31 @@ impl VirtualCard {
         let key = CardKey::generate(alg, &mut *self.rng).map_err(|_| StatusWord::UNKNOWN)?;
         let template = tlv::encode(0x7F49, &key.public_template());
         self.contents.keys.insert(slot, key);
+        self.contents.origins.insert(slot, KeyOrigin { generated: true, pin, touch });
         Ok(template)
+    }
+
+    /// Vendor SET MANAGEMENT KEY, after management key authentication.
+    fn set_management_key(&mut self, alg: u8, key: &[u8]) -> Reply {
+        if !self.mgmt_authenticated {
+            return Err(StatusWord::SECURITY_STATUS_NOT_SATISFIED);
+        }
+        let alg = Algorithm::from_id(alg).ok_or(StatusWord::INCORRECT_DATA)?;
+        self.contents.management_key = ManagementKey::new(alg, key).map_err(|_| StatusWord::INCORRECT_DATA)?;
+        Ok(vec![])
+    }
+
+    /// Vendor ATTEST: a certificate for a key this card generated, signed
+    /// by its attestation key. A key put there from outside is refused
+    /// (6A80), as YubiKeys do: nobody can vouch where it has been.
+    fn attest(&self, slot: Slot) -> Reply {
+        let att = self.contents.attestation.as_ref().ok_or(StatusWord::INS_NOT_SUPPORTED)?;
+        let key = self.contents.keys.get(&slot).ok_or(StatusWord::REFERENCE_NOT_FOUND)?;
+        let origin = self.contents.origin(slot);
+        if !origin.generated {
+            return Err(StatusWord::INCORRECT_DATA);
+        }
+        att.attest(slot, key, &origin, self.contents.serial, FIRMWARE).map_err(|_| StatusWord::UNKNOWN)
     }
 
     /// Vendor GET METADATA (as YubiKey 5.3+): algorithm and retry counters.
@@ -813,7 +891,10 @@ impl VirtualCard {
             KeyRef::Key(Slot::Management) => tlv::write(&mut out, 0x01, &[self.contents.management_key.algorithm().id()]),
             KeyRef::Key(slot) => {
                 let key = self.contents.keys.get(&slot).ok_or(StatusWord::REFERENCE_NOT_FOUND)?;
+                let origin = self.contents.origin(slot);
                 tlv::write(&mut out, 0x01, &[key.algorithm().id()]);
+                tlv::write(&mut out, 0x02, &[origin.pin.code(), origin.touch.code()]);
+                tlv::write(&mut out, 0x03, &[if origin.generated { 1 } else { 2 }]);
                 tlv::write(&mut out, 0x04, &key.public_template());
             }
         }

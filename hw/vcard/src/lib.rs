@@ -5,6 +5,9 @@
 //!
 //! - [`card`]: the card itself, sans-IO: APDU in, APDU out, plus the time a
 //!   real card would take.
+//! - [`attestation`]: where its keys came from (generated or put there),
+//!   their PIN and touch policies, and PIV attestation (YubiKey F9) under a
+//!   test attestation root.
 //! - [`keys`]: its asymmetric slot keys (P-256, P-384, RSA-2048) and the
 //!   management key (3DES or AES).
 //! - [`profile`]: what it holds, generated (with a throwaway issuing CA) or
@@ -18,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attestation;
 pub mod card;
 pub mod error;
 pub mod keys;
@@ -26,6 +30,7 @@ pub mod vpcd;
 
 use std::time::Duration;
 
+pub use attestation::{Attestation, AttestationCa, KeyOrigin, PinPolicy, TouchPolicy};
 pub use card::{AidMatch, Answer, CardContents, VirtualCard, ATR, ATR_EXTENDED};
 pub use error::{Error, Result};
 pub use keys::{CardKey, ManagementKey, DEFAULT_MANAGEMENT_KEY};

@@ -269,6 +269,8 @@ impl Profile {
             management_key: ManagementKey::new(Algorithm::TripleDes, &DEFAULT_MANAGEMENT_KEY)?,
             serial,
             pin_tries_max: DEFAULT_TRIES,
+            origins: BTreeMap::new(),
+            attestation: None,
         };
         let mut p = Profile { ca, contents, chuid, certificates, compressed: opts.compress_certificates };
         p.write_objects()?;
@@ -356,6 +358,8 @@ impl Profile {
             management_key: ManagementKey::new(mgmt_alg, &mgmt)?,
             serial: t.serial,
             pin_tries_max: DEFAULT_TRIES,
+            origins: BTreeMap::new(),
+            attestation: None,
         };
         let chuid = Chuid { fascn, guid, expiry: t.expiry, cardholder_uuid: None, signed: false };
         let mut p = Profile { ca, contents, chuid, certificates, compressed: t.compress_certificates };

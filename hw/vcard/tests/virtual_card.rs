@@ -174,3 +174,89 @@ fn the_client_selects_cards_that_take_only_the_whole_aid_or_only_its_truncation(
     let whole = [0x00, 0xA4, 0x04, 0x00, 0x0B, 0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00];
     assert_eq!(truncated_only.process(&whole).response, vec![0x6A, 0x82]);
 }
+
+/// GENERATE in 9A with a PIN policy (AA) as yubico-piv-tool --pin-policy
+/// sends it; returns the SW.
+fn generate_9a(card: &mut VirtualCard, pin_policy: u8) -> u16 {
+    let mut ac = tlv::encode(0x80, &[0x11]);
+    ac.extend(tlv::encode(0xAA, &[pin_policy]));
+    sw(&card.process(&apdu(0x47, 0, 0x9A, &tlv::encode(0xAC, &ac))).response)
+}
+
+fn signs_without_pin(card: &mut VirtualCard) -> bool {
+    let mut piv = PivClient::new(&mut *card);
+    piv.select().unwrap();
+    piv.sign(pivgate_hw::piv::Slot::Authentication, Algorithm::EccP256, &[7; 32]).is_ok()
+}
+
+#[test]
+fn pin_policies_are_kept_per_key() {
+    let key = ManagementKey::new(Algorithm::TripleDes, &DEFAULT_MANAGEMENT_KEY).unwrap();
+    let mut card = VirtualCard::new(pivgate_vcard::CardContents::blank(1));
+    // Never: the 9A key signs for whoever holds the card.
+    assert_eq!(mutual_auth(&mut card, &key), 0x9000);
+    assert_eq!(generate_9a(&mut card, 1), 0x9000);
+    assert!(signs_without_pin(&mut card), "PIN policy never");
+    // Once (the default, 0): one VERIFY, then signatures until reset.
+    assert_eq!(mutual_auth(&mut card, &key), 0x9000);
+    assert_eq!(generate_9a(&mut card, 0), 0x9000);
+    assert!(!signs_without_pin(&mut card), "PIN policy once signed without the PIN");
+    {
+        let mut piv = PivClient::new(&mut card);
+        piv.select().unwrap();
+        piv.verify_pin(&pivgate_hw::Pin::new(b"123456").unwrap()).unwrap();
+        for _ in 0..2 {
+            piv.sign(pivgate_hw::piv::Slot::Authentication, Algorithm::EccP256, &[7; 32]).unwrap();
+        }
+    }
+    // Always: a VERIFY before each signature.
+    card.reset();
+    assert_eq!(mutual_auth(&mut card, &key), 0x9000);
+    assert_eq!(generate_9a(&mut card, 3), 0x9000);
+    let mut piv = PivClient::new(&mut card);
+    piv.select().unwrap();
+    piv.verify_pin(&pivgate_hw::Pin::new(b"123456").unwrap()).unwrap();
+    piv.sign(pivgate_hw::piv::Slot::Authentication, Algorithm::EccP256, &[7; 32]).unwrap();
+    assert!(piv.sign(pivgate_hw::piv::Slot::Authentication, Algorithm::EccP256, &[7; 32]).is_err(), "PIN always signed twice");
+    // A policy byte that means nothing is refused.
+    let mut card = VirtualCard::new(pivgate_vcard::CardContents::blank(1));
+    assert_eq!(mutual_auth(&mut card, &key), 0x9000);
+    assert_eq!(generate_9a(&mut card, 9), 0x6A80);
+}
+
+#[test]
+fn a_generated_key_is_attested_and_one_put_there_is_not() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let root = pivgate_vcard::AttestationCa::generate("test attestation root").unwrap();
+    let key = ManagementKey::new(Algorithm::TripleDes, &DEFAULT_MANAGEMENT_KEY).unwrap();
+    // A profile's keys are made outside the card: not attestable.
+    let mut card = Profile::generate(&ProfileOptions::default()).unwrap().card();
+    card.contents_mut().attestation = Some(root.device(card.contents().serial).unwrap());
+    let mut piv = PivClient::new(&mut card);
+    piv.select().unwrap();
+    assert_eq!(piv.attest(pivgate_hw::piv::Slot::Authentication).unwrap(), None);
+    let f9 = piv.attestation_certificate().unwrap().expect("the F9 certificate");
+    // Generated with PIN policy once: attested, with its policy and serial.
+    assert_eq!(mutual_auth(&mut card, &key), 0x9000);
+    assert_eq!(generate_9a(&mut card, 2), 0x9000);
+    let mut piv = PivClient::new(&mut card);
+    piv.select().unwrap();
+    let att = piv.attest(pivgate_hw::piv::Slot::Authentication).unwrap().expect("an attestation");
+    let (_, cert) = X509Certificate::from_der(&att).unwrap();
+    let (_, issuer) = X509Certificate::from_der(&f9).unwrap();
+    cert.verify_signature(Some(issuer.public_key())).expect("signed by the card's attestation key");
+    assert_eq!(cert.issuer(), issuer.subject());
+    let ext = |oid: &str| cert.extensions().iter().find(|e| e.oid.to_id_string() == oid).map(|e| e.value.to_vec());
+    assert_eq!(ext("1.3.6.1.4.1.41482.3.8"), Some(vec![2, 1]), "PIN once, touch never");
+    let serial = card.contents().serial;
+    let serial_der = ext("1.3.6.1.4.1.41482.3.7").unwrap();
+    let (_, attested_serial) = x509_parser::der_parser::der::parse_der_integer(&serial_der).unwrap();
+    assert_eq!(attested_serial.as_u32().unwrap(), serial);
+    let generated = card.contents().keys[&pivgate_hw::piv::Slot::Authentication].spki_der().unwrap();
+    assert_eq!(cert.public_key().raw, generated.as_slice());
+    // A card that cannot attest says so.
+    let mut plain = VirtualCard::new(pivgate_vcard::CardContents::blank(2));
+    let mut piv = PivClient::new(&mut plain);
+    piv.select().unwrap();
+    assert_eq!(piv.attestation_certificate().unwrap(), None);
+}
