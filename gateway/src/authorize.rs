@@ -231,6 +231,15 @@ impl Gateway {
                 }
             }
         }
+        // Where the site requires it, the PIN key is the one attested as
+        // generated on the token and asking for the PIN: a card enrolled
+        // before the rule, or a key swapped since, is refused.
+        if slot == Slot::PivAuthentication
+            && self.require_attested_pin_key
+            && !card.attested.get(&slot).is_some_and(|a| a.key_sha256 == info.key_sha256 && a.is_pin_key())
+        {
+            return Err(Deny::KeyNotAttested);
+        }
         let v = self.trust.validate(der, slot, self.clock.system())?;
         // A card is judged under the rule it was enrolled under: an issuer
         // moved to another rule (or a certificate from another issuer)

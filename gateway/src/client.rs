@@ -95,17 +95,28 @@ impl Admin {
     /// Enrols a card certificate (DER) for an operator's `slot`; returns the
     /// card as the gateway holds it.
     pub async fn enrol_card(&mut self, operator_id: &str, certificate: &[u8], slot: Slot) -> Result<pb::Card> {
-        self.enrol_card_to(operator_id, certificate, slot, None).await
+        self.enrol_card_with(operator_id, certificate, slot, None, None).await
     }
 
-    /// [`Admin::enrol_card`] for an enrolled-key card: `to_card` (as
-    /// listed) is the card whose other slot this certificate's key is for.
-    pub async fn enrol_card_to(&mut self, operator_id: &str, certificate: &[u8], slot: Slot, to_card: Option<&str>) -> Result<pb::Card> {
+    /// [`Admin::enrol_card`] with the rest: for an enrolled-key card,
+    /// `to_card` (as listed) is the card whose other slot this
+    /// certificate's key is for; `attestation` is the key's attestation and
+    /// the token's attestation certificate (DER), where the token gave them.
+    pub async fn enrol_card_with(
+        &mut self,
+        operator_id: &str,
+        certificate: &[u8],
+        slot: Slot,
+        to_card: Option<&str>,
+        attestation: Option<(&[u8], &[u8])>,
+    ) -> Result<pb::Card> {
         let req = pb::EnrolCardRequest {
             operator_id: operator_id.into(),
             certificate: certificate.to_vec(),
             slot: crate::service::slot_pb(slot) as i32,
             card_uuid: to_card.unwrap_or_default().into(),
+            attestation: attestation.map(|a| a.0.to_vec()).unwrap_or_default(),
+            attestation_intermediate: attestation.map(|a| a.1.to_vec()).unwrap_or_default(),
         };
         Ok(self.rpc.enrol_card(req).await?.into_inner().card.unwrap_or_default())
     }

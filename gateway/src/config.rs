@@ -26,6 +26,8 @@
 //! eku_9e = ["2.16.840.1.101.3.6.8"]
 //! policies_9a = ["2.16.840.1.101.3.2.1.3.13"]
 //! policies_9e = ["2.16.840.1.101.3.2.1.3.17"]
+//! attestation_roots = ["/etc/pivgate/yubico-piv-attestation-ca.pem"]
+//! require_attested_pin_key = true
 //! ```
 
 use std::collections::BTreeMap;
@@ -170,6 +172,14 @@ pub struct CardsConfig {
     pub policies_9a: Vec<String>,
     /// Certificate policies (any of) required on 9E certificates.
     pub policies_9e: Vec<String>,
+    /// PEM files of the attestation roots the site trusts (the token
+    /// makers', such as Yubico's PIV attestation root).
+    pub attestation_roots: Vec<PathBuf>,
+    /// Require the 9A (card and PIN) key to be attested as generated on its
+    /// token with a PIN policy other than never: at enrolment, and at every
+    /// tap (a card enrolled before the policy is refused until its 9A key
+    /// is enrolled again with its attestation).
+    pub require_attested_pin_key: bool,
 }
 
 impl Default for Config {
@@ -203,6 +213,8 @@ impl Default for CardsConfig {
             crl_strict: false,
             max_crl_age_s: None,
             require_crl: false,
+            attestation_roots: vec![],
+            require_attested_pin_key: false,
             eku_9a: vec![],
             eku_9e: vec![],
             policies_9a: vec![],
@@ -287,7 +299,10 @@ impl Config {
                 p.display()
             )));
         }
-        for p in c.trust_anchors.iter().chain(&c.enrolled_key_anchors).chain(&c.intermediates).chain(&c.crl_files) {
+        if c.require_attested_pin_key && c.attestation_roots.is_empty() {
+            return Err(Error::Config("cards.require_attested_pin_key needs cards.attestation_roots".into()));
+        }
+        for p in c.trust_anchors.iter().chain(&c.enrolled_key_anchors).chain(&c.intermediates).chain(&c.crl_files).chain(&c.attestation_roots) {
             if !p.exists() {
                 return Err(Error::Config(format!("{} does not exist", p.display())));
             }

@@ -127,6 +127,11 @@ pub struct Gateway {
     pub store: Arc<Store>,
     /// Card trust.
     pub trust: CardTrust,
+    /// Attestation roots (the token makers').
+    pub attestation: crate::attest::AttestationTrust,
+    /// Whether a 9A key must be attested as generated on its token with
+    /// a PIN policy other than never, at enrolment and at every tap.
+    pub require_attested_pin_key: bool,
     /// Challenges.
     pub challenges: Challenges,
     /// Clock.
@@ -167,6 +172,22 @@ pub struct Gateway {
 enum BeginCheck {
     Ready { card: [u8; 16], mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
     NeedCertificate(Slot),
+}
+
+/// A card enrolment, as an administrator asks for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Enrolment<'a> {
+    /// The operator who carries the card.
+    pub operator_id: &'a str,
+    /// The slot's certificate, DER.
+    pub certificate: &'a [u8],
+    /// Which slot.
+    pub slot: Slot,
+    /// Enrolled-key cards: the card whose other slot this key is for.
+    pub to_card: Option<[u8; 16]>,
+    /// The key's attestation and the token's attestation certificate
+    /// (YubiKey: `yubico-piv-tool -a attest`, and slot F9's certificate).
+    pub attestation: Option<(&'a [u8], &'a [u8])>,
 }
 
 /// A begin-authentication request, parsed.
@@ -826,12 +847,40 @@ impl Gateway {
     /// derived from the key. A slot never silently changes key: a new key
     /// for an enrolled slot is a new card.
     pub async fn enrol_card(&self, caller: &Caller, operator_id: &str, der: &[u8], slot: Slot, to_card: Option<[u8; 16]>) -> Result<Card> {
+        self.enrol(caller, &Enrolment { operator_id, certificate: der, slot, to_card, attestation: None }).await
+    }
+
+    /// [`Gateway::enrol_card`], with the slot key's attestation when the
+    /// token gave one: it must verify to a configured attestation root and
+    /// name the certificate's key, and what it proves is kept with the
+    /// card. Where the site requires an attested PIN key, a 9A certificate
+    /// without an attestation proving a key generated on the token with a
+    /// PIN policy other than never is refused.
+    pub async fn enrol(&self, caller: &Caller, e: &Enrolment<'_>) -> Result<Card> {
+        let Enrolment { operator_id, certificate: der, slot, to_card, attestation } = *e;
         if self.store.operator(operator_id)?.is_none() {
             return Err(Error::NotFound(format!("operator {operator_id}")));
         }
         let info = verify::inspect(der).map_err(|d| Error::InvalidRequest(format!("certificate: {}", d.name())))?;
         let validation =
             self.trust.validate(der, slot, self.clock.system()).map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
+        let attested = match attestation {
+            Some((att, intermediate)) => Some(
+                self.attestation
+                    .verify(att, intermediate, &info.spki, self.clock.system())
+                    .map_err(|r| Error::InvalidRequest(format!("attestation refused: {r}")))?,
+            ),
+            None => None,
+        };
+        if slot == Slot::PivAuthentication && self.require_attested_pin_key && !attested.as_ref().is_some_and(|a| a.is_pin_key()) {
+            return Err(Error::InvalidRequest(match &attested {
+                None => "this site requires the 9A key to be attested (cards.require_attested_pin_key): enrol it with the token's attestation".into(),
+                Some(a) => format!(
+                    "this site requires the 9A key to ask for the PIN, and its attestation says PIN policy {:?} (cards.require_attested_pin_key)",
+                    a.pin_policy
+                ),
+            }));
+        }
         let uuid = match validation.identity {
             IdentityRule::Fips201 => {
                 let uuid = info.uuid.ok_or_else(|| {
@@ -869,6 +918,7 @@ impl Gateway {
                 fascn: info.fascn.clone().filter(|_| validation.identity == IdentityRule::Fips201),
                 operator_id: operator_id.to_string(),
                 certificates: Default::default(),
+                attested: Default::default(),
             },
         };
         if card.operator_id != operator_id {
@@ -897,9 +947,16 @@ impl Gateway {
             return Err(Error::InvalidRequest("the card's other slot holds the same key: a card-only key must not stand in for the PIN key".into()));
         }
         card.certificates.insert(slot, der.to_vec());
+        // A new certificate's key is attested anew or not at all.
+        match &attested {
+            Some(a) => card.attested.insert(slot, a.clone()),
+            None => card.attested.remove(&slot).filter(|a| a.key_sha256 == info.key_sha256).and_then(|a| card.attested.insert(slot, a)),
+        };
         let detail = json!({ "operator": operator_id, "card_uuid": uuid_text(&uuid), "slot": format!("{slot:?}"),
             "identity": card.identity.name(), "key_sha256": hex::encode(info.key_sha256),
-            "certificate_sha256": hex::encode(info.fingerprint) });
+            "certificate_sha256": hex::encode(info.fingerprint),
+            "attested": attested.as_ref().map(|a| json!({ "pin_policy": a.pin_policy, "touch_policy": a.touch_policy,
+                "serial": a.serial, "firmware": a.firmware, "attestation_sha256": hex::encode(a.attestation_sha256) })) });
         self.commit(Self::admin_entry(caller, AuditKind::EnrolCard, detail), vec![Change::Card(card.clone())]).await?;
         Ok(card)
     }

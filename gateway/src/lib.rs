@@ -16,6 +16,7 @@
 //! durable.
 #![forbid(unsafe_code)]
 
+pub mod attest;
 pub mod audit;
 mod authorize;
 pub mod backup;
@@ -129,9 +130,16 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
             audit::CheckpointKey::path(&config.data_dir).display()
         )));
     }
+    let mut roots = Vec::new();
+    for p in &config.cards.attestation_roots {
+        roots.extend(crl::read_der_or_pem(p, "CERTIFICATE")?);
+    }
+    let attestation = attest::AttestationTrust::new(&roots).map_err(|e| Error::Config(format!("cards: {e}")))?;
     let gateway = Gateway {
         store,
         trust,
+        attestation,
+        require_attested_pin_key: config.cards.require_attested_pin_key,
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
         clock,
         random,

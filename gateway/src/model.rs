@@ -115,6 +115,10 @@ pub struct Card {
     pub operator_id: String,
     /// Certificates (DER) by slot.
     pub certificates: BTreeMap<Slot, Vec<u8>>,
+    /// What an attestation proved about a slot's key, when one was
+    /// enrolled with it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attested: BTreeMap<Slot, crate::attest::Attested>,
 }
 
 /// Why a terminal locked.

@@ -73,6 +73,7 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
         Deny::SelfSigned => R::SelfSigned,
         Deny::ChallengeReplayed => R::ChallengeReplayed,
         Deny::AlgorithmMismatch => R::AlgorithmMismatch,
+        Deny::KeyNotAttested => R::KeyNotAttested,
     }
 }
 
@@ -572,7 +573,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
             "" => None,
             u => Some(model::parse_uuid(u).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?),
         };
-        let card = self.0.enrol_card(&caller, &r.operator_id, &r.certificate, slot_from(r.slot)?, to_card).await?;
+        let attestation = match (r.attestation.is_empty(), r.attestation_intermediate.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((r.attestation.as_slice(), r.attestation_intermediate.as_slice())),
+            _ => return Err(Status::invalid_argument("attestation and attestation_intermediate go together")),
+        };
+        let e = crate::core::Enrolment { operator_id: &r.operator_id, certificate: &r.certificate, slot: slot_from(r.slot)?, to_card, attestation };
+        let card = self.0.enrol(&caller, &e).await?;
         Ok(Response::new(pb::EnrolCardResponse { card: Some(card_pb(&self.0, &card)) }))
     }
 

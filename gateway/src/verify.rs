@@ -52,6 +52,7 @@ pub enum Deny {
     SelfSigned,
     ChallengeReplayed,
     AlgorithmMismatch,
+    KeyNotAttested,
 }
 
 impl Deny {
@@ -84,6 +85,7 @@ impl Deny {
             Deny::SelfSigned => "self_signed",
             Deny::ChallengeReplayed => "challenge_replayed",
             Deny::AlgorithmMismatch => "algorithm_mismatch",
+            Deny::KeyNotAttested => "key_not_attested",
         }
     }
 }

@@ -18,7 +18,7 @@ use pivgate_tests::agent::{assert_granted, start_agent, AgentUnderTest, Terminal
 use pivgate_tests::site::{scratch, Site};
 use pivgate_tests::{reader, Reader};
 use pivgate_vcard::profile::pem_decode;
-use pivgate_vcard::{vpcd, CardContents, VirtualCard};
+use pivgate_vcard::{vpcd, AttestationCa, CardContents, VirtualCard};
 
 const T: Duration = Duration::from_secs(20);
 const TERMINAL: &str = "dispatch-01";
@@ -104,6 +104,11 @@ impl Station {
 /// generated on the card, a certificate for its public key from the CA,
 /// imported. Returns the card (out of the reader) and the certificate, DER.
 fn provision(r: &Station, ca: &CorporateCa, card: VirtualCard, algorithm: &str, upn: &str) -> Result<(VirtualCard, Vec<u8>)> {
+    provision_with(r, ca, card, &["-A", algorithm], upn)
+}
+
+/// [`provision`] with GENERATE's arguments (algorithm, PIN policy).
+fn provision_with(r: &Station, ca: &CorporateCa, card: VirtualCard, generate: &[&str], upn: &str) -> Result<(VirtualCard, Vec<u8>)> {
     let dir = ca.dir.join(upn);
     std::fs::create_dir_all(&dir)?;
     let (public, cert) = (dir.join("9a-public.pem"), dir.join("9a.pem"));
@@ -114,7 +119,8 @@ fn provision(r: &Station, ca: &CorporateCa, card: VirtualCard, algorithm: &str, 
     }
     let tool = |args: &[&str]| run(Command::new("yubico-piv-tool").args(["-r", &r.name]).args(args));
     let path = |p: &Path| p.to_str().map(str::to_string).context("path");
-    tool(&["-a", "generate", "-s", "9a", "-A", algorithm, "-o", &path(&public)?])?;
+    let out = path(&public)?;
+    tool(&[&["-a", "generate", "-s", "9a", "-o", out.as_str()], generate].concat())?;
     ca.issue(&public, upn, &cert)?;
     tool(&["-a", "import-certificate", "-s", "9a", "-i", &path(&cert)?])?;
     tool(&["-a", "status"])?;
@@ -256,5 +262,103 @@ async fn tokens_provisioned_with_yubico_piv_tool_and_openssl_enrol_and_unlock() 
     assert_eq!(res, TapResult::Denied(pb::DenyReason::RevokedDenyList));
     let (res, _, _) = tap(&agent, &r, rsa, "123456").await?;
     assert_granted(res, "op-18");
+    agent.stop().await
+}
+
+/// The token's attestation of its 9A key and its attestation certificate
+/// (F9), read at the IT station with yubico-piv-tool; `None` when the
+/// token will not attest the key.
+fn attestation(r: &Station, dir: &Path, card: VirtualCard) -> Result<(VirtualCard, Option<(Vec<u8>, Vec<u8>)>)> {
+    std::fs::create_dir_all(dir)?;
+    let (att, f9) = (dir.join("9a-attestation.pem"), dir.join("f9.pem"));
+    let inserted = vpcd::insert(card, r.addr)?;
+    let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, true, T)? {
+        bail!("the card never appeared in {}", r.name);
+    }
+    let tool = |args: &[&str]| run(Command::new("yubico-piv-tool").args(["-r", &r.name]).args(args));
+    let path = |p: &Path| p.to_str().map(str::to_string).context("path");
+    let attested = tool(&["-a", "attest", "-s", "9a", "-o", &path(&att)?]).is_ok();
+    let result = if attested {
+        tool(&["-a", "read-certificate", "-s", "f9", "-o", &path(&f9)?])?;
+        Some((pem_decode(&std::fs::read_to_string(&att)?)?, pem_decode(&std::fs::read_to_string(&f9)?)?))
+    } else {
+        None
+    };
+    Ok((removed(inserted, &r.name)?, result))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_policy_requires_it_only_an_attested_pin_key_enrols_and_unlocks() -> Result<()> {
+    let r = reader()?;
+    let it = Station::of(&r);
+    let dir = scratch("attestation");
+    let ca = CorporateCa::create(&dir.join("ca"))?;
+    let root = AttestationCa::generate("test PIV attestation root")?;
+    let token = |serial: u32| -> Result<VirtualCard> {
+        let mut c = blank(serial);
+        c.contents_mut().attestation = Some(root.device(serial)?);
+        Ok(c)
+    };
+    let root_pem = dir.join("attestation-root.pem");
+    std::fs::write(&root_pem, &root.cert_pem)?;
+    let anchor = ca.cert.clone();
+    let mut site = Site::start(move |c, _| {
+        c.cards.enrolled_key_anchors = vec![anchor];
+        c.cards.policies_9a.clear();
+        c.cards.attestation_roots = vec![root_pem];
+    })
+    .await?;
+    let op = |id: &str| Operator { id: id.into(), name: id.into(), roles: vec!["dispatcher".into()], enabled: true };
+    // Enrolled before the site required attestation: refused from then on.
+    let (earlier, earlier_cert) = provision(&it, &ca, token(20_000_000)?, "ECCP256", "op20@corp.example")?;
+    site.admin_client().await?.add_operator_with_card(&op("op-20"), &earlier_cert, GwSlot::PivAuthentication).await?;
+    site.stop().await?;
+    site.config.cards.require_attested_pin_key = true;
+    let site = site.resume().await?;
+    let mut admin = site.admin_client().await?;
+
+    // A key generated on the token with PIN policy "never" stands in for
+    // no PIN key, whatever its certificate says.
+    let (never, never_cert) = provision_with(&it, &ca, token(20_000_001)?, &["-A", "ECCP256", "--pin-policy=never"], "op21@corp.example")?;
+    let (_, never_att) = attestation(&it, &dir.join("never"), never)?;
+    let (a, f9) = never_att.context("the token attests a key it generated")?;
+    admin.add_operator(&op("op-21")).await?;
+    let e = admin.enrol_card_with("op-21", &never_cert, GwSlot::PivAuthentication, None, Some((&a, &f9))).await;
+    let text = format!("{:?}", e.expect_err("a PIN-never key enrolled as the PIN key"));
+    assert!(text.contains("PIN policy Never"), "{text}");
+
+    // A key put on the card from outside is not attested at all.
+    let outside = pivgate_vcard::Profile::generate_with_ca(
+        pivgate_vcard::IssuingCa { cert_pem: site.issuer.cert_pem.clone(), key_pem: site.issuer.key_pem.clone() },
+        &pivgate_vcard::ProfileOptions::default(),
+    )?;
+    let mut imported = outside.card();
+    imported.contents_mut().attestation = Some(root.device(imported.contents().serial)?);
+    let (_, none) = attestation(&it, &dir.join("imported"), imported)?;
+    assert!(none.is_none(), "the token attested a key it did not generate");
+    let e = admin.enrol_card("op-21", &never_cert, GwSlot::PivAuthentication).await;
+    let text = format!("{:?}", e.expect_err("an unattested key enrolled where policy requires attestation"));
+    assert!(text.contains("require_attested_pin_key"), "{text}");
+    // Nor can another key's attestation stand in for it.
+    let (good, good_cert) = provision_with(&it, &ca, token(20_000_002)?, &["-A", "ECCP256"], "op22@corp.example")?;
+    let (good, good_att) = attestation(&it, &dir.join("good"), good)?;
+    let (a, f9) = good_att.context("an attestation")?;
+    let e = admin.enrol_card_with("op-21", &never_cert, GwSlot::PivAuthentication, None, Some((&a, &f9))).await;
+    assert!(format!("{:?}", e.expect_err("another key's attestation")).contains("another key"));
+
+    // Generated on the token, PIN policy once (the default): enrolled, with
+    // what the attestation proved, and it unlocks.
+    admin.add_operator(&op("op-22")).await?;
+    let card = admin.enrol_card_with("op-22", &good_cert, GwSlot::PivAuthentication, None, Some((&a, &f9))).await?;
+    assert_eq!(card.identity, "enrolled-key");
+    let records = site.audit_after(0).await?;
+    let enrolled = records.iter().rev().find(|r| r.kind == "admin.enrol_card").context("no enrolment record")?;
+    assert!(enrolled.detail_json.contains("\"pin_policy\":\"once\"") && enrolled.detail_json.contains("20000002"), "{}", enrolled.detail_json);
+    let agent = start_agent(&site, "pi-1", &[TerminalSpec { id: TERMINAL, reader: &r.name, keypad: true }]).await?;
+    let (res, _, _) = tap(&agent, &r, good, "123456").await?;
+    assert_granted(res, "op-22");
+    let (res, _, _) = tap(&agent, &r, earlier, "123456").await?;
+    assert_eq!(res, TapResult::Denied(pb::DenyReason::KeyNotAttested), "a card enrolled before the rule");
     agent.stop().await
 }

@@ -135,6 +135,15 @@ enum CardCmd {
         /// other slot this key is for. Without it a new key is a new card.
         #[arg(long)]
         card: Option<String>,
+        /// The key's attestation, PEM or DER (`yubico-piv-tool -a attest
+        /// -s 9a`): proves the key was generated on the token, with its PIN
+        /// policy. Needs --attestation-intermediate.
+        #[arg(long, requires = "attestation_intermediate")]
+        attestation: Option<PathBuf>,
+        /// The token's attestation certificate, PEM or DER
+        /// (`yubico-piv-tool -a read-certificate -s f9`).
+        #[arg(long, requires = "attestation")]
+        attestation_intermediate: Option<PathBuf>,
     },
     /// List enrolled cards (tab-separated: card id, operator, certificate
     /// SHA-256, state, identity rule).
@@ -331,18 +340,18 @@ async fn main() -> Result<()> {
                 writeln!(out, "  card {} fascn {} cert sha256 {}{}", c.card_uuid, c.fascn, c.certificate_sha256, if c.revoked { " REVOKED" } else { "" })?;
             }
         }
-        Command::Card(CardCmd::Enrol { operator, cert, slot, card }) => {
-            let bytes = std::fs::read(&cert).with_context(|| cert.display().to_string())?;
-            let der = if bytes.starts_with(b"-----BEGIN") {
-                x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?.1.contents
-            } else {
-                bytes
+        Command::Card(CardCmd::Enrol { operator, cert, slot, card, attestation, attestation_intermediate }) => {
+            let der = read_certificate(&cert)?;
+            let attestation = match (attestation, attestation_intermediate) {
+                (Some(a), Some(i)) => Some((read_certificate(&a)?, read_certificate(&i)?)),
+                _ => None,
             };
             let slot = match slot {
                 SlotArg::A => Slot::PivAuthentication,
                 SlotArg::E => Slot::CardAuthentication,
             };
-            let c = typed.enrol_card_to(&operator, &der, slot, card.as_deref()).await?;
+            let att = attestation.as_ref().map(|(a, i)| (a.as_slice(), i.as_slice()));
+            let c = typed.enrol_card_with(&operator, &der, slot, card.as_deref(), att).await?;
             writeln!(out, "card {} enrolled for {} (identity: {})", c.card_uuid, c.operator_id, c.identity)?;
         }
         Command::Card(CardCmd::List { operator }) => {
@@ -579,5 +588,15 @@ mod tests {
         let shown = String::from_utf8(out.0).unwrap();
         assert_eq!(shown, "op-1\tAna\\u{1b}[2J\\u{9b}31m\\u{7}\n");
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'));
+    }
+}
+
+/// A certificate file, PEM or DER.
+fn read_certificate(path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    if bytes.starts_with(b"-----BEGIN") {
+        Ok(x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?.1.contents)
+    } else {
+        Ok(bytes)
     }
 }
