@@ -265,10 +265,13 @@ async fn tokens_provisioned_with_yubico_piv_tool_and_openssl_enrol_and_unlock() 
     agent.stop().await
 }
 
+/// An attestation and the token's attestation certificate, DER.
+type Attested = (Vec<u8>, Vec<u8>);
+
 /// The token's attestation of its 9A key and its attestation certificate
 /// (F9), read at the IT station with yubico-piv-tool; `None` when the
 /// token will not attest the key.
-fn attestation(r: &Station, dir: &Path, card: VirtualCard) -> Result<(VirtualCard, Option<(Vec<u8>, Vec<u8>)>)> {
+fn attestation(r: &Station, dir: &Path, card: VirtualCard) -> Result<(VirtualCard, Option<Attested>)> {
     std::fs::create_dir_all(dir)?;
     let (att, f9) = (dir.join("9a-attestation.pem"), dir.join("f9.pem"));
     let inserted = vpcd::insert(card, r.addr)?;

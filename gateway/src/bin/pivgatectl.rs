@@ -576,6 +576,16 @@ fn verify_file(path: &PathBuf, checkpoint_files: &[PathBuf], key: Option<&str>) 
     bail!("audit log not intact ({n} records chain correctly)")
 }
 
+/// A certificate file, PEM or DER.
+fn read_certificate(path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    if bytes.starts_with(b"-----BEGIN") {
+        Ok(x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?.1.contents)
+    } else {
+        Ok(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,15 +598,5 @@ mod tests {
         let shown = String::from_utf8(out.0).unwrap();
         assert_eq!(shown, "op-1\tAna\\u{1b}[2J\\u{9b}31m\\u{7}\n");
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'));
-    }
-}
-
-/// A certificate file, PEM or DER.
-fn read_certificate(path: &std::path::Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    if bytes.starts_with(b"-----BEGIN") {
-        Ok(x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?.1.contents)
-    } else {
-        Ok(bytes)
     }
 }
