@@ -117,8 +117,23 @@ impl Admin {
             card_uuid: to_card.unwrap_or_default().into(),
             attestation: attestation.map(|a| a.0.to_vec()).unwrap_or_default(),
             attestation_intermediate: attestation.map(|a| a.1.to_vec()).unwrap_or_default(),
+            dry_run: false,
         };
         Ok(self.rpc.enrol_card(req).await?.into_inner().card.unwrap_or_default())
+    }
+
+    /// Whether `certificate` would enrol for the operator's `slot`, with
+    /// nothing written.
+    pub async fn check_enrolment(&mut self, operator_id: &str, certificate: &[u8], slot: Slot) -> Result<()> {
+        let req = pb::EnrolCardRequest {
+            operator_id: operator_id.into(),
+            certificate: certificate.to_vec(),
+            slot: crate::service::slot_pb(slot) as i32,
+            dry_run: true,
+            ..Default::default()
+        };
+        self.rpc.enrol_card(req).await?;
+        Ok(())
     }
 
     /// Revokes a card (its UUID as text); returns the terminals it locked.

@@ -188,6 +188,8 @@ pub struct Enrolment<'a> {
     /// The key's attestation and the token's attestation certificate
     /// (YubiKey: `yubico-piv-tool -a attest`, and slot F9's certificate).
     pub attestation: Option<(&'a [u8], &'a [u8])>,
+    /// Check only: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// A begin-authentication request, parsed.
@@ -847,7 +849,7 @@ impl Gateway {
     /// derived from the key. A slot never silently changes key: a new key
     /// for an enrolled slot is a new card.
     pub async fn enrol_card(&self, caller: &Caller, operator_id: &str, der: &[u8], slot: Slot, to_card: Option<[u8; 16]>) -> Result<Card> {
-        self.enrol(caller, &Enrolment { operator_id, certificate: der, slot, to_card, attestation: None }).await
+        self.enrol(caller, &Enrolment { operator_id, certificate: der, slot, to_card, attestation: None, dry_run: false }).await
     }
 
     /// [`Gateway::enrol_card`], with the slot key's attestation when the
@@ -857,7 +859,7 @@ impl Gateway {
     /// without an attestation proving a key generated on the token with a
     /// PIN policy other than never is refused.
     pub async fn enrol(&self, caller: &Caller, e: &Enrolment<'_>) -> Result<Card> {
-        let Enrolment { operator_id, certificate: der, slot, to_card, attestation } = *e;
+        let Enrolment { operator_id, certificate: der, slot, to_card, attestation, dry_run } = *e;
         if self.store.operator(operator_id)?.is_none() {
             return Err(Error::NotFound(format!("operator {operator_id}")));
         }
@@ -957,6 +959,9 @@ impl Gateway {
             "certificate_sha256": hex::encode(info.fingerprint),
             "attested": attested.as_ref().map(|a| json!({ "pin_policy": a.pin_policy, "touch_policy": a.touch_policy,
                 "serial": a.serial, "firmware": a.firmware, "attestation_sha256": hex::encode(a.attestation_sha256) })) });
+        if dry_run {
+            return Ok(card);
+        }
         self.commit(Self::admin_entry(caller, AuditKind::EnrolCard, detail), vec![Change::Card(card.clone())]).await?;
         Ok(card)
     }

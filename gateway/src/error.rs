@@ -54,6 +54,9 @@ pub enum Error {
     /// here.
     #[error("backup: {0}")]
     Backup(String),
+    /// A card or reader at the issuance station failed.
+    #[error("card: {0}")]
+    Card(#[from] pivgate_hw::Error),
     /// The gateway refused a call this process made as a client.
     #[error("the gateway answered {}: {}", .0.code(), .0.message())]
     Refused(Box<Status>),

@@ -33,6 +33,7 @@ pub mod model;
 pub mod net;
 pub mod pki;
 pub mod service;
+pub mod station;
 pub mod store;
 pub mod tls;
 pub mod verify;

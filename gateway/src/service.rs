@@ -578,7 +578,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
             (false, false) => Some((r.attestation.as_slice(), r.attestation_intermediate.as_slice())),
             _ => return Err(Status::invalid_argument("attestation and attestation_intermediate go together")),
         };
-        let e = crate::core::Enrolment { operator_id: &r.operator_id, certificate: &r.certificate, slot: slot_from(r.slot)?, to_card, attestation };
+        let e = crate::core::Enrolment {
+            operator_id: &r.operator_id,
+            certificate: &r.certificate,
+            slot: slot_from(r.slot)?,
+            to_card,
+            attestation,
+            dry_run: r.dry_run,
+        };
         let card = self.0.enrol(&caller, &e).await?;
         Ok(Response::new(pb::EnrolCardResponse { card: Some(card_pb(&self.0, &card)) }))
     }

@@ -7,6 +7,9 @@
 //! pivgatectl --data-dir DIR operator add op-17 --name "Ana Silva" --role dispatcher
 //! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9a.pem
 //! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9e.pem --slot 9e --card 8c1f…
+//! pivgatectl --data-dir DIR card issue --operator op-17          # at a workstation with a reader
+//! pivgatectl --data-dir DIR card pin-unblock --card 3f2a...
+//! pivgatectl --data-dir DIR card retire --card 3f2a...
 //! pivgatectl --data-dir DIR agent bind pi-dispatch-03 --terminal dispatch-03
 //! pivgatectl --data-dir DIR cert issue --role agent --name pi-dispatch-03 --out-dir ./pi3
 //! pivgatectl --data-dir DIR audit export --out audit.jsonl
@@ -118,8 +121,77 @@ enum SlotArg {
     E,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyAlgorithmArg {
+    P256,
+    P384,
+    Rsa2048,
+}
+
+/// Where the issuance station works: its reader and its folder.
+#[derive(clap::Args)]
+struct StationArgs {
+    /// The reader (default: the first with a card in it).
+    #[arg(long)]
+    reader: Option<String>,
+    /// The site card CA and escrow folder (default: DATA_DIR/card-ca).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Read PINs from standard input, one per line, instead of the
+    /// terminal (scripts and tests).
+    #[arg(long)]
+    pin_stdin: bool,
+}
+
 #[derive(Subcommand)]
 enum CardCmd {
+    /// Issue a blank token (a new YubiKey, a fresh Java Card PIV applet) to
+    /// an operator, at this workstation's reader: keys generated on the
+    /// card, FIPS 201-shaped certificates from the site card CA (made on
+    /// first use, in --ca-dir), a fresh CHUID, a random management key and
+    /// PUK escrowed (encrypted, never shown), the PIN the operator types,
+    /// and the card enrolled. The gateway must list the card CA under
+    /// cards.trust_anchors; that is checked before the card is touched.
+    Issue {
+        #[arg(long)]
+        operator: String,
+        #[command(flatten)]
+        station: StationArgs,
+        #[arg(long, value_enum, default_value = "p256")]
+        algorithm: KeyAlgorithmArg,
+        /// The site's name, for the card CA made on first use.
+        #[arg(long, default_value = "pivgate site")]
+        site: String,
+        /// Enrol the 9A key with the token's attestation (the gateway must
+        /// have cards.attestation_roots).
+        #[arg(long)]
+        attest: bool,
+    },
+    /// Change the PIN of the card in the reader (old PIN, then new twice).
+    PinChange {
+        #[command(flatten)]
+        station: StationArgs,
+    },
+    /// Unblock a blocked PIN with the card's escrowed PUK; the operator
+    /// types a new PIN.
+    PinUnblock {
+        /// The card, as `card list` shows it.
+        #[arg(long)]
+        card: String,
+        #[command(flatten)]
+        station: StationArgs,
+    },
+    /// Retire a card: revoked at the gateway, then wiped with its escrowed
+    /// management key (keys and objects gone, factory PIN, PUK and
+    /// management key), ready to issue again.
+    Retire {
+        #[arg(long)]
+        card: String,
+        #[command(flatten)]
+        station: StationArgs,
+        #[arg(long, default_value = "retired")]
+        reason: String,
+    },
     /// Enrol a card from its 9A or 9E certificate (PEM or DER). From a
     /// FIPS 201 issuer the card is the UUID its certificate names; from an
     /// enrolled-key issuer (cards.enrolled_key_anchors) the certificate's
@@ -307,6 +379,12 @@ async fn main() -> Result<()> {
     if let Command::Audit(AuditCmd::Verify { file: Some(f), checkpoint, key }) = &args.command {
         return verify_file(f, checkpoint, key.as_deref());
     }
+    // Card work that needs no gateway.
+    match &args.command {
+        Command::Card(CardCmd::PinChange { station }) => return station::pin_change(station),
+        Command::Card(CardCmd::PinUnblock { card, station }) => return station::pin_unblock(&args, card, station),
+        _ => {}
+    }
     let creds = credentials(&args)?;
     let channel = connect(&args.gateway, &args.server_name, &creds).await?;
     let mut typed = Admin::new(channel.clone());
@@ -368,6 +446,13 @@ async fn main() -> Result<()> {
                 }
                 page_token = r.next_page_token;
             }
+        }
+        Command::Card(CardCmd::Issue { operator, station, algorithm, site, attest }) => {
+            station::issue(&args_dir(&args.data_dir), &mut typed, &mut out, &operator, &station, algorithm, &site, attest).await?;
+        }
+        Command::Card(CardCmd::PinChange { .. } | CardCmd::PinUnblock { .. }) => unreachable!("handled before connecting"),
+        Command::Card(CardCmd::Retire { card, station, reason }) => {
+            station::retire(&args_dir(&args.data_dir), &mut typed, &mut out, &card, &station, &reason).await?;
         }
         Command::Card(CardCmd::Revoke { uuid, reason }) => {
             let locked = typed.revoke_card(&uuid, &reason).await?;
@@ -574,6 +659,216 @@ fn verify_file(path: &PathBuf, checkpoint_files: &[PathBuf], key: Option<&str>) 
         writeln!(out, "{f}")?;
     }
     bail!("audit log not intact ({n} records chain correctly)")
+}
+
+fn args_dir(d: &Option<PathBuf>) -> Option<PathBuf> {
+    d.clone()
+}
+
+/// The issuance station's commands.
+mod station {
+    use std::io::{BufRead, Write};
+    use std::path::PathBuf;
+
+    use anyhow::{bail, Context, Result};
+    use pivgate_gateway::client::Admin;
+    use pivgate_gateway::core::{Randomness, SystemRandomness};
+    use pivgate_gateway::model::{parse_uuid, Slot};
+    use pivgate_gateway::station::Station;
+    use pivgate_hw::pcsc::{self, PcscCard};
+    use pivgate_hw::piv::{Algorithm, PivClient};
+    use pivgate_hw::Pin;
+    use zeroize::Zeroizing;
+
+    use super::{Args, KeyAlgorithmArg, StationArgs};
+
+    fn ca_dir(data_dir: &Option<PathBuf>, s: &StationArgs) -> Result<PathBuf> {
+        match (&s.ca_dir, data_dir) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Some(d)) => Ok(d.join("card-ca")),
+            (None, None) => bail!("give --ca-dir (the site card CA and escrow folder) or --data-dir"),
+        }
+    }
+
+    /// A PIN typed at the station: from the terminal with echo off, or a
+    /// line of standard input with --pin-stdin. Never echoed or logged.
+    fn read_pin(prompt: &str, from_stdin: bool) -> Result<Pin> {
+        use std::os::fd::AsFd;
+        let stdin = std::io::stdin();
+        let fd = stdin.as_fd();
+        let tty = !from_stdin && rustix::termios::isatty(fd);
+        let saved = if tty {
+            eprint!("{prompt}: ");
+            let saved = rustix::termios::tcgetattr(fd)?;
+            let mut quiet = saved.clone();
+            quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+            rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Now, &quiet)?;
+            Some(saved)
+        } else {
+            None
+        };
+        let mut line = Zeroizing::new(String::new());
+        let read = stdin.lock().read_line(&mut line);
+        if let Some(saved) = saved {
+            let _ = rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Now, &saved);
+            eprintln!();
+        }
+        read?;
+        Ok(Pin::new(line.trim_end_matches(['\r', '\n']).as_bytes())?)
+    }
+
+    fn new_pin(from_stdin: bool) -> Result<Pin> {
+        let pin = read_pin("New PIN (6 to 8 digits)", from_stdin)?;
+        if !from_stdin {
+            let again = read_pin("The new PIN again", false)?;
+            if pin.padded() != again.padded() {
+                bail!("the two PINs differ; nothing was changed");
+            }
+        }
+        Ok(pin)
+    }
+
+    /// Runs `f` in one transaction on the card. After a success the card
+    /// is reset (its PIN and management key state cleared for the next
+    /// person); after a failure it is left as it is (it may have left the
+    /// reader, and some readers hang on resetting a card that is gone).
+    fn with_card<T, E>(mut card: PcscCard, f: impl FnOnce(&mut PivClient<pivgate_hw::pcsc::PcscTransaction<'_>>) -> Result<T, E>) -> Result<Result<T, E>> {
+        let r = {
+            let mut piv = PivClient::new(card.transaction()?);
+            let r = f(&mut piv);
+            let _ = piv.into_inner().end(r.is_ok());
+            r
+        };
+        let _ = card.disconnect(false);
+        Ok(r)
+    }
+
+    fn open_card(s: &StationArgs) -> Result<(pcsc::Context, String)> {
+        let ctx = pcsc::establish()?;
+        let reader = match &s.reader {
+            Some(r) => r.clone(),
+            None => {
+                let mut with_card = None;
+                for r in pcsc::list_readers(&ctx)? {
+                    if pcsc::wait_for_card(&ctx, &r, true, std::time::Duration::from_millis(200))? {
+                        with_card = Some(r);
+                        break;
+                    }
+                }
+                with_card.context("no reader has a card in it")?
+            }
+        };
+        Ok((ctx, reader))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn issue(
+        data_dir: &Option<PathBuf>,
+        admin: &mut Admin,
+        out: &mut impl Write,
+        operator: &str,
+        s: &StationArgs,
+        algorithm: KeyAlgorithmArg,
+        site: &str,
+        attest: bool,
+    ) -> Result<()> {
+        let dir = ca_dir(data_dir, s)?;
+        let (station, created) = Station::open(&dir, site)?;
+        if created {
+            eprintln!("made the site card CA {}: list it under cards.trust_anchors in the gateway's configuration", station.ca_certificate().display());
+        }
+        // Before the card is touched: the operator exists, the gateway
+        // trusts the card CA and takes certificates of this shape.
+        let probe_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut probe_uuid = [0u8; 16];
+        SystemRandomness.fill(&mut probe_uuid)?;
+        let probe = station.certify(
+            pivgate_hw::piv::Slot::Authentication,
+            &rcgen::PublicKeyData::subject_public_key_info(&probe_key),
+            &probe_uuid,
+            operator,
+            &SystemRandomness,
+        )?;
+        if let Err(e) = admin.check_enrolment(operator, &probe, Slot::PivAuthentication).await {
+            let text = e.to_string();
+            if !(attest && text.contains("require_attested_pin_key")) {
+                bail!("the gateway would not enrol this card, so it was not touched: {text}");
+            }
+        }
+        let pin = new_pin(s.pin_stdin)?;
+        let alg = match algorithm {
+            KeyAlgorithmArg::P256 => Algorithm::EccP256,
+            KeyAlgorithmArg::P384 => Algorithm::EccP384,
+            KeyAlgorithmArg::Rsa2048 => Algorithm::Rsa2048,
+        };
+        let (ctx, reader) = open_card(s)?;
+        let card = PcscCard::connect(&ctx, &reader)?;
+        let issued = with_card(card, |piv| station.issue(piv, operator, &pin, alg, &SystemRandomness))?;
+        let issued = match issued {
+            Ok(i) => i,
+            Err(i) => bail!("{i}"),
+        };
+        let uuid = pivgate_gateway::model::uuid_text(&issued.card_uuid);
+        let saved = dir.join("issued");
+        std::fs::create_dir_all(&saved)?;
+        std::fs::write(saved.join(format!("{uuid}-9a.der")), &issued.certificate_9a)?;
+        std::fs::write(saved.join(format!("{uuid}-9e.der")), &issued.certificate_9e)?;
+        let att = if attest { issued.attestation_9a.as_ref().map(|(a, i)| (a.as_slice(), i.as_slice())) } else { None };
+        let enrolled = async {
+            admin.enrol_card_with(operator, &issued.certificate_9a, Slot::PivAuthentication, None, att).await?;
+            admin.enrol_card(operator, &issued.certificate_9e, Slot::CardAuthentication).await
+        }
+        .await;
+        if let Err(e) = enrolled {
+            bail!(
+                "card {uuid} is issued but not enrolled ({e}); enrol it with: pivgatectl card enrol --operator {operator} --cert {}",
+                saved.join(format!("{uuid}-9a.der")).display()
+            );
+        }
+        writeln!(out, "card {uuid} issued to {operator} and enrolled; its management key and PUK are escrowed in {}", dir.join("escrow").display())?;
+        Ok(())
+    }
+
+    pub fn pin_change(s: &StationArgs) -> Result<()> {
+        let old = read_pin("Current PIN", s.pin_stdin)?;
+        let new = new_pin(s.pin_stdin)?;
+        let (ctx, reader) = open_card(s)?;
+        let card = PcscCard::connect(&ctx, &reader)?;
+        let r = with_card(card, |piv| piv.select().and_then(|_| piv.change_pin(&old, &new)))?;
+        match r {
+            Ok(()) => {
+                println!("PIN changed");
+                Ok(())
+            }
+            Err(pivgate_hw::Error::WrongPin { tries }) => bail!("wrong PIN; {tries} tries left"),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn pin_unblock(args: &Args, card_id: &str, s: &StationArgs) -> Result<()> {
+        let uuid = parse_uuid(card_id).context("--card is not a card id")?;
+        let (station, _) = Station::open(&ca_dir(&args.data_dir, s)?, "pivgate site")?;
+        let new = new_pin(s.pin_stdin)?;
+        let (ctx, reader) = open_card(s)?;
+        let card = PcscCard::connect(&ctx, &reader)?;
+        let r = with_card(card, |piv| station.unblock(piv, &uuid, &new))?;
+        r?;
+        println!("PIN of card {card_id} unblocked and set");
+        Ok(())
+    }
+
+    pub async fn retire(data_dir: &Option<PathBuf>, admin: &mut Admin, out: &mut impl Write, card_id: &str, s: &StationArgs, reason: &str) -> Result<()> {
+        let uuid = parse_uuid(card_id).context("--card is not a card id")?;
+        let (station, _) = Station::open(&ca_dir(data_dir, s)?, "pivgate site")?;
+        // Dead at the gateway first, whatever happens to the card after.
+        admin.revoke_card(card_id, reason).await?;
+        let (ctx, reader) = open_card(s)?;
+        let card = PcscCard::connect(&ctx, &reader)?;
+        let r = with_card(card, |piv| station.retire(piv, &uuid, &SystemRandomness))?;
+        r.with_context(|| format!("card {card_id} is revoked, but wiping it failed"))?;
+        writeln!(out, "card {card_id} revoked and wiped: it is blank again")?;
+        Ok(())
+    }
 }
 
 /// A certificate file, PEM or DER.

@@ -15,7 +15,8 @@ pub mod pinpad;
 
 use std::ffi::{CStr, CString};
 
-use ::pcsc::{Context, Disposition, Protocols, Scope, ShareMode};
+pub use ::pcsc::Context;
+use ::pcsc::{Disposition, Protocols, Scope, ShareMode};
 
 use crate::error::{Error, Result};
 use crate::transport::Transport;
@@ -135,6 +136,14 @@ impl ReaderControl for PcscTransaction<'_> {
 }
 
 impl PcscTransaction<'_> {
+    /// Whether the card is still in the reader and powered.
+    pub fn present(&self) -> bool {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.status2_owned().ok())
+            .is_some_and(|s| s.status().contains(::pcsc::Status::PRESENT) && !s.status().contains(::pcsc::Status::ABSENT))
+    }
+
     /// Ends the transaction, resetting the card when `reset`.
     pub fn end(mut self, reset: bool) -> Result<()> {
         let d = if reset { Disposition::ResetCard } else { Disposition::LeaveCard };

@@ -338,7 +338,7 @@ impl<T: Transport> PivClient<T> {
 
     /// Sends one command, following command chaining out and response
     /// chaining back, within the limits.
-    fn exchange(&mut self, what: &'static str, cmd: &Command) -> Result<Response> {
+    pub(crate) fn exchange(&mut self, what: &'static str, cmd: &Command) -> Result<Response> {
         let started = self.clock.now();
         let mut deadline = started + self.limits.exchange_timeout;
         if let Some(d) = self.deadline {
@@ -411,7 +411,7 @@ impl<T: Transport> PivClient<T> {
     }
 }
 
-fn status_error(command: &'static str, sw: StatusWord) -> Error {
+pub(crate) fn status_error(command: &'static str, sw: StatusWord) -> Error {
     match sw {
         StatusWord::SECURITY_STATUS_NOT_SATISFIED => Error::SecurityStatusNotSatisfied { command },
         sw => Error::Status { command, sw },

@@ -4,10 +4,15 @@
 //! - [`client`]: the card commands, sans-IO over a [`crate::Transport`].
 //! - [`objects`]: parsers for what the card returns (APT, CHUID, FASC-N,
 //!   Discovery, certificate containers).
+//! - `admin` (feature `admin`): what an issuance station does to a card:
+//!   management key authentication, key generation, PUT DATA, PIN and PUK
+//!   changes, the YubiKey management key and reset extensions.
 //!
 //! Key references, algorithm identifiers and object tags use the names of
 //! SP 800-78-4 and SP 800-73-4 Part 1.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod client;
 pub mod objects;
 

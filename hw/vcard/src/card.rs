@@ -184,6 +184,7 @@ enum Cmd<'a> {
     GenerateKeyPair { slot: Slot, alg: u8, pin: PinPolicy, touch: TouchPolicy },
     Attest { slot: Slot },
     SetManagementKey { alg: u8, key: &'a [u8] },
+    ResetApplication,
     GetResponse,
     GetVersion,
     GetSerial,
@@ -274,6 +275,7 @@ fn parse_cmd<'a>(a: &Apdu<'a>) -> Result<Cmd<'a>, StatusWord> {
         Ins::YubicoGetVersion => Cmd::GetVersion,
         Ins::YubicoGetSerial => Cmd::GetSerial,
         Ins::YubicoGetMetadata => Cmd::GetMetadata { key: key.ok_or(StatusWord::REFERENCE_NOT_FOUND)? },
+        Ins::Other(0xFB) if (a.p1, a.p2) == (0, 0) => Cmd::ResetApplication,
         // P1 FF; P2 FF (no touch) or FE (touch); data: algorithm, 9B, key.
         Ins::YubicoSetManagementKey => match (a.p1, a.p2, a.data) {
             (0xFF, 0xFE | 0xFF, [alg, 0x9B, len, key @ ..]) if usize::from(*len) == key.len() => Cmd::SetManagementKey { alg: *alg, key },
@@ -601,6 +603,8 @@ impl VirtualCard {
                 (Err(StatusWord::INS_NOT_SUPPORTED), z)
             }
             Cmd::SetManagementKey { alg, key } => (self.set_management_key(alg, key), z),
+            Cmd::ResetApplication if !self.vendor_commands => (Err(StatusWord::INS_NOT_SUPPORTED), z),
+            Cmd::ResetApplication => (self.reset_application(), z),
             Cmd::GenerateKeyPair { slot, alg, pin, touch } => (self.generate(slot, alg, pin, touch), self.latency.per_signature * 4),
             Cmd::Attest { slot } => (self.attest(slot), self.latency.per_signature),
             Cmd::GetResponse => (Err(StatusWord::CONDITIONS_NOT_SATISFIED), z),
@@ -853,6 +857,22 @@ impl VirtualCard {
         self.contents.keys.insert(slot, key);
         self.contents.origins.insert(slot, KeyOrigin { generated: true, pin, touch });
         Ok(template)
+    }
+
+    /// Vendor RESET (YubiKey): back to the factory state, keeping the
+    /// serial number and the attestation key. Only once the PIN and the
+    /// PUK are both blocked (6985 otherwise), as YubiKeys do.
+    fn reset_application(&mut self) -> Reply {
+        if self.pin_tries != 0 || self.puk_tries != 0 {
+            return Err(StatusWord::CONDITIONS_NOT_SATISFIED);
+        }
+        let mut fresh = CardContents::blank(self.contents.serial);
+        fresh.attestation = self.contents.attestation.take();
+        self.contents = fresh;
+        self.pin_tries = self.contents.pin_tries_max;
+        self.puk_tries = DEFAULT_TRIES;
+        self.reset();
+        Ok(vec![])
     }
 
     /// Vendor SET MANAGEMENT KEY, after management key authentication.
