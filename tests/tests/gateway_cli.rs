@@ -51,7 +51,9 @@ fn an_administrator_sets_up_a_site_with_pivgatectl() -> Result<()> {
     let revoked = ctl(&data, port, &["card", "revoke", &profile.chuid.uuid_string(), "--reason", "lost"])?;
     assert!(revoked.contains("revoked"));
     let cards = ctl(&data, port, &["card", "list", "--operator", "op-17"])?;
-    assert!(cards.contains(&format!("{}\top-17\t", profile.chuid.uuid_string())) && cards.trim_end().ends_with("revoked"), "{cards}");
+    let columns: Vec<&str> = cards.trim_end().split('\t').collect();
+    assert_eq!((columns[0], columns[1]), (profile.chuid.uuid_string().as_str(), "op-17"), "{cards}");
+    assert_eq!(&columns[3..], ["revoked", "fips201"], "card id, operator, certificate, state, identity rule: {cards}");
     assert!(ctl(&data, port, &["card", "list", "--operator", "nobody"])?.trim().is_empty());
 
     // The audit log: every action is there; exported, it verifies offline,
