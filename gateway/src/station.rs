@@ -62,7 +62,18 @@ fn write_secret(path: &Path, data: &[u8], secret: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 }).open(&tmp)?;
+    // A stale temporary file (or a symlink planted there) is removed, and
+    // the new one is created exclusively, never through a link.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -205,6 +216,8 @@ pub struct Recovered {
     pub management_key: ManagementKey,
     /// The PUK.
     pub puk: Zeroizing<Vec<u8>>,
+    /// The token's serial number at issuance, when it told.
+    pub serial: Option<u32>,
 }
 
 struct Okm(usize);
@@ -229,34 +242,65 @@ fn uuid_text(u: &[u8; 16]) -> String {
 
 impl Station {
     /// Opens the station's folder, creating the site card CA and the escrow
-    /// key on first use. Returns whether they were created.
-    pub fn open(dir: &Path, site: &str) -> Result<(Station, bool)> {
-        crate::pki::create_dir_durably(dir)?;
-        let (cert, key, escrow) = (dir.join("card-ca.pem"), dir.join("card-ca-key.pem"), dir.join("escrow-key.der"));
-        let created = !cert.exists();
-        if created {
-            let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(pki)?;
-            let mut p = CertificateParams::default();
-            p.distinguished_name.push(DnType::OrganizationName, site);
-            p.distinguished_name.push(DnType::CommonName, format!("{site} card CA"));
-            p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 20);
-            let ca = p.self_signed(&ca_key).map_err(pki)?;
-            let escrow_key = agreement::PrivateKey::generate(&agreement::ECDH_P256).map_err(pki)?;
-            let der: aws_lc_rs::encoding::Pkcs8V1Der<'_> = aws_lc_rs::encoding::AsDer::as_der(&escrow_key).map_err(pki)?;
-            // Keys first: a folder with a certificate has its keys.
-            write_secret(&escrow, der.as_ref(), true)?;
-            write_secret(&key, ca_key.serialize_pem().as_bytes(), true)?;
-            write_secret(&cert, ca.pem().as_bytes(), false)?;
+    /// key pair on first use (only issuance creates). Returns whether they
+    /// were created. A folder holding some of the files but not all is
+    /// refused: nothing is ever made again over a site's existing CA or
+    /// escrow key.
+    ///
+    /// The escrow private key is written once, as `escrow-key.der`, for the
+    /// site to move offline: issuing needs only the public key
+    /// (`escrow-public.der`); unblocking and retiring a card need the
+    /// private key, wherever it is kept ([`Station::recover`]).
+    pub fn create_or_open(dir: &Path, site: &str) -> Result<(Station, bool)> {
+        let files = [dir.join("card-ca.pem"), dir.join("card-ca-key.pem"), dir.join("escrow-public.der")];
+        let present = files.iter().filter(|f| f.exists()).count();
+        if present == files.len() {
+            return Ok((Station::open(dir)?, false));
         }
-        let ca_cert_pem = std::fs::read_to_string(&cert)?;
-        let ca_key_pem = Zeroizing::new(std::fs::read_to_string(&key)?);
-        let escrow_private = Zeroizing::new(std::fs::read(&escrow)?);
-        let private = agreement::PrivateKey::from_private_key_der(&agreement::ECDH_P256, &escrow_private).map_err(pki)?;
-        let escrow_public = private.compute_public_key().map_err(pki)?.as_ref().to_vec();
-        Ok((Station { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem, escrow_public }, created))
+        if present > 0 || dir.join("escrow-key.der").exists() {
+            return Err(Error::Config(format!(
+                "{} holds part of a site card CA (card-ca.pem, card-ca-key.pem, escrow-public.der): restore the missing files; nothing is made again over them",
+                dir.display()
+            )));
+        }
+        crate::pki::create_dir_durably(dir)?;
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(pki)?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::OrganizationName, site);
+        p.distinguished_name.push(DnType::CommonName, format!("{site} card CA"));
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 20);
+        let ca = p.self_signed(&ca_key).map_err(pki)?;
+        let escrow_key = agreement::PrivateKey::generate(&agreement::ECDH_P256).map_err(pki)?;
+        let der: aws_lc_rs::encoding::Pkcs8V1Der<'_> = aws_lc_rs::encoding::AsDer::as_der(&escrow_key).map_err(pki)?;
+        let public = escrow_key.compute_public_key().map_err(pki)?;
+        // Keys first, the certificate last: a folder with a certificate has
+        // its keys.
+        write_secret(&dir.join("escrow-key.der"), der.as_ref(), true)?;
+        write_secret(&files[2], public.as_ref(), false)?;
+        write_secret(&files[1], ca_key.serialize_pem().as_bytes(), true)?;
+        write_secret(&files[0], ca.pem().as_bytes(), false)?;
+        Ok((Station::open(dir)?, true))
+    }
+
+    /// Opens an existing station folder (never creates one).
+    pub fn open(dir: &Path) -> Result<Station> {
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| Error::NotFound(format!("{} ({e}): not a station folder", dir.join(name).display())));
+        let ca_cert_pem = String::from_utf8(read("card-ca.pem")?).map_err(|_| Error::Corrupt("card-ca.pem is not text".into()))?;
+        let ca_key_pem = Zeroizing::new(String::from_utf8(read("card-ca-key.pem")?).map_err(|_| Error::Corrupt("card-ca-key.pem is not text".into()))?);
+        let escrow_public = read("escrow-public.der")?;
+        if escrow_public.len() != 65 || escrow_public[0] != 0x04 {
+            return Err(Error::Corrupt("escrow-public.der is not a P-256 public key".into()));
+        }
+        Ok(Station { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem, escrow_public })
+    }
+
+    /// Where the escrow private key is written at creation (for the site
+    /// to move offline).
+    pub fn default_escrow_key(&self) -> PathBuf {
+        self.dir.join("escrow-key.der")
     }
 
     /// The card CA's certificate file, for `cards.trust_anchors`.
@@ -336,9 +380,9 @@ impl Station {
         write_secret(&self.escrow_path(card_uuid), &json, true)
     }
 
-    /// A card's management key and PUK, from escrow (needs the escrow
-    /// private key in the station's folder).
-    pub fn recover(&self, card_uuid: &[u8; 16]) -> Result<Recovered> {
+    /// A card's management key and PUK, from escrow, with the escrow
+    /// private key at `escrow_key`.
+    pub fn recover(&self, card_uuid: &[u8; 16], escrow_key: &Path) -> Result<Recovered> {
         let path = self.escrow_path(card_uuid);
         let text = std::fs::read(&path).map_err(|e| Error::NotFound(format!("no escrow for card {} ({e})", uuid_text(card_uuid))))?;
         let r: EscrowRecord = serde_json::from_slice(&text).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
@@ -346,7 +390,8 @@ impl Station {
         let ephemeral = hex::decode(&r.ephemeral).map_err(|_| bad("ephemeral key"))?;
         let nonce: [u8; 12] = hex::decode(&r.nonce).ok().and_then(|n| n.try_into().ok()).ok_or_else(|| bad("nonce"))?;
         let mut sealed = hex::decode(&r.ciphertext).map_err(|_| bad("ciphertext"))?;
-        let private_der = Zeroizing::new(std::fs::read(self.dir.join("escrow-key.der"))?);
+        let private_der =
+            Zeroizing::new(std::fs::read(escrow_key).map_err(|e| Error::NotFound(format!("the escrow private key {} ({e})", escrow_key.display())))?);
         let private = agreement::PrivateKey::from_private_key_der(&agreement::ECDH_P256, &private_der).map_err(pki)?;
         let peer = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &ephemeral);
         let key = agreement::agree(&private, peer, bad("key agreement"), |shared| sealing_key(shared, &ephemeral).map_err(|_| bad("key derivation")))?;
@@ -357,7 +402,7 @@ impl Station {
         let bytes = Zeroizing::new(hex::decode(&s.management_key).map_err(|_| bad("management key"))?);
         let management_key = ManagementKey::new(alg, &bytes).map_err(|_| bad("management key"))?;
         sealed.iter_mut().for_each(|b| *b = 0);
-        Ok(Recovered { management_key, puk: Zeroizing::new(s.puk.into_bytes()) })
+        Ok(Recovered { management_key, puk: Zeroizing::new(s.puk.into_bytes()), serial: r.serial })
     }
 
     /// Issues a blank token for `holder` with the PIN they chose. Nothing
@@ -429,7 +474,14 @@ impl Station {
         let puk = Zeroizing::new(digits.iter().map(|d| b'0' + d % 10).collect::<Vec<u8>>());
         step!(self.escrow(&uuid, serial, &new_key, &puk, random));
         done.push(Step::Escrowed);
-        if piv.set_management_key(&new_key).is_err() {
+        let refused_aes = |e: &pivgate_hw::Error| {
+            use pivgate_hw::apdu::StatusWord as Sw;
+            matches!(e, pivgate_hw::Error::Status { sw, .. } if [Sw::INCORRECT_DATA, Sw::INCORRECT_P1P2, Sw::INS_NOT_SUPPORTED].contains(sw))
+        };
+        if let Err(e) = piv.set_management_key(&new_key) {
+            if !refused_aes(&e) {
+                return Err(stop(&done, card_uuid, &e));
+            }
             // Older tokens take only 3DES management keys.
             new_key = step!(ManagementKey::new(Algorithm::TripleDes, &key_bytes[..]));
             step!(self.escrow(&uuid, serial, &new_key, &puk, random));
@@ -449,19 +501,37 @@ impl Station {
     }
 
     /// Unblocks a blocked PIN with the card's escrowed PUK; the operator
-    /// sets `new_pin`.
-    pub fn unblock<T: Transport>(&self, piv: &mut PivClient<T>, card_uuid: &[u8; 16], new_pin: &Pin) -> Result<()> {
-        let secrets = self.recover(card_uuid)?;
+    /// sets `new_pin`. The PUK goes only to a card that proved it holds
+    /// this card's escrowed management key (a card showing a copied CHUID
+    /// gets nothing).
+    pub fn unblock<T: Transport>(&self, piv: &mut PivClient<T>, card_uuid: &[u8; 16], escrow_key: &Path, new_pin: &Pin, random: &dyn Randomness) -> Result<()> {
+        let secrets = self.recover(card_uuid, escrow_key)?;
         piv.select()?;
-        self.check_card(piv, card_uuid)?;
+        self.prove_card(piv, card_uuid, &secrets, random)?;
         piv.unblock_pin(&secrets.puk, new_pin)?;
         Ok(())
     }
 
-    fn check_card<T: Transport>(&self, piv: &mut PivClient<T>, card_uuid: &[u8; 16]) -> Result<()> {
+    /// The card in the reader is the one escrowed as `card_uuid`: its CHUID
+    /// and serial say so, and it proves it holds the escrowed management
+    /// key (mutual authentication: the card answers our challenge).
+    fn prove_card<T: Transport>(&self, piv: &mut PivClient<T>, card_uuid: &[u8; 16], secrets: &Recovered, random: &dyn Randomness) -> Result<()> {
         let chuid = piv.read_chuid()?;
         if &chuid.guid != card_uuid {
             return Err(Error::InvalidRequest(format!("the card in the reader is {}, not {}", uuid_text(&chuid.guid), uuid_text(card_uuid))));
+        }
+        if let (Some(escrowed), Some(answered)) = (secrets.serial, piv.serial().unwrap_or(None)) {
+            if escrowed != answered {
+                return Err(Error::InvalidRequest(format!(
+                    "the card in the reader has serial {answered}, card {} was issued on {escrowed}",
+                    uuid_text(card_uuid)
+                )));
+            }
+        }
+        let mut challenge = vec![0u8; secrets.management_key.block_len()];
+        random.fill(&mut challenge)?;
+        if !piv.authenticate_management(&secrets.management_key, &challenge)? {
+            return Err(Error::InvalidRequest(format!("the card in the reader does not hold card {}'s management key", uuid_text(card_uuid))));
         }
         Ok(())
     }
@@ -470,44 +540,42 @@ impl Station {
     /// (YubiKey: both PIN and PUK blocked, then RESET; other cards: new
     /// throwaway keys over 9A and 9E, certificates and CHUID deleted) and
     /// hands it back with the factory management key, PIN and PUK.
-    pub fn retire<T: Transport>(&self, piv: &mut PivClient<T>, card_uuid: &[u8; 16], random: &dyn Randomness) -> Result<()> {
-        let secrets = self.recover(card_uuid)?;
+    pub fn retire<T: Transport>(&self, piv: &mut PivClient<T>, card_uuid: &[u8; 16], escrow_key: &Path, random: &dyn Randomness) -> Result<()> {
+        let secrets = self.recover(card_uuid, escrow_key)?;
         piv.select()?;
-        self.check_card(piv, card_uuid)?;
-        let mut challenge = vec![0u8; secrets.management_key.block_len()];
-        random.fill(&mut challenge)?;
-        if !piv.authenticate_management(&secrets.management_key, &challenge)? {
-            return Err(Error::InvalidRequest("the card refused the escrowed management key".into()));
-        }
-        // Block the PIN and the PUK with values that are not theirs.
-        let wrong = Pin::new(b"00000000")?;
-        for _ in 0..16 {
-            match piv.verify_pin(&wrong) {
-                Err(pivgate_hw::Error::PinBlocked) => break,
-                Ok(()) => return Err(Error::InvalidRequest("the card took 00000000 as its PIN; change it first".into())),
-                Err(_) => {}
-            }
-        }
-        let not_puk: &[u8] = if secrets.puk.as_slice() == b"99999999" { b"88888888" } else { b"99999999" };
-        for _ in 0..16 {
-            match piv.unblock_pin(not_puk, &wrong) {
-                Err(pivgate_hw::Error::PinBlocked) => break,
-                Err(pivgate_hw::Error::WrongPin { .. }) => {}
-                Ok(()) => return Err(Error::InvalidRequest("the card took a PUK that is not its own".into())),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        match piv.reset_application() {
+        self.prove_card(piv, card_uuid, &secrets, random)?;
+        // Does the card have RESET? A YubiKey refuses it (6985) until PIN
+        // and PUK are blocked; a card without it says 6D00. Nothing is
+        // blocked on a card that cannot then be reset.
+        let resettable = match piv.reset_application() {
             Ok(()) => return Ok(()),
-            Err(pivgate_hw::Error::Status { sw, .. }) if sw == pivgate_hw::apdu::StatusWord::INS_NOT_SUPPORTED => {}
+            Err(pivgate_hw::Error::Status { sw, .. }) => sw != pivgate_hw::apdu::StatusWord::INS_NOT_SUPPORTED,
             Err(e) => return Err(e.into()),
+        };
+        if resettable {
+            // Block the PIN and the PUK with values that are not theirs.
+            let wrong = Pin::new(b"00000000")?;
+            for _ in 0..16 {
+                match piv.verify_pin(&wrong) {
+                    Err(pivgate_hw::Error::PinBlocked) => break,
+                    Ok(()) => return Err(Error::InvalidRequest("the card took 00000000 as its PIN; change it first".into())),
+                    Err(_) => {}
+                }
+            }
+            let not_puk: &[u8] = if secrets.puk.as_slice() == b"99999999" { b"88888888" } else { b"99999999" };
+            for _ in 0..16 {
+                match piv.unblock_pin(not_puk, &wrong) {
+                    Err(pivgate_hw::Error::PinBlocked) => break,
+                    Err(pivgate_hw::Error::WrongPin { .. }) => {}
+                    Ok(()) => return Err(Error::InvalidRequest("the card took a PUK that is not its own".into())),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            piv.reset_application()?;
+            return Ok(());
         }
-        // No RESET: the keys are overwritten and the objects deleted.
-        piv.select()?;
-        random.fill(&mut challenge)?;
-        if !piv.authenticate_management(&secrets.management_key, &challenge)? {
-            return Err(Error::InvalidRequest("the card refused the escrowed management key".into()));
-        }
+        // No RESET: the keys are overwritten, the objects deleted, and the
+        // factory management key, PUK and PIN put back.
         for slot in [CardSlot::Authentication, CardSlot::CardAuthentication] {
             piv.generate(slot, Algorithm::EccP256, PinPolicy::Default)?;
             if let Some(tag) = slot.certificate_object() {
@@ -515,6 +583,9 @@ impl Station {
             }
         }
         piv.put_data(ObjectTag::CHUID, &[])?;
+        piv.change_puk(&secrets.puk, DEFAULT_PUK)?;
+        piv.unblock_pin(DEFAULT_PUK, &Pin::new(DEFAULT_PIN)?)?;
+        piv.set_management_key(&ManagementKey::default_key())?;
         Ok(())
     }
 }
@@ -534,9 +605,9 @@ mod tests {
     #[test]
     fn escrowed_secrets_come_back_only_with_the_escrow_key() {
         let dir = scratch();
-        let (station, created) = Station::open(&dir, "Test Site").unwrap();
+        let (station, created) = Station::create_or_open(&dir, "Test Site").unwrap();
         assert!(created);
-        let (station_again, created) = Station::open(&dir, "Test Site").unwrap();
+        let (station_again, created) = Station::create_or_open(&dir, "Test Site").unwrap();
         assert!(!created, "the card CA is made once");
         assert_eq!(station.ca_cert_pem, station_again.ca_cert_pem);
         let key = ManagementKey::new(Algorithm::Aes192, &[0x5A; 24]).unwrap();
@@ -544,22 +615,28 @@ mod tests {
         station.escrow(&uuid, Some(42), &key, b"31415926", &SystemRandomness).unwrap();
         let text = std::fs::read_to_string(station.escrow_path(&uuid)).unwrap();
         assert!(!text.contains("31415926") && !text.contains(&hex::encode([0x5A; 24])), "escrow in the clear: {text}");
-        let back = station.recover(&uuid).unwrap();
+        // The private key moved offline: recovery names where it is.
+        let offline = dir.with_extension("offline-escrow-key.der");
+        std::fs::rename(station.default_escrow_key(), &offline).unwrap();
+        assert!(station.recover(&uuid, &station.default_escrow_key()).is_err());
+        let back = station.recover(&uuid, &offline).unwrap();
         assert_eq!(back.management_key.bytes(), key.bytes());
         assert_eq!(back.puk.as_slice(), b"31415926");
         // Another card's record under this card's name does not open.
         std::fs::copy(station.escrow_path(&uuid), station.escrow_path(&[8; 16])).unwrap();
-        assert!(station.recover(&[8; 16]).is_err(), "a record opened under another card's UUID");
-        // Without the escrow key nothing comes back.
-        std::fs::remove_file(dir.join("escrow-key.der")).unwrap();
-        assert!(station.recover(&uuid).is_err());
+        assert!(station.recover(&[8; 16], &offline).is_err(), "a record opened under another card's UUID");
+        // A folder missing part of its CA is refused, never made again.
+        std::fs::remove_file(dir.join("card-ca.pem")).unwrap();
+        assert!(Station::create_or_open(&dir, "Test Site").is_err(), "a partial station folder was made again");
+        assert!(Station::open(&dir).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&offline);
     }
 
     #[test]
     fn issued_certificates_carry_the_card_uuid_and_the_slot_policy() {
         let dir = scratch();
-        let (station, _) = Station::open(&dir, "Test Site").unwrap();
+        let (station, _) = Station::create_or_open(&dir, "Test Site").unwrap();
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
         for (slot, policy, eku) in [

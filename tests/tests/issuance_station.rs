@@ -112,7 +112,7 @@ async fn a_blank_token_is_issued_unlocks_is_unblocked_and_retired() -> Result<()
     let ca_dir = scratch("station").join("card-ca");
     // The station makes the site card CA on first use; the gateway trusts
     // it because its configuration says so.
-    let (station, created) = Station::open(&ca_dir, "Example Utilities")?;
+    let (station, created) = Station::create_or_open(&ca_dir, "Example Utilities")?;
     assert!(created);
     let ca = station.ca_certificate();
     let mut site = Site::start(move |c, _| c.cards.trust_anchors.push(ca)).await?;
@@ -172,8 +172,19 @@ async fn a_blank_token_is_issued_unlocks_is_unblocked_and_retired() -> Result<()
         }
     }
     assert_eq!(card.pin_tries(), 0);
-    let (card, (ok, text)) =
-        at_station(&st, card, || ctl(&site, &ca_dir, &["card", "pin-unblock", "--card", &card_id, "--reader", &name, "--pin-stdin"], "135790\n"))?;
+    // The escrow private key is kept offline; recovery names it.
+    let offline = ca_dir.with_file_name("escrow-key-offline.der");
+    std::fs::rename(ca_dir.join("escrow-key.der"), &offline)?;
+    let offline = offline.to_str().context("path")?.to_string();
+    let args = ["card", "pin-unblock", "--card", &card_id, "--reader", &name, "--pin-stdin", "--escrow-key", &offline];
+    // A card showing a copy of the CHUID (and serial) gets no PUK: it
+    // cannot prove it holds the card's escrowed management key.
+    let mut copy = VirtualCard::new(CardContents::blank(30_000_001));
+    copy.contents_mut().objects.insert(ObjectTag::CHUID.0, card.contents().objects[&ObjectTag::CHUID.0].clone());
+    let (copy, (ok, text)) = at_station(&st, copy, || ctl(&site, &ca_dir, &args, "135790\n"))?;
+    assert!(!ok && text.contains("management key"), "{text}");
+    assert_eq!(copy.commands_seen(0x2C), 0, "the PUK was sent to a card that copied the CHUID");
+    let (card, (ok, text)) = at_station(&st, card, || ctl(&site, &ca_dir, &args, "135790\n"))?;
     assert!(ok, "{text}");
     let (res, card) = tap(&agent, &r, card, "135790").await?;
     assert_granted(res, "op-30");
@@ -190,7 +201,8 @@ async fn a_blank_token_is_issued_unlocks_is_unblocked_and_retired() -> Result<()
     assert!(cards.is_empty(), "a card pulled midway was enrolled: {cards:?}");
 
     // Retired: revoked at the gateway and blank again.
-    let (card, (ok, text)) = at_station(&st, card, || ctl(&site, &ca_dir, &["card", "retire", "--card", &card_id, "--reader", &name], ""))?;
+    let (card, (ok, text)) =
+        at_station(&st, card, || ctl(&site, &ca_dir, &["card", "retire", "--card", &card_id, "--reader", &name, "--escrow-key", &offline], ""))?;
     assert!(ok, "{text}");
     assert!(card.contents().keys.is_empty() && card.contents().objects.is_empty(), "keys or objects left");
     assert!(card.contents().management_key.is_default());

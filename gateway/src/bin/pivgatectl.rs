@@ -141,6 +141,10 @@ struct StationArgs {
     /// terminal (scripts and tests).
     #[arg(long)]
     pin_stdin: bool,
+    /// The escrow private key, wherever the site keeps it offline
+    /// (unblocking and retiring need it; default: CA_DIR/escrow-key.der).
+    #[arg(long)]
+    escrow_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -773,9 +777,13 @@ mod station {
         attest: bool,
     ) -> Result<()> {
         let dir = ca_dir(data_dir, s)?;
-        let (station, created) = Station::open(&dir, site)?;
+        let (station, created) = Station::create_or_open(&dir, site)?;
         if created {
             eprintln!("made the site card CA {}: list it under cards.trust_anchors in the gateway's configuration", station.ca_certificate().display());
+            eprintln!(
+                "made the escrow key {}: move it offline (pin-unblock and retire take --escrow-key); anyone holding it can manage every card",
+                station.default_escrow_key().display()
+            );
         }
         // Before the card is touched: the operator exists, the gateway
         // trusts the card CA and takes certificates of this shape.
@@ -814,15 +822,18 @@ mod station {
         std::fs::write(saved.join(format!("{uuid}-9a.der")), &issued.certificate_9a)?;
         std::fs::write(saved.join(format!("{uuid}-9e.der")), &issued.certificate_9e)?;
         let att = if attest { issued.attestation_9a.as_ref().map(|(a, i)| (a.as_slice(), i.as_slice())) } else { None };
-        let enrolled = async {
-            admin.enrol_card_with(operator, &issued.certificate_9a, Slot::PivAuthentication, None, att).await?;
-            admin.enrol_card(operator, &issued.certificate_9e, Slot::CardAuthentication).await
+        if let Some((a, i)) = &issued.attestation_9a {
+            std::fs::write(saved.join(format!("{uuid}-9a-attestation.der")), a)?;
+            std::fs::write(saved.join(format!("{uuid}-f9.der")), i)?;
         }
-        .await;
-        if let Err(e) = enrolled {
+        let cert = |slot: &str| saved.join(format!("{uuid}-{slot}.der")).display().to_string();
+        if let Err(e) = admin.enrol_card_with(operator, &issued.certificate_9a, Slot::PivAuthentication, None, att).await {
+            bail!("card {uuid} is issued but not enrolled ({e}); enrol it with: pivgatectl card enrol --operator {operator} --cert {}", cert("9a"));
+        }
+        if let Err(e) = admin.enrol_card(operator, &issued.certificate_9e, Slot::CardAuthentication).await {
             bail!(
-                "card {uuid} is issued but not enrolled ({e}); enrol it with: pivgatectl card enrol --operator {operator} --cert {}",
-                saved.join(format!("{uuid}-9a.der")).display()
+                "card {uuid} is issued and its 9A key enrolled, but not its 9E key ({e}); enrol it with: pivgatectl card enrol --operator {operator} --slot 9e --cert {}",
+                cert("9e")
             );
         }
         writeln!(out, "card {uuid} issued to {operator} and enrolled; its management key and PUK are escrowed in {}", dir.join("escrow").display())?;
@@ -847,11 +858,12 @@ mod station {
 
     pub fn pin_unblock(args: &Args, card_id: &str, s: &StationArgs) -> Result<()> {
         let uuid = parse_uuid(card_id).context("--card is not a card id")?;
-        let (station, _) = Station::open(&ca_dir(&args.data_dir, s)?, "pivgate site")?;
+        let station = Station::open(&ca_dir(&args.data_dir, s)?)?;
+        let escrow_key = s.escrow_key.clone().unwrap_or_else(|| station.default_escrow_key());
         let new = new_pin(s.pin_stdin)?;
         let (ctx, reader) = open_card(s)?;
         let card = PcscCard::connect(&ctx, &reader)?;
-        let r = with_card(card, |piv| station.unblock(piv, &uuid, &new))?;
+        let r = with_card(card, |piv| station.unblock(piv, &uuid, &escrow_key, &new, &SystemRandomness))?;
         r?;
         println!("PIN of card {card_id} unblocked and set");
         Ok(())
@@ -859,12 +871,13 @@ mod station {
 
     pub async fn retire(data_dir: &Option<PathBuf>, admin: &mut Admin, out: &mut impl Write, card_id: &str, s: &StationArgs, reason: &str) -> Result<()> {
         let uuid = parse_uuid(card_id).context("--card is not a card id")?;
-        let (station, _) = Station::open(&ca_dir(data_dir, s)?, "pivgate site")?;
+        let station = Station::open(&ca_dir(data_dir, s)?)?;
+        let escrow_key = s.escrow_key.clone().unwrap_or_else(|| station.default_escrow_key());
         // Dead at the gateway first, whatever happens to the card after.
         admin.revoke_card(card_id, reason).await?;
         let (ctx, reader) = open_card(s)?;
         let card = PcscCard::connect(&ctx, &reader)?;
-        let r = with_card(card, |piv| station.retire(piv, &uuid, &SystemRandomness))?;
+        let r = with_card(card, |piv| station.retire(piv, &uuid, &escrow_key, &SystemRandomness))?;
         r.with_context(|| format!("card {card_id} is revoked, but wiping it failed"))?;
         writeln!(out, "card {card_id} revoked and wiped: it is blank again")?;
         Ok(())
