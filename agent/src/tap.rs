@@ -304,16 +304,24 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
     /// (SELECT, CHUID, GENERAL AUTHENTICATE).
     pub async fn run(&mut self, piv: &mut PivClient<T>) -> Outcome {
         let (mut card, mut pin_asked) = (None, false);
-        let result = match self.steps(piv, &mut card, &mut pin_asked).await {
+        let mut id = None;
+        let result = match self.steps(piv, &mut card, &mut pin_asked, &mut id).await {
             Ok(grant) => TapResult::Granted(grant),
             Err(r) => r,
         };
+        // A memory that did not end in a grant is not kept: a card that
+        // answered another card's serial or GUID, or reported tries of its
+        // own, leaves nothing behind for the real card's next tap.
+        if let Some(id) = id.filter(|_| !matches!(result, TapResult::Granted(_))) {
+            self.forget(&id);
+        }
         let pin_reset = !pin_asked || piv.reset_pin_state().unwrap_or(false);
         Outcome { result, card, pin_reset }
     }
 
-    async fn steps(&mut self, piv: &mut PivClient<T>, card: &mut Option<[u8; 16]>, pin_asked: &mut bool) -> Step<Grant> {
+    async fn steps(&mut self, piv: &mut PivClient<T>, card: &mut Option<[u8; 16]>, pin_asked: &mut bool, seen: &mut Option<Identified>) -> Step<Grant> {
         let mut id = self.identify(piv)?;
+        *seen = Some(id.clone());
         *card = id.hint();
         let challenge = self.begin(piv, &mut id).await?;
         // From here the card may hold a verified PIN: it is reset at the end.
@@ -464,7 +472,8 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
     }
 
     /// Gets the PIN to the card before `expires`: asks again after a wrong
-    /// PIN, warns before the last try, never sends VERIFY to a blocked card.
+    /// PIN, warns before the last try, sends no VERIFY to a card it knows
+    /// is blocked.
     ///
     /// The tries are asked of the card (an empty VERIFY) unless known: from
     /// a wrong PIN just now, or remembered from this card's last tap at

@@ -502,7 +502,7 @@ fn a_wrong_pin_elsewhere_is_found_out_by_the_card_not_the_memory() {
     let r = run_remembering(Setup { card: Some(card), ..Setup::new(Plan::Grant, vec![Act::Keys("999999#")]) }, &memory);
     assert_eq!(r.outcome.result, TapResult::PinBlocked);
     assert_eq!(r.card.pin_tries(), 0);
-    assert_eq!(memory.card(Handle::Guid(profile().chuid.guid)).and_then(|m| m.pin_tries), Some(0));
+    assert_eq!(memory.card(Handle::Guid(profile().chuid.guid)), None, "a tap that was not granted leaves no memory");
     let r = run_remembering(Setup { card: Some(r.card), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) }, &memory);
     assert_eq!(r.outcome.result, TapResult::PinBlocked);
     assert_eq!(r.apdus, [SELECT, GET_DATA, VERIFY, VERIFY], "status asked (tries under 2 are never assumed), no VERIFY with a PIN");
@@ -561,6 +561,20 @@ fn a_card_without_a_chuid_or_a_serial_reads_its_certificate_every_tap() {
         assert_eq!(r.apdus.len(), 3 + 1 + rounds + 4, "SELECT, CHUID, GET SERIAL; the certificate; VERIFY x2, sign, reset");
     }
     assert_eq!(memory.cards(), 0, "nothing to remember it by");
+}
+
+#[test]
+fn a_card_answering_another_cards_serial_leaves_nothing_behind() {
+    // A hostile card answers a known card's serial and reports tries of
+    // its own: the tap is not granted, and the real card's next tap starts
+    // afresh (no planted id, no planted tries).
+    let memory = CardMemory::new();
+    let pin = |plan| Setup { card: Some(without_chuid()), ..Setup::new(plan, vec![Act::Keys("123456#")]) };
+    assert!(matches!(run_remembering(pin(Plan::Grant), &memory).outcome.result, TapResult::Granted(_)));
+    let serial = profile().card().contents().serial;
+    let r = run_remembering(Setup { card: Some(without_chuid()), ..Setup::new(Plan::Grant, vec![Act::Keys("999999#"), Act::Keys("*")]) }, &memory);
+    assert!(matches!(r.outcome.result, TapResult::WrongPin { .. }), "{:?}", r.outcome.result);
+    assert!(memory.card(Handle::Serial(serial)).is_none(), "a tap that was not granted left a memory");
 }
 
 #[test]

@@ -165,13 +165,24 @@ impl Gateway {
             },
         };
         let slot = mechanism.slot();
+        let same_key = |a: &[u8], b: &[u8]| matches!((verify::inspect(a), verify::inspect(b)), (Ok(x), Ok(y)) if x.spki == y.spki);
         let (certificate, supplied) = match (ask.certificate, card.certificates.get(&slot)) {
             (Certificate::Pinned(d), _) => (d.to_vec(), false),
+            // The card offers another certificate for the enrolled key (one
+            // renewed on the card): that one is judged, and the card signs
+            // for it; the enrolled one stays as enrolled.
+            (Certificate::Offered(Some(d)), Some(e)) if d != e.as_slice() && same_key(d, e) => (d.to_vec(), false),
             (Certificate::Offered(_) | Certificate::Enrolled, Some(d)) => (d.clone(), false),
             // An enrolled-key card's keys are the ones enrolled: a key
             // offered for another slot is no key of this card's.
             (Certificate::Offered(Some(_)), None) if card.identity == IdentityRule::EnrolledKey => {
                 return Ok(Refused(Deny::UnknownCard, "no key enrolled for the slot"))
+            }
+            // A key another card holds is not this card's.
+            (Certificate::Offered(Some(d)), None)
+                if verify::inspect(d).ok().and_then(|i| self.store.card_by_key(&i.key_sha256).ok().flatten()).is_some_and(|o| o != card.uuid) =>
+            {
+                return Ok(Refused(Deny::IdentityMismatch, "the certificate's key belongs to another card"))
             }
             (Certificate::Offered(Some(d)), None) => (d.to_vec(), true),
             (Certificate::Offered(None), None) => return Ok(Verdict::NeedCertificate(slot)),

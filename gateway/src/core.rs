@@ -909,6 +909,12 @@ impl Gateway {
         if self.store.denied(DenyKey::Card(uuid))? || self.store.denied(DenyKey::Certificate(info.fingerprint))? {
             return Err(Error::InvalidRequest("card is on the deny list".into()));
         }
+        // One key, one card, whatever the rules of their issuers.
+        if let Some(other) = self.store.card_by_key(&info.key_sha256)?.filter(|o| *o != uuid) {
+            if self.store.card(&other)?.is_some_and(|c| c.certificates.values().any(|d| verify::inspect(d).is_ok_and(|i| i.spki == info.spki))) {
+                return Err(Error::AlreadyExists(format!("this key is enrolled for card {}", uuid_text(&other))));
+            }
+        }
         let mut card = match self.store.card(&uuid)? {
             Some(c) => c,
             None if to_card.is_some() && validation.identity == IdentityRule::EnrolledKey => {
@@ -969,6 +975,15 @@ impl Gateway {
     /// Revokes a card: deny-lists its UUID and certificates and locks any
     /// terminal it holds, in one step (no grant can slip in between).
     pub async fn revoke_card(&self, caller: &Caller, uuid: [u8; 16], reason: &str) -> Result<Vec<String>> {
+        // An id that names no card would deny-list nothing anyone carries
+        // while saying "revoked": an enrolled-key card is revoked by the id
+        // `card list` shows, not by its CHUID GUID.
+        if self.store.card(&uuid)?.is_none() {
+            return Err(Error::NotFound(format!(
+                "no enrolled card has the id {} (an enrolled-key card goes by the id `card list` shows, not its CHUID GUID)",
+                uuid_text(&uuid)
+            )));
+        }
         let now = self.now_ms();
         let mut locked = Vec::new();
         self.commit_with(|| {

@@ -572,3 +572,32 @@ async fn an_enrolled_key_card_is_found_by_its_key_and_proves_with_it() {
     };
     assert_eq!(d, Deny::UnknownCard);
 }
+
+#[tokio::test]
+async fn one_key_is_one_card_and_a_renewed_certificate_on_the_card_is_judged_for_itself() {
+    let b = enterprise_bench().await;
+    let key = new_key();
+    let cert = enterprise_cert(&key, CardSlot::Authentication);
+    let card = b.gw.enrol_card(&admin(), "op-1", &cert, Slot::PivAuthentication, None).await.unwrap();
+    // The same key under a FIPS 201 certificate naming another card UUID.
+    let elsewhere =
+        Profile::generate_with_ca(IssuingCa { cert_pem: issuer().cert_pem.clone(), key_pem: issuer().key_pem.clone() }, &ProfileOptions::default()).unwrap();
+    let other = issuer().issue_for_spki(CardSlot::Authentication, &key.spki_der().unwrap(), &elsewhere.chuid, "op", pivgate_vcard::Validity::days(30)).unwrap();
+    let e = b.gw.enrol_card(&admin(), "op-1", &other, Slot::PivAuthentication, None).await.unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    // The card holds a renewed certificate for its enrolled key: the
+    // challenge names that certificate (the agent read it), and the proof
+    // with the same key unlocks; the enrolled certificate is unchanged.
+    let renewed = enterprise_cert(&key, CardSlot::Authentication);
+    let req = BeginRequest { card_uuid: None, certificate: Some(renewed.clone()), ..begin_req(T) };
+    let Begin::Challenge { id, message, .. } = b.gw.begin(&agent(), req).await.unwrap() else { panic!("no challenge") };
+    let m = pivgate_proto::card_message::parse(&message).unwrap();
+    assert_eq!(m.certificate_sha256, <[u8; 32]>::from(sha2::Sha256::digest(&renewed)));
+    assert_eq!(m.card_uuid, card.uuid);
+    let sig = token_signs(&key, &message);
+    assert!(matches!(b.gw.complete(&agent(), &id, T, &sig).await.unwrap(), Complete::Granted { .. }));
+    assert_eq!(b.gw.store.card(&card.uuid).unwrap().unwrap().certificates[&Slot::PivAuthentication], cert);
+    // Revoking an id no card has is refused, not "revoked".
+    let e = b.gw.revoke_card(&admin(), [0x42; 16], "lost").await.unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+}

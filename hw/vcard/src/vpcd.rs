@@ -112,7 +112,11 @@ pub fn serve_with_stats(card: &mut VirtualCard, mut stream: TcpStream, removed: 
                 let answer = card.process(apdu);
                 // Each exchange at trace level (RUST_LOG=pivgate_vcard=trace):
                 // the test rig's own `pcscd -a`.
-                tracing::trace!(command = %hex::encode(apdu), response = %hex::encode(&answer.response), "APDU");
+                // PINs, PUKs and management keys are shown as their header
+                // only, even in a test card's trace.
+                let secret = matches!(apdu.get(1), Some(0x20 | 0x24 | 0x2C | 0xFF)) || (apdu.get(1) == Some(&0x87) && apdu.get(3) == Some(&0x9B));
+                let shown = if secret { &apdu[..apdu.len().min(4)] } else { apdu };
+                tracing::trace!(command = %hex::encode(shown), response = %hex::encode(&answer.response), "APDU");
                 if answer.disconnect {
                     let _ = stream.shutdown(Shutdown::Both);
                     return Ok(Ended::Dropped);
