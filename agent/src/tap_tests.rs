@@ -638,3 +638,22 @@ fn a_card_that_cannot_reset_its_pin_state_is_left_to_the_shell_to_reset() {
     assert!(!r.outcome.pin_reset);
     assert!(r.card.pin_verified(), "the in-process card is not reset by the flow itself");
 }
+
+#[test]
+fn a_pin_always_key_signs_because_the_pin_comes_right_before() {
+    // A token whose 9A key asks for the PIN before every signature (the
+    // YubiKey "always" policy): the flow's VERIFY directly precedes GENERAL
+    // AUTHENTICATE, every tap.
+    let memory = CardMemory::new();
+    let mut card = profile().card();
+    card.contents_mut().origins.insert(
+        Slot::Authentication,
+        pivgate_vcard::KeyOrigin { generated: true, pin: pivgate_vcard::PinPolicy::Always, touch: pivgate_vcard::TouchPolicy::Never },
+    );
+    let mut r = run_remembering(Setup { card: Some(card), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) }, &memory);
+    for _ in 0..2 {
+        assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
+        assert!(!r.card.pin_verified());
+        r = run_remembering(Setup { card: Some(r.card), ..Setup::new(Plan::Grant, vec![Act::Keys("123456#")]) }, &memory);
+    }
+}
