@@ -139,6 +139,12 @@ impl Gateway {
             }
         }
         let Some(card) = self.store.card(&ask.card)? else { return Ok(Refused(Deny::UnknownCard, "card not enrolled")) };
+        if card.suspended.is_some() {
+            return Ok(Refused(Deny::CardSuspended, "card suspended"));
+        }
+        if card.expires_ms.is_some_and(|end| self.now_ms() >= end) {
+            return Ok(Refused(Deny::CardExpired, "temporary card past its end"));
+        }
         let operator = match overlay.operator {
             Some(o) if o.id == card.operator_id => Some(o.clone()),
             _ => self.store.operator(&card.operator_id)?,
@@ -306,6 +312,8 @@ pub(crate) fn lock_reason(deny: Deny, policy_changing: bool) -> Option<crate::mo
         Deny::UnknownCard | Deny::OperatorDisabled | Deny::RevokedDenyList => L::Revoked,
         Deny::NotAuthorized if !policy_changing => L::RoleRemoved,
         Deny::RevokedCrl => L::CertificateRevoked,
+        Deny::CardSuspended => L::CardSuspended,
+        Deny::CardExpired => L::CardExpired,
         Deny::CertExpired | Deny::CertNotYetValid => L::CertificateExpired,
         _ => L::PolicyChanged,
     })

@@ -118,6 +118,7 @@ impl Admin {
             attestation: attestation.map(|a| a.0.to_vec()).unwrap_or_default(),
             attestation_intermediate: attestation.map(|a| a.1.to_vec()).unwrap_or_default(),
             dry_run: false,
+            temporary_days: 0,
         };
         Ok(self.rpc.enrol_card(req).await?.into_inner().card.unwrap_or_default())
     }
@@ -133,6 +134,18 @@ impl Admin {
             ..Default::default()
         };
         self.rpc.enrol_card(req).await?;
+        Ok(())
+    }
+
+    /// Suspends a card (its id as text) at once; returns the terminals it
+    /// locked.
+    pub async fn suspend_card(&mut self, card_uuid: &str, reason: &str) -> Result<Vec<String>> {
+        Ok(self.rpc.suspend_card(pb::SuspendCardRequest { card_uuid: card_uuid.into(), reason: reason.into() }).await?.into_inner().locked_terminals)
+    }
+
+    /// Ends a card's suspension.
+    pub async fn resume_card(&mut self, card_uuid: &str, reason: &str) -> Result<()> {
+        self.rpc.resume_card(pb::ResumeCardRequest { card_uuid: card_uuid.into(), reason: reason.into() }).await?;
         Ok(())
     }
 

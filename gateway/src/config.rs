@@ -172,6 +172,8 @@ pub struct CardsConfig {
     pub policies_9a: Vec<String>,
     /// Certificate policies (any of) required on 9E certificates.
     pub policies_9e: Vec<String>,
+    /// The longest a temporary card may last, days (1 to 90).
+    pub max_temporary_days: u32,
     /// PEM files of the attestation roots the site trusts (the token
     /// makers', such as Yubico's PIV attestation root).
     pub attestation_roots: Vec<PathBuf>,
@@ -215,6 +217,7 @@ impl Default for CardsConfig {
             require_crl: false,
             attestation_roots: vec![],
             require_attested_pin_key: false,
+            max_temporary_days: 14,
             eku_9a: vec![],
             eku_9e: vec![],
             policies_9a: vec![],
@@ -298,6 +301,9 @@ impl Config {
                 "cards: {} is in both trust_anchors (identity by card UUID) and enrolled_key_anchors (identity by enrolled key); an issuer has one identity rule",
                 p.display()
             )));
+        }
+        if !(1..=90).contains(&c.max_temporary_days) {
+            return Err(Error::Config("cards.max_temporary_days must be 1 to 90".into()));
         }
         if c.require_attested_pin_key && c.attestation_roots.is_empty() {
             return Err(Error::Config("cards.require_attested_pin_key needs cards.attestation_roots".into()));

@@ -132,6 +132,8 @@ pub struct Gateway {
     /// Whether a 9A key must be attested as generated on its token with
     /// a PIN policy other than never, at enrolment and at every tap.
     pub require_attested_pin_key: bool,
+    /// The longest a temporary card may last, days.
+    pub max_temporary_days: u32,
     /// Challenges.
     pub challenges: Challenges,
     /// Clock.
@@ -190,6 +192,9 @@ pub struct Enrolment<'a> {
     pub attestation: Option<(&'a [u8], &'a [u8])>,
     /// Check only: nothing is written or audited.
     pub dry_run: bool,
+    /// A temporary card: refused this many days after enrolment (0:
+    /// permanent).
+    pub temporary_days: u32,
 }
 
 /// A begin-authentication request, parsed.
@@ -849,7 +854,7 @@ impl Gateway {
     /// derived from the key. A slot never silently changes key: a new key
     /// for an enrolled slot is a new card.
     pub async fn enrol_card(&self, caller: &Caller, operator_id: &str, der: &[u8], slot: Slot, to_card: Option<[u8; 16]>) -> Result<Card> {
-        self.enrol(caller, &Enrolment { operator_id, certificate: der, slot, to_card, attestation: None, dry_run: false }).await
+        self.enrol(caller, &Enrolment { operator_id, certificate: der, slot, to_card, attestation: None, dry_run: false, temporary_days: 0 }).await
     }
 
     /// [`Gateway::enrol_card`], with the slot key's attestation when the
@@ -859,7 +864,10 @@ impl Gateway {
     /// without an attestation proving a key generated on the token with a
     /// PIN policy other than never is refused.
     pub async fn enrol(&self, caller: &Caller, e: &Enrolment<'_>) -> Result<Card> {
-        let Enrolment { operator_id, certificate: der, slot, to_card, attestation, dry_run } = *e;
+        let Enrolment { operator_id, certificate: der, slot, to_card, attestation, dry_run, temporary_days } = *e;
+        if temporary_days > self.max_temporary_days {
+            return Err(Error::InvalidRequest(format!("a temporary card lasts at most {} days (cards.max_temporary_days)", self.max_temporary_days)));
+        }
         if self.store.operator(operator_id)?.is_none() {
             return Err(Error::NotFound(format!("operator {operator_id}")));
         }
@@ -927,6 +935,8 @@ impl Gateway {
                 operator_id: operator_id.to_string(),
                 certificates: Default::default(),
                 attested: Default::default(),
+                suspended: None,
+                expires_ms: None,
             },
         };
         if card.operator_id != operator_id {
@@ -954,6 +964,9 @@ impl Gateway {
         if key_of(other).is_some_and(|k| k == info.spki) {
             return Err(Error::InvalidRequest("the card's other slot holds the same key: a card-only key must not stand in for the PIN key".into()));
         }
+        if temporary_days > 0 {
+            card.expires_ms = Some(self.now_ms() + i64::from(temporary_days) * 86_400_000);
+        }
         card.certificates.insert(slot, der.to_vec());
         // A new certificate's key is attested anew or not at all.
         match &attested {
@@ -961,7 +974,7 @@ impl Gateway {
             None => card.attested.remove(&slot).filter(|a| a.key_sha256 == info.key_sha256).and_then(|a| card.attested.insert(slot, a)),
         };
         let detail = json!({ "operator": operator_id, "card_uuid": uuid_text(&uuid), "slot": format!("{slot:?}"),
-            "identity": card.identity.name(), "key_sha256": hex::encode(info.key_sha256),
+            "identity": card.identity.name(), "key_sha256": hex::encode(info.key_sha256), "expires_ms": card.expires_ms,
             "certificate_sha256": hex::encode(info.fingerprint),
             "attested": attested.as_ref().map(|a| json!({ "pin_policy": a.pin_policy, "touch_policy": a.touch_policy,
                 "serial": a.serial, "firmware": a.firmware, "attestation_sha256": hex::encode(a.attestation_sha256) })) });
@@ -970,6 +983,42 @@ impl Gateway {
         }
         self.commit(Self::admin_entry(caller, AuditKind::EnrolCard, detail), vec![Change::Card(card.clone())]).await?;
         Ok(card)
+    }
+
+    /// Suspends a card (`reason` given) or ends its suspension (`None`),
+    /// in one step with the locks of the terminals it holds: no grant can
+    /// slip in between.
+    pub async fn suspend_card(&self, caller: &Caller, uuid: [u8; 16], reason: Option<&str>) -> Result<Vec<String>> {
+        let now = self.now_ms();
+        let mut locked = Vec::new();
+        self.commit_with(|| {
+            let Some(mut card) = self.store.card(&uuid)? else { return Err(Error::NotFound(format!("card {}", uuid_text(&uuid)))) };
+            let (kind, mut changes) = match reason {
+                Some(why) => {
+                    card.suspended = Some(why.to_string());
+                    let locks =
+                        self.locks_where(LockReason::CardSuspended, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
+                    (AuditKind::SuspendCard, locks)
+                }
+                None if card.suspended.is_none() => return Ok(None),
+                None => {
+                    card.suspended = None;
+                    (AuditKind::ResumeCard, vec![])
+                }
+            };
+            locked = changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Session { terminal } => Some(terminal.id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let detail = json!({ "card_uuid": uuid_text(&uuid), "operator": card.operator_id, "reason": reason, "locked_terminals": locked });
+            changes.push(Change::Card(card));
+            Ok(Some((Self::admin_entry(caller, kind, detail), changes)))
+        })
+        .await?;
+        Ok(locked)
     }
 
     /// Revokes a card: deny-lists its UUID and certificates and locks any

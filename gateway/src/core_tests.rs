@@ -601,3 +601,43 @@ async fn one_key_is_one_card_and_a_renewed_certificate_on_the_card_is_judged_for
     let e = b.gw.revoke_card(&admin(), [0x42; 16], "lost").await.unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
 }
+
+#[tokio::test]
+async fn a_suspended_card_locks_at_once_is_refused_and_works_again_once_resumed() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    let locked = b.gw.suspend_card(&admin(), uuid(), Some("found in the car park, checking")).await.unwrap();
+    assert_eq!(locked, [T.to_string()]);
+    assert_eq!(locked_for(&b), Some(LockReason::CardSuspended));
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("a suspended card began") };
+    assert_eq!(d, Deny::CardSuspended);
+    b.gw.suspend_card(&admin(), uuid(), None).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none(), "a resumed card is refused");
+    let kinds: Vec<String> = b.gw.store.audit_after(0, 1000).unwrap().into_iter().map(|r| r.kind).collect();
+    assert!(kinds.contains(&"admin.suspend_card".to_string()) && kinds.contains(&"admin.resume_card".to_string()), "{kinds:?}");
+    assert!(matches!(b.gw.suspend_card(&admin(), [9; 16], Some("x")).await, Err(Error::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_temporary_card_is_refused_after_its_end_and_its_session_locks() {
+    let b = bench(|_| {}).await;
+    let der = card_profile().certificates[&CardSlot::Authentication].clone();
+    let temporary = |days| Enrolment {
+        operator_id: "op-1",
+        certificate: &der,
+        slot: Slot::PivAuthentication,
+        to_card: None,
+        attestation: None,
+        dry_run: false,
+        temporary_days: days,
+    };
+    assert!(matches!(b.gw.enrol(&admin(), &temporary(15)).await, Err(Error::InvalidRequest(_))), "past cards.max_temporary_days");
+    let card = b.gw.enrol(&admin(), &temporary(1)).await.unwrap();
+    assert!(card.expires_ms.is_some());
+    assert!(denied(&tap(&b).await).is_none());
+    b.clock.advance(Duration::from_secs(86_400 + 1));
+    b.gw.reauthorize_sessions("test").await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::CardExpired));
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("an expired temporary card began") };
+    assert_eq!(d, Deny::CardExpired);
+}

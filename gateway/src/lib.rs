@@ -141,6 +141,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         trust,
         attestation,
         require_attested_pin_key: config.cards.require_attested_pin_key,
+        max_temporary_days: config.cards.max_temporary_days,
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
         clock,
         random,

@@ -272,6 +272,24 @@ impl Bounded for pb::EnrolCardRequest {
     }
 }
 
+impl Bounded for pb::SuspendCardRequest {
+    fn check(&self) -> Result<(), Status> {
+        if self.card_uuid.len() > 64 {
+            return Err(bad("card_uuid", "is not a UUID"));
+        }
+        text("reason", &self.reason)
+    }
+}
+
+impl Bounded for pb::ResumeCardRequest {
+    fn check(&self) -> Result<(), Status> {
+        if self.card_uuid.len() > 64 {
+            return Err(bad("card_uuid", "is not a UUID"));
+        }
+        text("reason", &self.reason)
+    }
+}
+
 impl Bounded for pb::RevokeCardRequest {
     fn check(&self) -> Result<(), Status> {
         if self.card_uuid.len() > 64 {

@@ -119,6 +119,13 @@ pub struct Card {
     /// enrolled with it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attested: BTreeMap<Slot, crate::attest::Attested>,
+    /// Suspended (reversible), and why; `None`: active. Revocation is the
+    /// deny list, never undone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
+    /// A temporary card's end (Unix milliseconds), refused from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
 }
 
 /// Why a terminal locked.
@@ -148,6 +155,10 @@ pub enum LockReason {
     CertificateRevoked,
     /// The session's certificate (or one of its path) expired.
     CertificateExpired,
+    /// The card was suspended.
+    CardSuspended,
+    /// The temporary card reached its end.
+    CardExpired,
 }
 
 /// A terminal's session state: locked, or unlocked by one operator.
@@ -293,11 +304,15 @@ pub enum AuditKind {
     IssueCertificate,
     /// A backup was taken.
     Backup,
+    /// A card was suspended.
+    SuspendCard,
+    /// A card's suspension ended.
+    ResumeCard,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 15] = [
+    pub const ALL: [AuditKind; 17] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -313,6 +328,8 @@ impl AuditKind {
         AuditKind::SetTerminalPolicy,
         AuditKind::IssueCertificate,
         AuditKind::Backup,
+        AuditKind::SuspendCard,
+        AuditKind::ResumeCard,
     ];
 
     /// The name stored in the record.
@@ -333,6 +350,8 @@ impl AuditKind {
             AuditKind::SetTerminalPolicy => "admin.set_terminal_policy",
             AuditKind::IssueCertificate => "admin.issue_certificate",
             AuditKind::Backup => "admin.backup",
+            AuditKind::SuspendCard => "admin.suspend_card",
+            AuditKind::ResumeCard => "admin.resume_card",
         }
     }
 

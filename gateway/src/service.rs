@@ -74,6 +74,8 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
         Deny::ChallengeReplayed => R::ChallengeReplayed,
         Deny::AlgorithmMismatch => R::AlgorithmMismatch,
         Deny::KeyNotAttested => R::KeyNotAttested,
+        Deny::CardSuspended => R::CardSuspended,
+        Deny::CardExpired => R::CardExpired,
     }
 }
 
@@ -130,6 +132,8 @@ fn lock_reason_pb(r: LockReason) -> pb::LockReason {
         LockReason::PolicyChanged => pb::LockReason::PolicyChanged,
         LockReason::CertificateRevoked => pb::LockReason::CertificateRevoked,
         LockReason::CertificateExpired => pb::LockReason::CertificateExpired,
+        LockReason::CardSuspended => pb::LockReason::CardSuspended,
+        LockReason::CardExpired => pb::LockReason::CardExpired,
     }
 }
 
@@ -482,6 +486,8 @@ fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
         slot: slot_pb(slot) as i32,
         revoked: gw.store.denied(crate::model::DenyKey::Card(c.uuid)).unwrap_or(false),
         identity: c.identity.name().to_string(),
+        state: if c.suspended.is_some() { "suspended" } else { "active" }.to_string(),
+        expires_unix_ms: c.expires_ms.unwrap_or(0),
     }
 }
 
@@ -585,6 +591,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             to_card,
             attestation,
             dry_run: r.dry_run,
+            temporary_days: r.temporary_days,
         };
         let card = self.0.enrol(&caller, &e).await?;
         Ok(Response::new(pb::EnrolCardResponse { card: Some(card_pb(&self.0, &card)) }))
@@ -596,6 +603,22 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let uuid = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
         let locked_terminals = self.0.revoke_card(&caller, uuid, &r.reason).await?;
         Ok(Response::new(pb::RevokeCardResponse { locked_terminals }))
+    }
+
+    async fn suspend_card(&self, req: Request<pb::SuspendCardRequest>) -> Result<Response<pb::SuspendCardResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.SuspendCard").await?;
+        let r = req.into_inner();
+        let uuid = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
+        let locked_terminals = self.0.suspend_card(&caller, uuid, Some(&r.reason)).await?;
+        Ok(Response::new(pb::SuspendCardResponse { locked_terminals }))
+    }
+
+    async fn resume_card(&self, req: Request<pb::ResumeCardRequest>) -> Result<Response<pb::ResumeCardResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.ResumeCard").await?;
+        let r = req.into_inner();
+        let uuid = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
+        self.0.suspend_card(&caller, uuid, None).await?;
+        Ok(Response::new(pb::ResumeCardResponse {}))
     }
 
     async fn bind_agent(&self, req: Request<pb::BindAgentRequest>) -> Result<Response<pb::BindAgentResponse>, Status> {

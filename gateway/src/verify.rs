@@ -53,6 +53,8 @@ pub enum Deny {
     ChallengeReplayed,
     AlgorithmMismatch,
     KeyNotAttested,
+    CardSuspended,
+    CardExpired,
 }
 
 impl Deny {
@@ -86,6 +88,8 @@ impl Deny {
             Deny::ChallengeReplayed => "challenge_replayed",
             Deny::AlgorithmMismatch => "algorithm_mismatch",
             Deny::KeyNotAttested => "key_not_attested",
+            Deny::CardSuspended => "card_suspended",
+            Deny::CardExpired => "card_expired",
         }
     }
 }

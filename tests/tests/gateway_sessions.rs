@@ -260,3 +260,35 @@ async fn another_card_in_the_reader_or_a_disabled_operator_ends_the_session() ->
     assert!(!s.unlocked && s.lock_reason == pb::LockReason::Revoked as i32);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_suspended_card_locks_its_console_at_once_and_only_an_administrator_suspends() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let profile = site.enrolled_card("op-1", &["dispatcher"], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &["dispatch-01"]).await?;
+    let mut console = site.application("console-1").await?;
+    let mut watch = console.watch_events(pb::WatchEventsRequest { after_sequence: 0, terminal_ids: vec!["dispatch-01".into()] }).await?.into_inner();
+    let mut card = profile.card();
+    let Tap::Granted(_) = tap(&mut agent, "dispatch-01", &mut card, "123456", pb::Mechanism::Unspecified).await? else { panic!("refused") };
+    assert_eq!(unlocked_by(&next_event(&mut watch).await?), Some("op-1"));
+
+    // An application's certificate cannot suspend, nor can an agent's.
+    let creds = site.issue(pb::ServiceRole::Application, "console-2").await?;
+    let channel = pivgate_gateway::client::connect(&site.addr, "localhost", &creds).await?;
+    let mut as_app = pb::admin_service_client::AdminServiceClient::new(channel);
+    let refused = as_app.suspend_card(pb::SuspendCardRequest { card_uuid: profile.chuid.uuid_string(), reason: "x".into() }).await;
+    assert_eq!(refused.map_err(|s| s.code()).err(), Some(tonic::Code::PermissionDenied));
+
+    let mut admin = site.admin_client().await?;
+    let locked = admin.suspend_card(&profile.chuid.uuid_string(), "found in the car park").await?;
+    assert_eq!(locked, ["dispatch-01"]);
+    assert_eq!(lock_reason(&next_event(&mut watch).await?), Some(pb::LockReason::CardSuspended));
+    let Tap::Denied(d) = tap(&mut agent, "dispatch-01", &mut card, "123456", pb::Mechanism::Unspecified).await? else { panic!("a suspended card unlocked") };
+    assert_eq!(d, pb::DenyReason::CardSuspended);
+    let listed = admin.rpc().list_cards(pb::ListCardsRequest { operator_id: "op-1".into(), ..Default::default() }).await?.into_inner().cards;
+    assert_eq!(listed[0].state, "suspended");
+
+    admin.resume_card(&profile.chuid.uuid_string(), "checked").await?;
+    let Tap::Granted(_) = tap(&mut agent, "dispatch-01", &mut card, "123456", pb::Mechanism::Unspecified).await? else { panic!("a resumed card was refused") };
+    Ok(())
+}

@@ -228,6 +228,19 @@ enum CardCmd {
         #[arg(long)]
         operator: Option<String>,
     },
+    /// Suspend a card at once (found again later, on leave): terminals it
+    /// holds lock, and it is refused until resumed.
+    Suspend {
+        uuid: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a card's suspension.
+    Resume {
+        uuid: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Revoke a card at once (lost, stolen, left the company).
     Revoke {
         uuid: String,
@@ -457,6 +470,14 @@ async fn main() -> Result<()> {
         Command::Card(CardCmd::PinChange { .. } | CardCmd::PinUnblock { .. }) => unreachable!("handled before connecting"),
         Command::Card(CardCmd::Retire { card, station, reason }) => {
             station::retire(&args_dir(&args.data_dir), &mut typed, &mut out, &card, &station, &reason).await?;
+        }
+        Command::Card(CardCmd::Suspend { uuid, reason }) => {
+            let locked = typed.suspend_card(&uuid, &reason).await?;
+            writeln!(out, "card {uuid} suspended; locked terminals: {}", locked.join(", "))?;
+        }
+        Command::Card(CardCmd::Resume { uuid, reason }) => {
+            typed.resume_card(&uuid, &reason).await?;
+            writeln!(out, "card {uuid} resumed")?;
         }
         Command::Card(CardCmd::Revoke { uuid, reason }) => {
             let locked = typed.revoke_card(&uuid, &reason).await?;
