@@ -39,9 +39,13 @@ fn the_readmes_main_command_unlocks_and_locks_a_console() -> Result<()> {
     let mut child = Command::new(root.join("deploy/dev"))
         .arg("demo")
         .current_dir(&root)
-        // Its own rig folder and vpcd port, away from the suite's readers.
+        // Its own rig folder and vpcd port, away from the suite's readers,
+        // and below the kernel's ephemeral range (32768-60999): its pcscd
+        // starts while the suite's tests hold hundreds of client sockets,
+        // and one of them holding the port as its source port made vpcd's
+        // listener fail (the demo's badge then met "connection refused").
         .env("PIVGATE_RUN_DIR", &run)
-        .env("PIVGATE_VPCD_BASE_PORT", "38963")
+        .env("PIVGATE_VPCD_BASE_PORT", "29963")
         .env("PIVGATE_DEMO_PORT", port.to_string())
         .env_remove("PCSCLITE_CSOCK_NAME")
         .stdin(Stdio::piped())
