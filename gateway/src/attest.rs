@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 use webpki::EndEntityCert;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::verify::AnyEku;
+
 /// A key's PIN policy, as attested.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -101,19 +103,6 @@ const OID_POLICY: &str = "1.3.6.1.4.1.41482.3.8";
 /// The attestation roots a site trusts (the token makers').
 pub struct AttestationTrust {
     roots: Vec<TrustAnchor<'static>>,
-}
-
-struct AnyEku;
-
-impl webpki::ExtendedKeyUsageValidator for AnyEku {
-    // Attestation certificates carry no EKU; what they say is in their own
-    // extensions.
-    fn validate(&self, iter: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
-        for k in iter {
-            k?;
-        }
-        Ok(())
-    }
 }
 
 impl AttestationTrust {

@@ -176,6 +176,17 @@ enum BeginCheck {
     NeedCertificate(Slot),
 }
 
+/// The terminals a set of changes locks or unlocks.
+fn locked_terminals(changes: &[Change]) -> Vec<String> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Session { terminal } => Some(terminal.id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A card enrolment, as an administrator asks for it.
 #[derive(Debug, Clone, Copy)]
 pub struct Enrolment<'a> {
@@ -1006,13 +1017,7 @@ impl Gateway {
                     (AuditKind::ResumeCard, vec![])
                 }
             };
-            locked = changes
-                .iter()
-                .filter_map(|c| match c {
-                    Change::Session { terminal } => Some(terminal.id.clone()),
-                    _ => None,
-                })
-                .collect();
+            locked = locked_terminals(&changes);
             let detail = json!({ "card_uuid": uuid_text(&uuid), "operator": card.operator_id, "reason": reason, "locked_terminals": locked });
             changes.push(Change::Card(card));
             Ok(Some((Self::admin_entry(caller, kind, detail), changes)))
@@ -1046,13 +1051,7 @@ impl Gateway {
             }
             let mut changes =
                 self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
-            locked = changes
-                .iter()
-                .filter_map(|c| match c {
-                    Change::Session { terminal } => Some(terminal.id.clone()),
-                    _ => None,
-                })
-                .collect();
+            locked = locked_terminals(&changes);
             let detail = json!({ "card_uuid": uuid_text(&uuid), "reason": reason, "locked_terminals": locked });
             changes.push(Change::Deny(keys));
             Ok(Some((Self::admin_entry(caller, AuditKind::RevokeCard, detail), changes)))

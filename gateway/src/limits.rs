@@ -268,6 +268,8 @@ impl Bounded for pb::EnrolCardRequest {
         if self.card_uuid.len() > 64 {
             return Err(bad("card_uuid", "is not a UUID"));
         }
+        bytes("attestation", &self.attestation, CERTIFICATE_MAX)?;
+        bytes("attestation_intermediate", &self.attestation_intermediate, CERTIFICATE_MAX)?;
         bytes("certificate", &self.certificate, CERTIFICATE_MAX)
     }
 }

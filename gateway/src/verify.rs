@@ -399,11 +399,12 @@ pub struct CardTrust {
     policy: CardPolicy,
 }
 
-struct AnyEku;
+/// Accepts any EKU: card EKUs are checked on the leaf against the site's
+/// policy (webpki would otherwise apply them to intermediates too), and
+/// attestation certificates carry none.
+pub(crate) struct AnyEku;
 
 impl webpki::ExtendedKeyUsageValidator for AnyEku {
-    // EKU is checked on the leaf against the site's policy, below; webpki
-    // would otherwise apply it to intermediates too.
     fn validate(&self, iter: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
         for k in iter {
             k?;

@@ -174,3 +174,29 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Runs a tool (yubico-piv-tool, openssl, pkcs11-tool) as a user would;
+/// its output, or an error with the output when it fails.
+pub fn run_tool(cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {text}");
+    }
+    Ok(text)
+}
+
+/// OpenSC's PKCS#11 module, where Debian puts it.
+pub fn opensc_module() -> Result<PathBuf> {
+    for p in [
+        "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+        "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so",
+        "/usr/lib/opensc-pkcs11.so",
+        "/usr/lib64/opensc-pkcs11.so",
+    ] {
+        if std::path::Path::new(p).exists() {
+            return Ok(p.into());
+        }
+    }
+    bail!("opensc-pkcs11.so not found; install the opensc package")
+}

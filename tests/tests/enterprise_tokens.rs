@@ -15,6 +15,7 @@ use pivgate_gateway::model::{Operator, Slot as GwSlot};
 use pivgate_hw::indicator::Pattern;
 use pivgate_proto::v1 as pb;
 use pivgate_tests::agent::{assert_granted, start_agent, AgentUnderTest, TerminalSpec};
+use pivgate_tests::run_tool as run;
 use pivgate_tests::site::{scratch, Site};
 use pivgate_tests::{reader, Reader};
 use pivgate_vcard::profile::pem_decode;
@@ -22,15 +23,6 @@ use pivgate_vcard::{vpcd, AttestationCa, CardContents, VirtualCard};
 
 const T: Duration = Duration::from_secs(20);
 const TERMINAL: &str = "dispatch-01";
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {text}");
-    }
-    Ok(text)
-}
 
 /// The corporate smart-card CA, made with openssl as an IT department
 /// would.

@@ -5,7 +5,7 @@
 //! unblocked with the escrowed PUK, a card pulled midway, and a retirement.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use pivgate_proto::v1 as pb;
 use pivgate_tests::agent::{assert_granted, start_agent, AgentUnderTest, TerminalSpec};
 use pivgate_tests::site::{scratch, Site};
 use pivgate_tests::{binary, reader, Reader};
+use pivgate_tests::{opensc_module, run_tool as run};
 use pivgate_vcard::{vpcd, CardContents, Fault, VirtualCard};
 
 const T: Duration = Duration::from_secs(20);
@@ -27,15 +28,6 @@ const TERMINAL: &str = "dispatch-01";
 struct Station2 {
     name: String,
     addr: std::net::SocketAddr,
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {text}");
-    }
-    Ok(text)
 }
 
 /// `pivgatectl` against `site`, with `stdin` (PINs, one per line).
@@ -88,20 +80,6 @@ async fn tap(agent: &AgentUnderTest, r: &Reader, card: VirtualCard, pin: &str) -
     let ctx = pivgate_hw::pcsc::establish()?;
     pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, false, T)?;
     Ok((result, card))
-}
-
-fn opensc_module() -> Result<PathBuf> {
-    for p in [
-        "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
-        "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so",
-        "/usr/lib/opensc-pkcs11.so",
-        "/usr/lib64/opensc-pkcs11.so",
-    ] {
-        if Path::new(p).exists() {
-            return Ok(p.into());
-        }
-    }
-    bail!("opensc-pkcs11.so not found; install the opensc package")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

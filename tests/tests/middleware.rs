@@ -3,25 +3,16 @@
 //! (opensc-tool, pkcs11-tool with opensc-pkcs11) and yubico-piv-tool use it
 //! as they would a real card.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use pivgate_tests::{opensc_module, run_tool as run};
 use pivgate_tests::{reader, run_dir, verify_signature};
 use pivgate_vcard::profile::pem_decode;
 use sha2::Digest;
 
 use pivgate_tests::binary as bin;
-
-fn opensc_module() -> Result<PathBuf> {
-    for p in ["/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so", "/usr/lib/opensc-pkcs11.so"] {
-        if Path::new(p).exists() {
-            return Ok(p.into());
-        }
-    }
-    bail!("opensc-pkcs11.so not found; install the opensc package")
-}
 
 struct Card(Child);
 impl Drop for Card {
@@ -29,15 +20,6 @@ impl Drop for Card {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {text}");
-    }
-    Ok(text)
 }
 
 #[test]

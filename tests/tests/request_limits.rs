@@ -62,6 +62,13 @@ async fn an_oversized_field_in_any_call_is_refused_and_stores_nothing() -> Resul
             admin.enrol_card(pb::EnrolCardRequest { operator_id: big.clone(), certificate: vec![], slot: 1, ..Default::default() }).await,
             f("operator_id"),
         )?;
+        // An attestation is a certificate: bounded like one.
+        let huge = vec![0x30; 17 * 1024];
+        let att =
+            pb::EnrolCardRequest { operator_id: "op-1".into(), slot: 1, attestation: huge.clone(), attestation_intermediate: vec![0x30], ..Default::default() };
+        too_large("EnrolCard.attestation", admin.enrol_card(att).await, f("attestation"))?;
+        let inter = pb::EnrolCardRequest { operator_id: "op-1".into(), slot: 1, attestation: vec![0x30], attestation_intermediate: huge, ..Default::default() };
+        too_large("EnrolCard.attestation_intermediate", admin.enrol_card(inter).await, f("attestation_intermediate"))?;
         if big.len() > 300 {
             too_large(
                 "RevokeCard.reason",
