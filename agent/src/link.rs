@@ -332,6 +332,11 @@ impl Gateway for Calls {
                 Completed::Granted(Grant { operator_id: g.operator_id, operator_name: g.operator_name, roles: g.roles, sequence: g.sequence })
             }
             Some(C::Denied(d)) => Completed::Denied(deny_reason(d.reason)),
+            Some(C::Enrolled(e)) => Completed::Enrolled(crate::tap::Enrolled {
+                card_uuid: e.card_uuid.as_slice().try_into().map_err(|_| GatewayError::Malformed("an enrolled card's id is not 16 bytes".into()))?,
+                operator_id: e.operator_id,
+                awaiting_approval: e.awaiting_approval,
+            }),
             None => return Err(GatewayError::Malformed("empty CompleteAuthentication answer".into())),
         })
     }

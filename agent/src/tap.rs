@@ -110,11 +110,24 @@ pub struct Grant {
     pub sequence: u64,
 }
 
+/// A card enrolled at the terminal (its enrolment window was open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolled {
+    /// The card's id from now on.
+    pub card_uuid: [u8; 16],
+    /// Its operator.
+    pub operator_id: String,
+    /// Whether it waits for a second administrator's approval.
+    pub awaiting_approval: bool,
+}
+
 /// The gateway's answer to a completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completed {
     /// Unlocked.
     Granted(Grant),
+    /// Enrolled; the terminal stays locked.
+    Enrolled(Enrolled),
     /// No.
     Denied(DenyReason),
 }
@@ -188,6 +201,9 @@ pub enum PinWay<'a, T> {
 pub enum TapResult {
     /// Unlocked.
     Granted(Grant),
+    /// The card was enrolled (an enrolment window was open); nothing
+    /// unlocked.
+    Enrolled(Enrolled),
     /// Refused by the gateway.
     Denied(DenyReason),
     /// The agent refused to let the card sign what the gateway sent.
@@ -338,6 +354,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
                 }
                 Ok(g)
             }
+            Completed::Enrolled(e) => Err(TapResult::Enrolled(e)),
             Completed::Denied(d) => {
                 self.forget(&id);
                 Err(TapResult::Denied(d))

@@ -108,6 +108,10 @@ impl Worker {
                 tracing::info!(terminal = %self.terminal, operator = %g.operator_id, "access granted");
                 self.show(Pattern::Granted);
             }
+            TapResult::Enrolled(e) => {
+                tracing::info!(terminal = %self.terminal, operator = %e.operator_id, awaiting_approval = e.awaiting_approval, "card enrolled");
+                self.show(Pattern::Enrolled);
+            }
             TapResult::Denied(why) => {
                 tracing::info!(terminal = %self.terminal, reason = why.as_str_name(), "access denied");
                 self.show(Pattern::Denied);

@@ -153,6 +153,11 @@ impl Gateway {
         if !operator.enabled {
             return Ok(Refused(Deny::OperatorDisabled, "operator disabled"));
         }
+        // A privileged role's holder proves themselves only with a card a
+        // second administrator approved for it.
+        if !card.approved_for(&self.privileged_roles(&operator)) {
+            return Ok(Refused(Deny::CardPending, "card waits for a second administrator's approval"));
+        }
         let policy = &terminal.policy;
         if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
             return Ok(Refused(Deny::NotAuthorized, "operator has no role allowed at this terminal"));

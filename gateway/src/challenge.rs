@@ -11,11 +11,34 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pivgate_proto::card_message::CardMessage;
+use pivgate_proto::card_message::{ApprovalMessage, CardMessage};
 use sha2::{Digest, Sha256};
 
 use crate::model::{KeyAlgorithm, Mechanism};
 use crate::verify::Deny;
+
+/// What a proof is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// A badge tap that unlocks the terminal.
+    Unlock,
+    /// A card tapped into the terminal's enrolment window: the proof
+    /// enrols it.
+    Enrol(crate::model::EnrolmentWindow),
+    /// An administrator's badge approving a request (as it stood when
+    /// the challenge was issued).
+    Approve {
+        /// The request.
+        request: [u8; 16],
+        /// SHA-256 of the request as stored then.
+        request_sha256: [u8; 32],
+    },
+}
+
+/// The terminal field of an approval's challenge: approvals happen at no
+/// terminal, and no terminal can be named this (terminal ids are checked
+/// at the API).
+pub const APPROVAL: &str = "\0approval";
 
 /// A challenge waiting for its signature.
 #[derive(Debug, Clone)]
@@ -36,6 +59,8 @@ pub struct Pending {
     pub message: Vec<u8>,
     /// The agent supplied the certificate (kept only if the proof succeeds).
     pub supplied: bool,
+    /// What the proof is for.
+    pub purpose: Purpose,
     /// Expiry.
     pub expires: Instant,
 }
@@ -84,7 +109,7 @@ impl Challenges {
         self.ttl
     }
 
-    /// Issues a challenge.
+    /// Issues a challenge for a badge tap (an unlock or an enrolment).
     #[allow(clippy::too_many_arguments)]
     pub fn issue(
         &self,
@@ -95,31 +120,85 @@ impl Challenges {
         algorithm: KeyAlgorithm,
         certificate: Vec<u8>,
         supplied: bool,
+        purpose: Purpose,
         random: &dyn crate::core::Randomness,
         now: Instant,
         unix_ms: i64,
+    ) -> Result<Issued, crate::error::Error> {
+        let certificate_sha256 = Sha256::digest(&certificate).into();
+        let gateway_id = self.gateway_id;
+        let pending = Pending {
+            agent: agent.to_string(),
+            terminal: terminal.to_string(),
+            card_uuid,
+            mechanism,
+            algorithm,
+            certificate,
+            message: Vec::new(),
+            supplied,
+            purpose,
+            expires: now + self.ttl,
+        };
+        self.insert(pending, random, now, |challenge_id, nonce| {
+            CardMessage { challenge_id, nonce, gateway_id, agent, terminal, card_uuid, mechanism: mechanism.code(), certificate_sha256, unix_ms }.encode()
+        })
+    }
+
+    /// Issues a challenge for `approver`'s badge (`card_uuid`, its 9A
+    /// `certificate`) to approve `request` (stored as `request_bytes`);
+    /// taken back with [`APPROVAL`] as the terminal.
+    #[allow(clippy::too_many_arguments)]
+    pub fn issue_approval(
+        &self,
+        approver: &str,
+        request: &crate::model::Request,
+        request_bytes: &[u8],
+        card_uuid: [u8; 16],
+        algorithm: KeyAlgorithm,
+        certificate: Vec<u8>,
+        random: &dyn crate::core::Randomness,
+        now: Instant,
+        unix_ms: i64,
+    ) -> Result<Issued, crate::error::Error> {
+        let request_sha256: [u8; 32] = Sha256::digest(request_bytes).into();
+        let summary = request.kind.summary();
+        let gateway_id = self.gateway_id;
+        let pending = Pending {
+            agent: approver.to_string(),
+            terminal: APPROVAL.to_string(),
+            card_uuid,
+            mechanism: Mechanism::CardAndPin,
+            algorithm,
+            certificate,
+            message: Vec::new(),
+            supplied: false,
+            purpose: Purpose::Approve { request: request.id, request_sha256 },
+            // An approver reads what they approve and types a PIN: a
+            // minute, whatever the taps' lifetime.
+            expires: now + self.ttl.max(Duration::from_secs(60)),
+        };
+        self.insert(pending, random, now, |challenge_id, nonce| {
+            ApprovalMessage { challenge_id, nonce, gateway_id, approver, request_id: request.id, request_sha256, summary: &summary, unix_ms }.encode()
+        })
+    }
+
+    fn insert(
+        &self,
+        mut pending: Pending,
+        random: &dyn crate::core::Randomness,
+        now: Instant,
+        compose: impl FnOnce([u8; 16], [u8; 32]) -> Vec<u8>,
     ) -> Result<Issued, crate::error::Error> {
         let mut id = [0u8; 16];
         let mut nonce = [0u8; 32];
         random.fill(&mut id)?;
         random.fill(&mut nonce)?;
-        let message = CardMessage {
-            challenge_id: id,
-            nonce,
-            gateway_id: self.gateway_id,
-            agent,
-            terminal,
-            card_uuid,
-            mechanism: mechanism.code(),
-            certificate_sha256: Sha256::digest(&certificate).into(),
-            unix_ms,
-        }
-        .encode();
+        let message = compose(id, nonce);
         let mut g = self.inner.lock().map_err(|_| crate::error::Error::Exhausted("challenge lock"))?;
         g.issued += 1;
         if g.issued % 1024 == 0 || g.pending.len() >= self.max_pending {
             g.pending.retain(|_, p| p.expires > now);
-            let keep = self.ttl * 4;
+            let keep = self.ttl.max(Duration::from_secs(60)) * 4;
             g.spent.retain(|_, t| now.saturating_duration_since(*t) < keep);
         }
         if g.pending.len() >= self.max_pending {
@@ -127,23 +206,12 @@ impl Challenges {
         }
         // One agent cannot starve the others: a terminal has one tap at a
         // time, so a few dozen outstanding challenges is already generous.
+        let agent = pending.agent.as_str();
         if g.pending.len() >= PER_AGENT && g.pending.values().filter(|p| p.agent == agent && p.expires > now).count() >= PER_AGENT {
             return Err(crate::error::Error::Exhausted("too many outstanding challenges for this agent"));
         }
-        g.pending.insert(
-            id,
-            Pending {
-                agent: agent.to_string(),
-                terminal: terminal.to_string(),
-                card_uuid,
-                mechanism,
-                algorithm,
-                certificate,
-                message: message.clone(),
-                supplied,
-                expires: now + self.ttl,
-            },
-        );
+        pending.message = message.clone();
+        g.pending.insert(id, pending);
         Ok(Issued { id, message })
     }
 
@@ -179,7 +247,20 @@ mod tests {
     }
 
     fn issue(c: &Challenges, now: Instant) -> Issued {
-        c.issue("agent-1", "t1", [1; 16], Mechanism::CardAndPin, KeyAlgorithm::EcdsaP256, vec![1, 2, 3], false, &crate::core::SystemRandomness, now, 0).unwrap()
+        c.issue(
+            "agent-1",
+            "t1",
+            [1; 16],
+            Mechanism::CardAndPin,
+            KeyAlgorithm::EcdsaP256,
+            vec![1, 2, 3],
+            false,
+            Purpose::Unlock,
+            &crate::core::SystemRandomness,
+            now,
+            0,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -218,7 +299,9 @@ mod tests {
         for _ in 0..10 {
             issue(&c, t0);
         }
-        assert!(c.issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, &crate::core::SystemRandomness, t0, 0).is_err());
+        assert!(c
+            .issue("a", "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::Rsa2048, vec![], false, Purpose::Unlock, &crate::core::SystemRandomness, t0, 0)
+            .is_err());
         // Once they expire, room frees up.
         assert!(c
             .issue(
@@ -229,6 +312,7 @@ mod tests {
                 KeyAlgorithm::Rsa2048,
                 vec![],
                 false,
+                Purpose::Unlock,
                 &crate::core::SystemRandomness,
                 t0 + Duration::from_secs(11),
                 0
@@ -240,8 +324,9 @@ mod tests {
     fn one_agent_cannot_hold_every_challenge() {
         let c = Challenges::new(Duration::from_secs(10), 10_000, [7; 32]);
         let t0 = Instant::now();
-        let issue =
-            |agent: &str| c.issue(agent, "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::EcdsaP256, vec![], false, &crate::core::SystemRandomness, t0, 0);
+        let issue = |agent: &str| {
+            c.issue(agent, "t", [0; 16], Mechanism::CardOnly, KeyAlgorithm::EcdsaP256, vec![], false, Purpose::Unlock, &crate::core::SystemRandomness, t0, 0)
+        };
         for _ in 0..PER_AGENT {
             issue("greedy").unwrap();
         }

@@ -149,6 +149,71 @@ impl Admin {
         Ok(())
     }
 
+    /// Opens an enrolment window for `operator_id` at `terminal` for
+    /// `duration_s` seconds (0: five minutes); returns when it closes (Unix
+    /// ms).
+    pub async fn open_enrolment(&mut self, operator_id: &str, terminal: &str, duration_s: u32, replaces: Option<&str>, temporary_days: u32) -> Result<i64> {
+        let req = pb::OpenEnrolmentRequest {
+            operator_id: operator_id.into(),
+            terminal_id: terminal.into(),
+            duration_s,
+            replaces_card_uuid: replaces.unwrap_or_default().into(),
+            temporary_days,
+        };
+        Ok(self.rpc.open_enrolment(req).await?.into_inner().closes_unix_ms)
+    }
+
+    /// Closes a terminal's enrolment window; whether one was open.
+    pub async fn close_enrolment(&mut self, terminal: &str) -> Result<bool> {
+        Ok(self.rpc.close_enrolment(pb::CloseEnrolmentRequest { terminal_id: terminal.into() }).await?.into_inner().was_open)
+    }
+
+    /// Replaces card `old` with `replacement` (the same operator's), revoking
+    /// the old one; returns the new card and the terminals the old one held.
+    pub async fn replace_card(&mut self, old: &str, replacement: pb::EnrolCardRequest, reason: &str) -> Result<(pb::Card, Vec<String>)> {
+        let req = pb::ReplaceCardRequest { card_uuid: old.into(), replacement: Some(replacement), reason: reason.into() };
+        let r = self.rpc.replace_card(req).await?.into_inner();
+        Ok((r.card.unwrap_or_default(), r.locked_terminals))
+    }
+
+    /// Approval requests: the pending ones, or every one.
+    pub async fn requests(&mut self, include_closed: bool) -> Result<Vec<pb::ApprovalRequest>> {
+        Ok(self.rpc.list_requests(pb::ListRequestsRequest { include_closed }).await?.into_inner().requests)
+    }
+
+    /// Approves a request on this administrator's certificate alone (where
+    /// the site allows it).
+    pub async fn approve(&mut self, request_id: &str) -> Result<pb::ApprovalRequest> {
+        let req = pb::ApproveRequestRequest { request_id: request_id.into(), ..Default::default() };
+        Ok(self.rpc.approve_request(req).await?.into_inner().request.unwrap_or_default())
+    }
+
+    /// Approves a request with the approver's badge: `sign` is given the
+    /// approval message (checked to be one, naming this request) and
+    /// returns the badge's signature.
+    pub async fn approve_with_badge(
+        &mut self,
+        request_id: &str,
+        certificate: &[u8],
+        sign: impl FnOnce(&pivgate_proto::card_message::ApprovalMessage<'_>, &[u8], pb::SignatureAlgorithm) -> Result<Vec<u8>>,
+    ) -> Result<pb::ApprovalRequest> {
+        let c = self.rpc.begin_approval(pb::BeginApprovalRequest { request_id: request_id.into(), certificate: certificate.to_vec() }).await?.into_inner();
+        let m = pivgate_proto::card_message::parse_approval(&c.message).map_err(|e| Error::InvalidRequest(format!("the gateway's approval message: {e}")))?;
+        if hex::encode(m.request_id) != request_id.to_ascii_lowercase() || m.challenge_id.as_slice() != c.challenge_id.as_slice() {
+            return Err(Error::InvalidRequest("the gateway's approval message names another request".into()));
+        }
+        let algorithm = pb::SignatureAlgorithm::try_from(c.algorithm).map_err(|_| Error::InvalidRequest("unknown signature algorithm".into()))?;
+        let signature = sign(&m, &c.message, algorithm)?;
+        let req = pb::ApproveRequestRequest { request_id: request_id.into(), challenge_id: c.challenge_id, signature };
+        Ok(self.rpc.approve_request(req).await?.into_inner().request.unwrap_or_default())
+    }
+
+    /// Refuses a request.
+    pub async fn refuse(&mut self, request_id: &str, reason: &str) -> Result<pb::ApprovalRequest> {
+        let req = pb::RefuseRequestRequest { request_id: request_id.into(), reason: reason.into() };
+        Ok(self.rpc.refuse_request(req).await?.into_inner().request.unwrap_or_default())
+    }
+
     /// Revokes a card (its UUID as text); returns the terminals it locked.
     pub async fn revoke_card(&mut self, card_uuid: &str, reason: &str) -> Result<Vec<String>> {
         Ok(self.rpc.revoke_card(pb::RevokeCardRequest { card_uuid: card_uuid.into(), reason: reason.into() }).await?.into_inner().locked_terminals)

@@ -28,6 +28,12 @@
 //! policies_9e = ["2.16.840.1.101.3.2.1.3.17"]
 //! attestation_roots = ["/etc/pivgate/yubico-piv-attestation-ca.pem"]
 //! require_attested_pin_key = true
+//!
+//! [lifecycle]
+//! privileged_roles = ["intercom-admin"]
+//! approval = "badge"
+//! enrolment_window_max_s = 900
+//! request_ttl_h = 72
 //! ```
 
 use std::collections::BTreeMap;
@@ -64,6 +70,44 @@ pub struct Config {
     pub cards: CardsConfig,
     /// What callers may cost the gateway.
     pub limits: LimitsConfig,
+    /// Enrolment, approvals and the other processes around cards.
+    pub lifecycle: LifecycleConfig,
+}
+
+/// How a second administrator proves an approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApprovalProof {
+    /// Their administrator certificate (mutual TLS); their badge may sign
+    /// too, and is recorded when it does.
+    #[default]
+    Certificate,
+    /// Their certificate and their own enrolled card (card and PIN), so a
+    /// stolen administrator certificate alone approves nothing.
+    Badge,
+}
+
+/// Enrolment, approvals and the other processes around cards.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Roles whose holders' cards take effect only once a second
+    /// administrator approves them (intercom administration, say). Marking
+    /// a role takes effect at once: unapproved cards of its holders are
+    /// refused until approved.
+    pub privileged_roles: Vec<String>,
+    /// How approvals are proven.
+    pub approval: ApprovalProof,
+    /// The longest an enrolment window may stay open, seconds (60 to 3600).
+    pub enrolment_window_max_s: u64,
+    /// How long a request waits for its approval, hours (1 to 720).
+    pub request_ttl_h: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig { privileged_roles: vec![], approval: ApprovalProof::Certificate, enrolment_window_max_s: 900, request_ttl_h: 72 }
+    }
 }
 
 /// What callers may cost the gateway: connections, handshakes, streams,
@@ -196,6 +240,7 @@ impl Default for Config {
             audit_checkpoint_s: 60,
             cards: CardsConfig::default(),
             limits: LimitsConfig::default(),
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -304,6 +349,16 @@ impl Config {
         }
         if !(1..=90).contains(&c.max_temporary_days) {
             return Err(Error::Config("cards.max_temporary_days must be 1 to 90".into()));
+        }
+        let lc = &self.lifecycle;
+        if !(60..=3600).contains(&lc.enrolment_window_max_s) {
+            return Err(Error::Config("lifecycle.enrolment_window_max_s must be 60 to 3600".into()));
+        }
+        if !(1..=720).contains(&lc.request_ttl_h) {
+            return Err(Error::Config("lifecycle.request_ttl_h must be 1 to 720".into()));
+        }
+        if let Some(r) = lc.privileged_roles.iter().find(|r| r.is_empty() || r.len() > 128) {
+            return Err(Error::Config(format!("lifecycle.privileged_roles: {r:?} is not a role name")));
         }
         if c.require_attested_pin_key && c.attestation_roots.is_empty() {
             return Err(Error::Config("cards.require_attested_pin_key needs cards.attestation_roots".into()));

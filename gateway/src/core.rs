@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use crate::authorize::{lock_reason, Allowed, Ask, Certificate, Check, Overlay, Verdict};
-use crate::challenge::{Challenges, Pending};
+use crate::challenge::{Challenges, Pending, Purpose};
 use crate::error::{Error, Result};
 use crate::metrics::{push_sample, Counters};
 use crate::model::{
@@ -117,8 +117,25 @@ pub enum Complete {
         /// Sequence of the unlock event.
         sequence: u64,
     },
+    /// A card tapped into the terminal's enrolment window was enrolled
+    /// (the terminal stays locked).
+    Enrolled {
+        /// The card as enrolled (pending, when its operator's privileged
+        /// roles need a second administrator's approval).
+        card: Box<Card>,
+        /// Its operator.
+        operator: Operator,
+    },
     /// Refused.
     Denied(Deny, String),
+}
+
+/// What a proof checked by `decide` is for.
+enum Decided {
+    /// A badge tap: unlock, after the checks under the ledger lock.
+    Unlock(Pending, Operator, verify::Validation),
+    /// A card in an enrolment window.
+    Enrol(Pending, crate::model::EnrolmentWindow),
 }
 
 /// The gateway's state.
@@ -134,6 +151,8 @@ pub struct Gateway {
     pub require_attested_pin_key: bool,
     /// The longest a temporary card may last, days.
     pub max_temporary_days: u32,
+    /// Enrolment, approvals and the other processes around cards.
+    pub lifecycle: crate::config::LifecycleConfig,
     /// Challenges.
     pub challenges: Challenges,
     /// Clock.
@@ -172,7 +191,7 @@ pub struct Gateway {
 }
 
 enum BeginCheck {
-    Ready { card: [u8; 16], mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool },
+    Ready { card: [u8; 16], mechanism: Mechanism, algorithm: KeyAlgorithm, der: Vec<u8>, supplied: bool, purpose: Purpose },
     NeedCertificate(Slot),
 }
 
@@ -206,6 +225,18 @@ pub struct Enrolment<'a> {
     /// A temporary card: refused this many days after enrolment (0:
     /// permanent).
     pub temporary_days: u32,
+}
+
+/// An enrolment decided and not yet written (see
+/// [`Gateway::prepare_enrolment`]).
+pub(crate) struct Prepared {
+    /// The card as it will be stored.
+    pub card: Card,
+    /// The audit record's detail.
+    pub detail: serde_json::Value,
+    /// What changes with it: an approval request opened, an older one
+    /// withdrawn.
+    pub extra: Vec<Change>,
 }
 
 /// A begin-authentication request, parsed.
@@ -279,7 +310,7 @@ impl Gateway {
         .map_err(|e| Error::Transaction(format!("durability task: {e}")))?
     }
 
-    async fn deny(&self, caller: &Caller, terminal: &str, stage: &str, deny: Deny, detail: serde_json::Value) -> Result<(Deny, String)> {
+    pub(crate) async fn deny(&self, caller: &Caller, terminal: &str, stage: &str, deny: Deny, detail: serde_json::Value) -> Result<(Deny, String)> {
         self.count(deny.name());
         let text = detail.get("why").and_then(|v| v.as_str()).unwrap_or(deny.name()).to_string();
         let audited = self
@@ -399,7 +430,7 @@ impl Gateway {
     }
 
     /// The terminal, if bound to this agent.
-    fn bound_terminal(&self, agent: &str, terminal: &str) -> Result<Option<Terminal>> {
+    pub(crate) fn bound_terminal(&self, agent: &str, terminal: &str) -> Result<Option<Terminal>> {
         let Some(a) = self.store.agent(agent)? else { return Ok(None) };
         if !a.terminals.iter().any(|t| t == terminal) {
             return Ok(None);
@@ -437,6 +468,37 @@ impl Gateway {
             (None, None) => None,
         };
         let Some(card) = card else {
+            // A card no one enrolled, tapped into this terminal's enrolment
+            // window: its 9A key proves possession and the PIN, and the
+            // proof enrols it (see `lifecycle.rs`).
+            if let Some(w) = self.open_window(&req.terminal)? {
+                let (Some(der), Some(info)) = (req.certificate.as_deref(), &offered) else {
+                    return Ok(Ok(BeginCheck::NeedCertificate(Slot::PivAuthentication)));
+                };
+                if req.mechanism == Some(Mechanism::CardOnly) {
+                    return denied(Deny::MechanismNotAllowed, "an enrolment needs card and PIN, and this terminal offers card only");
+                }
+                let e = Enrolment {
+                    operator_id: &w.operator_id,
+                    certificate: der,
+                    slot: Slot::PivAuthentication,
+                    to_card: None,
+                    attestation: None,
+                    dry_run: true,
+                    temporary_days: w.temporary_days,
+                };
+                return match self.prepare_enrolment(&w.opened_by, &e) {
+                    Ok(p) => Ok(Ok(BeginCheck::Ready {
+                        card: p.card.uuid,
+                        mechanism: Mechanism::CardAndPin,
+                        algorithm: info.algorithm,
+                        der: der.to_vec(),
+                        supplied: true,
+                        purpose: Purpose::Enrol(w),
+                    })),
+                    Err(e) => denied(Deny::EnrolmentRefused, &e.to_string()),
+                };
+            }
             if offered.is_some() {
                 return denied(Deny::UnknownCard, "card not enrolled");
             }
@@ -475,7 +537,14 @@ impl Gateway {
         match self.authorize(&ask)? {
             Verdict::Allowed(a) => {
                 let algorithm = a.info.as_ref().map(|i| i.algorithm).ok_or_else(|| Error::Transaction("a full check without the certificate".into()))?;
-                Ok(Ok(BeginCheck::Ready { card: a.card.uuid, mechanism: a.mechanism, algorithm, der: a.certificate, supplied: a.supplied }))
+                Ok(Ok(BeginCheck::Ready {
+                    card: a.card.uuid,
+                    mechanism: a.mechanism,
+                    algorithm,
+                    der: a.certificate,
+                    supplied: a.supplied,
+                    purpose: Purpose::Unlock,
+                }))
             }
             Verdict::NeedCertificate(slot) => Ok(Ok(BeginCheck::NeedCertificate(slot))),
             Verdict::Refused(d, why) => denied(d, why),
@@ -492,11 +561,22 @@ impl Gateway {
                 Ok(Begin::Denied(d, text))
             }
             Ok(BeginCheck::NeedCertificate(slot)) => Ok(Begin::CertificateNeeded(slot)),
-            Ok(BeginCheck::Ready { card, mechanism, algorithm, der, supplied }) => {
+            Ok(BeginCheck::Ready { card, mechanism, algorithm, der, supplied, purpose }) => {
                 // A supplied certificate is kept only once a proof with its
                 // key succeeds (see `complete`).
-                let issued =
-                    self.challenges.issue(&caller.name, t, card, mechanism, algorithm, der, supplied, &*self.random, self.clock.instant(), self.now_ms())?;
+                let issued = self.challenges.issue(
+                    &caller.name,
+                    t,
+                    card,
+                    mechanism,
+                    algorithm,
+                    der,
+                    supplied,
+                    purpose,
+                    &*self.random,
+                    self.clock.instant(),
+                    self.now_ms(),
+                )?;
                 Ok(Begin::Challenge { id: issued.id, message: issued.message, mechanism, algorithm, ttl: self.challenges.ttl() })
             }
         }
@@ -515,7 +595,8 @@ impl Gateway {
                 let (d, text) = self.deny(caller, terminal, "complete", deny, detail).await?;
                 Ok(Complete::Denied(d, text))
             }
-            Ok((p, operator, validation)) => {
+            Ok(Decided::Enrol(p, window)) => self.complete_enrolment(caller, p, window, signature).await,
+            Ok(Decided::Unlock(p, operator, validation)) => {
                 // Re-check, under the ledger lock, everything an
                 // administrator may have changed since the checks above: a
                 // revocation or unbinding either lands before this grant
@@ -611,13 +692,21 @@ impl Gateway {
         challenge_id: &[u8],
         terminal: &str,
         signature: &[u8],
-    ) -> Result<std::result::Result<(Pending, Operator, verify::Validation), (Deny, serde_json::Value)>> {
+    ) -> Result<std::result::Result<Decided, (Deny, serde_json::Value)>> {
         let d = |deny: Deny, why: &str| Ok(Err((deny, json!({ "why": why }))));
         let p = match self.challenges.take(challenge_id, &caller.name, terminal, self.clock.instant()) {
             Ok(p) => p,
             Err(Deny::ChallengeMismatch) => return d(Deny::ChallengeMismatch, "challenge was issued to another agent or terminal"),
             Err(deny) => return d(deny, "challenge refused"),
         };
+        match &p.purpose {
+            Purpose::Unlock => {}
+            Purpose::Enrol(w) => {
+                let w = w.clone();
+                return Ok(Ok(Decided::Enrol(p, w)));
+            }
+            Purpose::Approve { .. } => return d(Deny::ChallengeMismatch, "an approval's challenge is not a badge tap's"),
+        }
         let ask = Ask {
             agent: &caller.name,
             terminal,
@@ -649,7 +738,7 @@ impl Gateway {
             }
             return d(deny, "signature refused");
         }
-        Ok(Ok((p, operator, validation)))
+        Ok(Ok(Decided::Unlock(p, operator, validation)))
     }
 
     /// Locks `terminal` if `pred` holds for its session; returns whether it
@@ -847,7 +936,13 @@ impl Gateway {
             let overlay = Overlay { operator: Some(&op), ..Default::default() };
             let (mut changes, locked) =
                 self.reauthorize(&overlay, now, |t| matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == op.id))?;
-            let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled, "locked_terminals": locked });
+            // A privileged role newly held: the operator's cards wait for a
+            // second administrator (and end their sessions above).
+            let asked = self.ask_approvals_for(&op, &caller.to_string())?;
+            let requests: Vec<String> = asked.iter().filter_map(|c| if let Change::Request(r) = c { Some(hex::encode(r.id)) } else { None }).collect();
+            changes.extend(asked);
+            let detail = json!({ "operator": op.id, "name": op.name, "roles": op.roles, "enabled": op.enabled, "locked_terminals": locked,
+                "approval_requests": requests });
             changes.push(Change::Operator(op.clone()));
             Ok(Some((Self::admin_entry(caller, AuditKind::AddOperator, detail), changes)))
         })
@@ -873,15 +968,35 @@ impl Gateway {
     /// name the certificate's key, and what it proves is kept with the
     /// card. Where the site requires an attested PIN key, a 9A certificate
     /// without an attestation proving a key generated on the token with a
-    /// PIN policy other than never is refused.
+    /// PIN policy other than never is refused. A card of an operator who
+    /// holds a privileged role waits for a second administrator's
+    /// approval (an approval request is opened with it).
     pub async fn enrol(&self, caller: &Caller, e: &Enrolment<'_>) -> Result<Card> {
-        let Enrolment { operator_id, certificate: der, slot, to_card, attestation, dry_run, temporary_days } = *e;
+        let by = caller.to_string();
+        if e.dry_run {
+            return Ok(self.prepare_enrolment(&by, e)?.card);
+        }
+        let mut enrolled = None;
+        self.commit_with(|| {
+            let p = self.prepare_enrolment(&by, e)?;
+            let mut changes = p.extra;
+            changes.push(Change::Card(p.card.clone()));
+            enrolled = Some(p.card);
+            Ok(Some((Self::admin_entry(caller, AuditKind::EnrolCard, p.detail), changes)))
+        })
+        .await?;
+        enrolled.ok_or_else(|| Error::Transaction("enrolment not recorded".into()))
+    }
+
+    /// Decides an enrolment without writing it: the card as it will be
+    /// stored and what changes with it. `by` asked for it (an
+    /// administrator, or the one who opened an enrolment window).
+    pub(crate) fn prepare_enrolment(&self, by: &str, e: &Enrolment<'_>) -> Result<Prepared> {
+        let Enrolment { operator_id, certificate: der, slot, to_card, attestation, dry_run: _, temporary_days } = *e;
         if temporary_days > self.max_temporary_days {
             return Err(Error::InvalidRequest(format!("a temporary card lasts at most {} days (cards.max_temporary_days)", self.max_temporary_days)));
         }
-        if self.store.operator(operator_id)?.is_none() {
-            return Err(Error::NotFound(format!("operator {operator_id}")));
-        }
+        let Some(operator) = self.store.operator(operator_id)? else { return Err(Error::NotFound(format!("operator {operator_id}"))) };
         let info = verify::inspect(der).map_err(|d| Error::InvalidRequest(format!("certificate: {}", d.name())))?;
         let validation =
             self.trust.validate(der, slot, self.clock.system()).map_err(|d| Error::InvalidRequest(format!("certificate refused: {}", d.name())))?;
@@ -939,16 +1054,7 @@ impl Gateway {
             None if to_card.is_some() && validation.identity == IdentityRule::EnrolledKey => {
                 return Err(Error::NotFound(format!("card {}", uuid_text(&uuid))));
             }
-            None => Card {
-                uuid,
-                identity: validation.identity,
-                fascn: info.fascn.clone().filter(|_| validation.identity == IdentityRule::Fips201),
-                operator_id: operator_id.to_string(),
-                certificates: Default::default(),
-                attested: Default::default(),
-                suspended: None,
-                expires_ms: None,
-            },
+            None => Card::new(uuid, validation.identity, info.fascn.clone().filter(|_| validation.identity == IdentityRule::Fips201), operator_id),
         };
         if card.operator_id != operator_id {
             return Err(Error::AlreadyExists(format!("card {} belongs to operator {}", uuid_text(&uuid), card.operator_id)));
@@ -975,8 +1081,15 @@ impl Gateway {
         if key_of(other).is_some_and(|k| k == info.spki) {
             return Err(Error::InvalidRequest("the card's other slot holds the same key: a card-only key must not stand in for the PIN key".into()));
         }
+        let now = self.now_ms();
         if temporary_days > 0 {
-            card.expires_ms = Some(self.now_ms() + i64::from(temporary_days) * 86_400_000);
+            card.expires_ms = Some(now + i64::from(temporary_days) * 86_400_000);
+        }
+        // A key the card did not hold is approved anew: an approval is of
+        // the keys it saw.
+        let new_key = key_of(slot).is_none_or(|k| k != info.spki);
+        if new_key {
+            card.approval = None;
         }
         card.certificates.insert(slot, der.to_vec());
         // A new certificate's key is attested anew or not at all.
@@ -984,38 +1097,37 @@ impl Gateway {
             Some(a) => card.attested.insert(slot, a.clone()),
             None => card.attested.remove(&slot).filter(|a| a.key_sha256 == info.key_sha256).and_then(|a| card.attested.insert(slot, a)),
         };
+        card.note(now, by, format!("{} {slot:?} certificate {}", if new_key { "enrolled" } else { "renewed" }, hex::encode(&info.fingerprint[..8])));
+        let extra = self.ask_approval(&mut card, &operator, by, "enrolment")?;
         let detail = json!({ "operator": operator_id, "card_uuid": uuid_text(&uuid), "slot": format!("{slot:?}"),
             "identity": card.identity.name(), "key_sha256": hex::encode(info.key_sha256), "expires_ms": card.expires_ms,
             "certificate_sha256": hex::encode(info.fingerprint),
+            "approval_request": card.pending.as_ref().map(hex::encode),
             "attested": attested.as_ref().map(|a| json!({ "pin_policy": a.pin_policy, "touch_policy": a.touch_policy,
                 "serial": a.serial, "firmware": a.firmware, "attestation_sha256": hex::encode(a.attestation_sha256) })) });
-        if dry_run {
-            return Ok(card);
-        }
-        self.commit(Self::admin_entry(caller, AuditKind::EnrolCard, detail), vec![Change::Card(card.clone())]).await?;
-        Ok(card)
+        Ok(Prepared { card, detail, extra })
     }
 
-    /// Suspends a card (`reason` given) or ends its suspension (`None`),
+    /// Suspends a card (`suspend`) or ends its suspension, with `reason`,
     /// in one step with the locks of the terminals it holds: no grant can
     /// slip in between.
-    pub async fn suspend_card(&self, caller: &Caller, uuid: [u8; 16], reason: Option<&str>) -> Result<Vec<String>> {
+    pub async fn suspend_card(&self, caller: &Caller, uuid: [u8; 16], suspend: bool, reason: &str) -> Result<Vec<String>> {
         let now = self.now_ms();
         let mut locked = Vec::new();
         self.commit_with(|| {
             let Some(mut card) = self.store.card(&uuid)? else { return Err(Error::NotFound(format!("card {}", uuid_text(&uuid)))) };
-            let (kind, mut changes) = match reason {
-                Some(why) => {
-                    card.suspended = Some(why.to_string());
-                    let locks =
-                        self.locks_where(LockReason::CardSuspended, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
-                    (AuditKind::SuspendCard, locks)
-                }
-                None if card.suspended.is_none() => return Ok(None),
-                None => {
-                    card.suspended = None;
-                    (AuditKind::ResumeCard, vec![])
-                }
+            let (kind, mut changes) = if suspend {
+                card.suspended = Some(reason.to_string());
+                card.note(now, &caller.to_string(), format!("suspended: {reason}"));
+                let locks =
+                    self.locks_where(LockReason::CardSuspended, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
+                (AuditKind::SuspendCard, locks)
+            } else if card.suspended.is_none() {
+                return Ok(None);
+            } else {
+                card.suspended = None;
+                card.note(now, &caller.to_string(), format!("resumed: {reason}"));
+                (AuditKind::ResumeCard, vec![])
             };
             locked = locked_terminals(&changes);
             let detail = json!({ "card_uuid": uuid_text(&uuid), "operator": card.operator_id, "reason": reason, "locked_terminals": locked });
@@ -1029,35 +1141,41 @@ impl Gateway {
     /// Revokes a card: deny-lists its UUID and certificates and locks any
     /// terminal it holds, in one step (no grant can slip in between).
     pub async fn revoke_card(&self, caller: &Caller, uuid: [u8; 16], reason: &str) -> Result<Vec<String>> {
-        // An id that names no card would deny-list nothing anyone carries
-        // while saying "revoked": an enrolled-key card is revoked by the id
-        // `card list` shows, not by its CHUID GUID.
-        if self.store.card(&uuid)?.is_none() {
-            return Err(Error::NotFound(format!(
-                "no enrolled card has the id {} (an enrolled-key card goes by the id `card list` shows, not its CHUID GUID)",
-                uuid_text(&uuid)
-            )));
-        }
         let now = self.now_ms();
         let mut locked = Vec::new();
         self.commit_with(|| {
-            let mut keys = vec![DenyKey::Card(uuid)];
-            if let Some(c) = self.store.card(&uuid)? {
-                for der in c.certificates.values() {
-                    if let Ok(i) = verify::inspect(der) {
-                        keys.push(DenyKey::Certificate(i.fingerprint));
-                    }
-                }
-            }
-            let mut changes =
-                self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
-            locked = locked_terminals(&changes);
+            // An id that names no card would deny-list nothing anyone
+            // carries while saying "revoked": an enrolled-key card is
+            // revoked by the id `card list` shows, not by its CHUID GUID.
+            let Some(card) = self.store.card(&uuid)? else {
+                return Err(Error::NotFound(format!(
+                    "no enrolled card has the id {} (an enrolled-key card goes by the id `card list` shows, not its CHUID GUID)",
+                    uuid_text(&uuid)
+                )));
+            };
+            let changes;
+            (changes, locked) = self.revocation(card, &caller.to_string(), now, &format!("revoked: {reason}"))?;
             let detail = json!({ "card_uuid": uuid_text(&uuid), "reason": reason, "locked_terminals": locked });
-            changes.push(Change::Deny(keys));
             Ok(Some((Self::admin_entry(caller, AuditKind::RevokeCard, detail), changes)))
         })
         .await?;
         Ok(locked)
+    }
+
+    /// What revoking `card` changes: its id and certificates deny-listed,
+    /// the terminals it holds locked, its open approval request withdrawn,
+    /// and `note` in its history. Returns the changes and the terminals.
+    pub(crate) fn revocation(&self, mut card: Card, by: &str, now: i64, note: &str) -> Result<(Vec<Change>, Vec<String>)> {
+        let uuid = card.uuid;
+        let mut keys = vec![DenyKey::Card(uuid)];
+        keys.extend(card.certificates.values().filter_map(|der| verify::inspect(der).ok()).map(|i| DenyKey::Certificate(i.fingerprint)));
+        let mut changes = self.locks_where(LockReason::Revoked, now, |t| matches!(&t.session, Session::Unlocked { card_uuid, .. } if *card_uuid == uuid))?;
+        let locked = locked_terminals(&changes);
+        changes.push(Change::Deny(keys));
+        changes.extend(self.withdraw_request(card.pending.take(), now, "the card was revoked")?);
+        card.note(now, by, note);
+        changes.push(Change::Card(card));
+        Ok((changes, locked))
     }
 
     /// Issues a service certificate (agent, application or administrator)

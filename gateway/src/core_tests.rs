@@ -117,7 +117,12 @@ fn begin_req(terminal: &str) -> BeginRequest {
 /// The card signs the message as the agent would have it (PIN verified
 /// for 9A).
 fn card_signs(message: &[u8], mechanism: Mechanism) -> Vec<u8> {
-    let mut card = card_profile().card();
+    profile_signs(card_profile(), message, mechanism)
+}
+
+/// [`card_signs`] with another card.
+fn profile_signs(profile: &Profile, message: &[u8], mechanism: Mechanism) -> Vec<u8> {
+    let mut card = profile.card();
     let mut piv = PivClient::new(&mut card);
     piv.select().unwrap();
     let slot = match mechanism {
@@ -147,7 +152,7 @@ async fn tap(b: &Bench) -> Complete {
 fn denied(c: &Complete) -> Option<Deny> {
     match c {
         Complete::Denied(d, _) => Some(*d),
-        Complete::Granted { .. } => None,
+        Complete::Granted { .. } | Complete::Enrolled { .. } => None,
     }
 }
 
@@ -606,16 +611,16 @@ async fn one_key_is_one_card_and_a_renewed_certificate_on_the_card_is_judged_for
 async fn a_suspended_card_locks_at_once_is_refused_and_works_again_once_resumed() {
     let b = bench(|_| {}).await;
     assert!(denied(&tap(&b).await).is_none());
-    let locked = b.gw.suspend_card(&admin(), uuid(), Some("found in the car park, checking")).await.unwrap();
+    let locked = b.gw.suspend_card(&admin(), uuid(), true, "found in the car park, checking").await.unwrap();
     assert_eq!(locked, [T.to_string()]);
     assert_eq!(locked_for(&b), Some(LockReason::CardSuspended));
     let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("a suspended card began") };
     assert_eq!(d, Deny::CardSuspended);
-    b.gw.suspend_card(&admin(), uuid(), None).await.unwrap();
+    b.gw.suspend_card(&admin(), uuid(), false, "it was in the car park").await.unwrap();
     assert!(denied(&tap(&b).await).is_none(), "a resumed card is refused");
     let kinds: Vec<String> = b.gw.store.audit_after(0, 1000).unwrap().into_iter().map(|r| r.kind).collect();
     assert!(kinds.contains(&"admin.suspend_card".to_string()) && kinds.contains(&"admin.resume_card".to_string()), "{kinds:?}");
-    assert!(matches!(b.gw.suspend_card(&admin(), [9; 16], Some("x")).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.gw.suspend_card(&admin(), [9; 16], true, "x").await, Err(Error::NotFound(_))));
 }
 
 #[tokio::test]
@@ -640,4 +645,246 @@ async fn a_temporary_card_is_refused_after_its_end_and_its_session_locks() {
     assert_eq!(locked_for(&b), Some(LockReason::CardExpired));
     let Begin::Denied(d, _) = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("an expired temporary card began") };
     assert_eq!(d, Deny::CardExpired);
+}
+
+// ---- lifecycle: enrolment windows, approvals, replacement ----
+
+/// Another FIPS 201 card from the test issuer, not enrolled.
+fn other_card() -> Profile {
+    let ca = IssuingCa { cert_pem: issuer().cert_pem.clone(), key_pem: issuer().key_pem.clone() };
+    Profile::generate_with_ca(ca, &ProfileOptions { algorithm: Algorithm::EccP256, ..Default::default() }).unwrap()
+}
+
+fn admin_named(name: &str) -> Caller {
+    Caller { role: Role::Admin, name: name.into() }
+}
+
+fn nine_a(p: &Profile) -> Vec<u8> {
+    p.certificates[&CardSlot::Authentication].clone()
+}
+
+/// A tap of `p` at `terminal` as the agent makes it: the hint, then the
+/// certificate when asked; the card signs what the challenge asks.
+async fn tap_with(b: &Bench, p: &Profile, terminal: &str) -> Complete {
+    let mut req = BeginRequest { terminal: terminal.into(), card_uuid: Some(p.chuid.guid), fascn: None, certificate: None, mechanism: None };
+    loop {
+        match b.gw.begin(&agent(), req.clone()).await.unwrap() {
+            Begin::Challenge { id, message, mechanism, .. } => {
+                let sig = profile_signs(p, &message, mechanism);
+                return b.gw.complete(&agent(), &id, terminal, &sig).await.unwrap();
+            }
+            Begin::CertificateNeeded(slot) if req.certificate.is_none() => {
+                req.certificate =
+                    Some(p.certificates[&if slot == Slot::PivAuthentication { CardSlot::Authentication } else { CardSlot::CardAuthentication }].clone())
+            }
+            Begin::CertificateNeeded(s) => panic!("{s:?} asked for twice"),
+            Begin::Denied(d, why) => return Complete::Denied(d, why),
+        }
+    }
+}
+
+fn window<'a>(terminal: &'a str, operator_id: &'a str) -> crate::lifecycle::WindowAsk<'a> {
+    crate::lifecycle::WindowAsk { terminal, operator_id, duration_s: 120, replaces: None, temporary_days: 0 }
+}
+
+#[tokio::test]
+async fn a_card_tapped_into_an_enrolment_window_is_enrolled_after_its_pin_proof_once() {
+    let b = bench(|_| {}).await;
+    let new = other_card();
+    b.gw.open_enrolment(&admin(), &window(T, "op-1")).await.unwrap();
+    // Asked for its PIN key's certificate, whatever the terminal prefers.
+    let req = BeginRequest { card_uuid: Some(new.chuid.guid), ..begin_req(T) };
+    assert!(matches!(b.gw.begin(&agent(), req).await.unwrap(), Begin::CertificateNeeded(Slot::PivAuthentication)));
+    let Complete::Enrolled { card, operator } = tap_with(&b, &new, T).await else { panic!("not enrolled") };
+    assert_eq!((card.uuid, operator.id.as_str()), (new.chuid.guid, "op-1"));
+    assert!(card.history.iter().any(|n| n.what.contains("card and PIN")), "{:?}", card.history);
+    assert!(matches!(session(&b), Session::Locked { .. }), "an enrolment unlocked the terminal");
+    // One use: the next unknown card is just unknown.
+    assert!(b.gw.store.window(T).unwrap().is_none());
+    assert_eq!(denied(&tap_with(&b, &other_card(), T).await), Some(Deny::UnknownCard));
+    // The enrolled card unlocks with its next tap.
+    assert!(matches!(tap_with(&b, &new, T).await, Complete::Granted { .. }));
+    let kinds: Vec<String> = b.gw.store.audit_after(0, 1000).unwrap().into_iter().map(|r| r.kind).collect();
+    assert!(kinds.contains(&"admin.open_enrolment".into()) && kinds.contains(&"enrol.at_terminal".into()), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn an_enrolment_window_takes_only_the_pin_key_only_in_time_and_only_where_it_was_opened() {
+    let b = bench(|_| {}).await;
+    let new = other_card();
+    b.gw.open_enrolment(&admin(), &window(T, "op-1")).await.unwrap();
+    // Elsewhere: unknown.
+    assert_eq!(denied(&tap_with(&b, &new, "lobby").await), Some(Deny::UnknownCard));
+    // The card-only key (no PIN) answering the enrolment's challenge.
+    let req = BeginRequest { card_uuid: Some(new.chuid.guid), certificate: Some(nine_a(&new)), ..begin_req(T) };
+    let Begin::Challenge { id, message, mechanism, .. } = b.gw.begin(&agent(), req.clone()).await.unwrap() else { panic!("no challenge") };
+    assert_eq!(mechanism, Mechanism::CardAndPin);
+    let sig = profile_signs(&new, &message, Mechanism::CardOnly);
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::BadSignature));
+    assert!(b.gw.store.card(&new.chuid.guid).unwrap().is_none());
+    // A card-only reader cannot enrol.
+    let card_only = BeginRequest { mechanism: Some(Mechanism::CardOnly), ..req.clone() };
+    assert!(matches!(b.gw.begin(&agent(), card_only).await.unwrap(), Begin::Denied(Deny::MechanismNotAllowed, _)));
+    // A challenge issued while the window was open, answered after it
+    // closed.
+    let Begin::Challenge { id, message, .. } = b.gw.begin(&agent(), req).await.unwrap() else { panic!("no challenge") };
+    assert!(b.gw.close_enrolment(&admin(), T).await.unwrap());
+    let sig = profile_signs(&new, &message, Mechanism::CardAndPin);
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::EnrolmentRefused));
+    // Past its time.
+    b.gw.open_enrolment(&admin(), &window(T, "op-1")).await.unwrap();
+    b.clock.advance(Duration::from_secs(121));
+    assert_eq!(denied(&tap_with(&b, &new, T).await), Some(Deny::UnknownCard));
+    assert!(b.gw.store.card(&new.chuid.guid).unwrap().is_none());
+    // Bounded.
+    let long = crate::lifecycle::WindowAsk { duration_s: 7200, ..window(T, "op-1") };
+    assert!(matches!(b.gw.open_enrolment(&admin(), &long).await, Err(Error::InvalidRequest(_))));
+    assert!(matches!(b.gw.open_enrolment(&admin(), &window(T, "nobody")).await, Err(Error::NotFound(_))));
+}
+
+async fn privileged_bench(badge: bool) -> Bench {
+    let b = bench(|c| {
+        c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
+        if badge {
+            c.lifecycle.approval = crate::config::ApprovalProof::Badge;
+        }
+    })
+    .await;
+    b.gw.add_operator(&admin(), Operator { id: "op-2".into(), name: "Op Two".into(), roles: vec!["intercom-admin".into()], enabled: true }).await.unwrap();
+    b
+}
+
+fn open_request(b: &Bench) -> crate::model::Request {
+    let now = b.gw.now_ms();
+    let open: Vec<_> = b.gw.store.requests().unwrap().into_iter().filter(|r| r.open(now)).collect();
+    assert_eq!(open.len(), 1, "{open:?}");
+    open.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn a_privileged_card_waits_for_a_second_administrator_who_is_neither_the_asker_nor_its_operator() {
+    let b = privileged_bench(false).await;
+    let new = other_card();
+    let card = b.gw.enrol_card(&admin(), "op-2", &nine_a(&new), Slot::PivAuthentication, None).await.unwrap();
+    assert!(card.pending.is_some() && card.approval.is_none());
+    assert_eq!(denied(&tap_with(&b, &new, T).await), Some(Deny::CardPending));
+    let r = open_request(&b);
+    assert_eq!(r.requested_by, admin().to_string());
+    let e = b.gw.approve(&admin(), r.id, None).await.unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("own request")), "{e}");
+    let e = b.gw.approve(&admin_named("op-2"), r.id, None).await.unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("themselves")), "{e}");
+    let approved = b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    assert!(matches!(approved.state, crate::model::RequestState::Approved(ref a) if a.by == "admin:second"));
+    assert!(matches!(tap_with(&b, &new, T).await, Complete::Granted { .. }));
+    // Approved once: not twice.
+    assert!(matches!(b.gw.approve(&admin_named("third"), r.id, None).await, Err(Error::InvalidRequest(_))));
+    let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().find(|r| r.kind == "admin.approve").unwrap();
+    assert_eq!(rec.detail["requested_by"], "admin:root");
+    assert_eq!(rec.actor, "admin:second");
+}
+
+#[tokio::test]
+async fn a_privileged_role_given_later_suspends_the_cards_until_approved_and_a_new_key_needs_a_new_approval() {
+    let b = privileged_bench(false).await;
+    assert!(denied(&tap_with(&b, card_profile(), T).await).is_none());
+    // op-1 made an intercom administrator: the session ends, the card waits.
+    b.gw.add_operator(
+        &admin(),
+        Operator { id: "op-1".into(), name: "Op One".into(), roles: vec!["dispatcher".into(), "intercom-admin".into()], enabled: true },
+    )
+    .await
+    .unwrap();
+    assert!(locked_for(&b).is_some(), "a session of an unapproved privileged card stands");
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::CardPending));
+    let r = open_request(&b);
+    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    assert!(denied(&tap_with(&b, card_profile(), T).await).is_none());
+    // A 9E key joining the approved card: approved anew.
+    b.gw.enrol_card(&admin(), "op-1", &card_profile().certificates[&CardSlot::CardAuthentication], Slot::CardAuthentication, None).await.unwrap();
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::CardPending));
+    let again = open_request(&b);
+    assert_ne!(again.id, r.id);
+    // Refused: still waiting for nobody, still refused.
+    b.gw.refuse(&admin(), again.id, "not this week").await.unwrap();
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::CardPending));
+}
+
+#[tokio::test]
+async fn where_the_site_requires_it_an_approval_is_signed_by_the_approvers_own_badge() {
+    let b = privileged_bench(true).await;
+    b.gw.enrol_card(&admin(), "op-2", &nine_a(&other_card()), Slot::PivAuthentication, None).await.unwrap();
+    let r = open_request(&b);
+    // The certificate alone approves nothing.
+    let e = b.gw.approve(&admin_named("second"), r.id, None).await.unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("badge")), "{e}");
+    // The approver's badge: a card enrolled to the operator named as the
+    // administrator.
+    b.gw.add_operator(&admin(), Operator { id: "second".into(), name: "Second Admin".into(), roles: vec![], enabled: true }).await.unwrap();
+    let badge = other_card();
+    b.gw.enrol_card(&admin(), "second", &nine_a(&badge), Slot::PivAuthentication, None).await.unwrap();
+    // Another operator's card is not this administrator's badge.
+    let e = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(card_profile())).err().unwrap();
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+    let c = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).unwrap();
+    let m = pivgate_proto::card_message::parse_approval(&c.message).unwrap();
+    assert_eq!((m.approver, m.request_id), ("admin:second", r.id));
+    assert!(m.summary.contains("op-2"), "{}", m.summary);
+    // Signed by another key: refused, and the challenge is spent.
+    let wrong = profile_signs(card_profile(), &c.message, Mechanism::CardAndPin);
+    assert!(matches!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &wrong))).await, Err(Error::PermissionDenied(_))));
+    let sig = profile_signs(&badge, &c.message, Mechanism::CardAndPin);
+    assert!(matches!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &sig))).await, Err(Error::PermissionDenied(_))), "a spent challenge");
+    let c = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).unwrap();
+    // Another administrator cannot use the second's challenge.
+    let sig = profile_signs(&badge, &c.message, Mechanism::CardAndPin);
+    assert!(matches!(b.gw.approve(&admin_named("third"), r.id, Some((&c.id, &sig))).await, Err(Error::PermissionDenied(_))));
+    let c = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).unwrap();
+    let sig = profile_signs(&badge, &c.message, Mechanism::CardAndPin);
+    let approved = b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &sig))).await.unwrap();
+    assert!(matches!(approved.state, crate::model::RequestState::Approved(ref a) if a.badge == Some(badge.chuid.guid)));
+    // An agent's tap challenge is no approval, and an approval's no tap.
+    let Begin::Challenge { message, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!() };
+    assert!(pivgate_proto::card_message::parse_approval(&message).is_err());
+    assert!(pivgate_proto::card_message::parse(&c.message).is_err());
+}
+
+#[tokio::test]
+async fn a_replacement_card_works_at_once_and_the_old_one_is_revoked_in_the_same_step() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap_with(&b, card_profile(), T).await).is_none());
+    let new = other_card();
+    let der = nine_a(&new);
+    let e = Enrolment {
+        operator_id: "op-1",
+        certificate: &der,
+        slot: Slot::PivAuthentication,
+        to_card: None,
+        attestation: None,
+        dry_run: false,
+        temporary_days: 0,
+    };
+    let (card, locked) = b.gw.replace_card(&admin(), uuid(), &e, "lost on the night shift").await.unwrap();
+    assert_eq!(locked, [T.to_string()]);
+    assert_eq!(locked_for(&b), Some(LockReason::Revoked));
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::RevokedDenyList));
+    assert!(matches!(tap_with(&b, &new, T).await, Complete::Granted { .. }));
+    assert!(card.history.iter().any(|n| n.what.contains("replaces")), "{:?}", card.history);
+    let old = b.gw.store.card(&uuid()).unwrap().unwrap();
+    assert!(old.history.iter().any(|n| n.what.contains("replaced by")), "{:?}", old.history);
+    // Only a card of the same operator, and only a live one.
+    assert!(matches!(b.gw.replace_card(&admin(), uuid(), &e, "again").await, Err(Error::InvalidRequest(_))));
+    let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().find(|r| r.kind == "admin.replace_card").unwrap();
+    assert_eq!(rec.detail["replaces"], uuid_text(&uuid()));
+}
+
+#[tokio::test]
+async fn an_enrolment_window_can_replace_a_lost_card() {
+    let b = bench(|_| {}).await;
+    let new = other_card();
+    let ask = crate::lifecycle::WindowAsk { replaces: Some(uuid()), temporary_days: 3, ..window(T, "op-1") };
+    b.gw.open_enrolment(&admin(), &ask).await.unwrap();
+    let Complete::Enrolled { card, .. } = tap_with(&b, &new, T).await else { panic!("not enrolled") };
+    assert!(card.expires_ms.is_some(), "a temporary window's card is temporary");
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::RevokedDenyList));
 }

@@ -27,6 +27,7 @@ pub mod core;
 pub mod crl;
 pub mod error;
 pub mod feed;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod model;
@@ -142,6 +143,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         attestation,
         require_attested_pin_key: config.cards.require_attested_pin_key,
         max_temporary_days: config.cards.max_temporary_days,
+        lifecycle: config.lifecycle.clone(),
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
         clock,
         random,

@@ -117,7 +117,7 @@ macro_rules! unbounded {
     ($($t:ty),*) => { $(impl Bounded for $t { fn check(&self) -> Result<(), Status> { Ok(()) } })* };
 }
 // Requests with no field a caller could make large.
-unbounded!(pb::BackupRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::GetAuditHeadRequest);
+unbounded!(pb::BackupRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::GetAuditHeadRequest, pb::ListRequestsRequest);
 
 /// A list call's page size when the caller names none.
 pub const PAGE_DEFAULT: usize = 500;
@@ -281,6 +281,65 @@ impl Bounded for pb::SuspendCardRequest {
         }
         text("reason", &self.reason)
     }
+}
+
+impl Bounded for pb::ReplaceCardRequest {
+    fn check(&self) -> Result<(), Status> {
+        if self.card_uuid.len() > 64 {
+            return Err(bad("card_uuid", "is not a UUID"));
+        }
+        text("reason", &self.reason)?;
+        match &self.replacement {
+            Some(r) => r.check(),
+            None => Err(bad("replacement", "is missing")),
+        }
+    }
+}
+
+impl Bounded for pb::OpenEnrolmentRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("operator_id", &self.operator_id)?;
+        identifier("terminal_id", &self.terminal_id)?;
+        if self.replaces_card_uuid.len() > 64 {
+            return Err(bad("replaces_card_uuid", "is not a UUID"));
+        }
+        Ok(())
+    }
+}
+
+impl Bounded for pb::CloseEnrolmentRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("terminal_id", &self.terminal_id)
+    }
+}
+
+impl Bounded for pb::BeginApprovalRequest {
+    fn check(&self) -> Result<(), Status> {
+        request_id_len(&self.request_id)?;
+        bytes("certificate", &self.certificate, CERTIFICATE_MAX)
+    }
+}
+
+impl Bounded for pb::ApproveRequestRequest {
+    fn check(&self) -> Result<(), Status> {
+        request_id_len(&self.request_id)?;
+        bytes("challenge_id", &self.challenge_id, 16)?;
+        bytes("signature", &self.signature, SIGNATURE_MAX)
+    }
+}
+
+impl Bounded for pb::RefuseRequestRequest {
+    fn check(&self) -> Result<(), Status> {
+        request_id_len(&self.request_id)?;
+        text("reason", &self.reason)
+    }
+}
+
+fn request_id_len(s: &str) -> Result<(), Status> {
+    if s.len() != 32 {
+        return Err(bad("request_id", "is not a request id (32 hex digits)"));
+    }
+    Ok(())
 }
 
 impl Bounded for pb::ResumeCardRequest {

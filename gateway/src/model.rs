@@ -126,6 +126,247 @@ pub struct Card {
     /// A temporary card's end (Unix milliseconds), refused from then on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<i64>,
+    /// A second administrator's approval of the card for its operator's
+    /// privileged roles (`lifecycle.privileged_roles`): while its operator
+    /// holds one, a card without it is refused. Cleared when the card
+    /// gains a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    /// The approval request the card waits for, if one is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<[u8; 16]>,
+    /// What happened to the card, oldest first (the last
+    /// [`CARD_HISTORY_MAX`]; the audit log keeps everything).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<CardNote>,
+}
+
+/// How many notes a card's history keeps.
+pub const CARD_HISTORY_MAX: usize = 32;
+
+impl Card {
+    /// A new card of `operator_id`, active, with nothing enrolled yet.
+    pub fn new(uuid: [u8; 16], identity: IdentityRule, fascn: Option<Vec<u8>>, operator_id: &str) -> Card {
+        Card {
+            uuid,
+            identity,
+            fascn,
+            operator_id: operator_id.to_string(),
+            certificates: Default::default(),
+            attested: Default::default(),
+            suspended: None,
+            expires_ms: None,
+            approval: None,
+            pending: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Adds a note to the card's history.
+    pub fn note(&mut self, unix_ms: i64, by: &str, what: impl Into<String>) {
+        self.history.push(CardNote { unix_ms, by: by.to_string(), what: what.into() });
+        if self.history.len() > CARD_HISTORY_MAX {
+            self.history.drain(..self.history.len() - CARD_HISTORY_MAX);
+        }
+    }
+
+    /// Whether a second administrator approved the card for every one of
+    /// `privileged` (the privileged roles its operator holds now).
+    pub fn approved_for(&self, privileged: &[String]) -> bool {
+        privileged.is_empty() || self.approval.as_ref().is_some_and(|a| privileged.iter().all(|r| a.roles.contains(r)))
+    }
+
+    /// Its state now, given whether it is on the deny list and the
+    /// privileged roles its operator holds.
+    pub fn state(&self, revoked: bool, privileged: &[String], now_ms: i64) -> CardState {
+        if revoked {
+            CardState::Revoked
+        } else if !self.approved_for(privileged) {
+            CardState::Pending
+        } else if self.suspended.is_some() {
+            CardState::Suspended
+        } else if self.expires_ms.is_some_and(|end| now_ms >= end) {
+            CardState::Expired
+        } else {
+            CardState::Active
+        }
+    }
+}
+
+/// A card's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardState {
+    /// Waiting for a second administrator's approval.
+    Pending,
+    /// In use.
+    Active,
+    /// Suspended (reversible).
+    Suspended,
+    /// A temporary card past its end.
+    Expired,
+    /// Revoked (never undone).
+    Revoked,
+}
+
+impl CardState {
+    /// Its name in the API and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            CardState::Pending => "pending",
+            CardState::Active => "active",
+            CardState::Suspended => "suspended",
+            CardState::Expired => "expired",
+            CardState::Revoked => "revoked",
+        }
+    }
+}
+
+/// A second administrator's approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The request approved.
+    pub request: [u8; 16],
+    /// Who approved (the administrator's certificate identity).
+    pub by: String,
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// The approver's card that signed the approval, when one did.
+    pub badge: Option<[u8; 16]>,
+    /// The privileged roles approved.
+    pub roles: Vec<String>,
+}
+
+/// One entry of a card's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardNote {
+    /// When, Unix ms.
+    pub unix_ms: i64,
+    /// Who (an administrator, an agent, the gateway).
+    pub by: String,
+    /// What ("enrolled 9A", "suspended: lost", "replaced by ...").
+    pub what: String,
+}
+
+/// An enrolment window: for a few minutes, the first unknown card tapped
+/// at `terminal` whose 9A key proves itself (card and PIN) is enrolled to
+/// `operator_id`. One use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentWindow {
+    /// Where.
+    pub terminal: String,
+    /// For whom.
+    pub operator_id: String,
+    /// The administrator who opened it.
+    pub opened_by: String,
+    /// When, Unix ms.
+    pub opened_ms: i64,
+    /// Until when, Unix ms.
+    pub closes_ms: i64,
+    /// A card the new one replaces (revoked in the same step).
+    pub replaces: Option<[u8; 16]>,
+    /// A temporary card: days (0: permanent).
+    pub temporary_days: u32,
+}
+
+/// A change one administrator asks for and a second must approve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Identifier (random).
+    pub id: [u8; 16],
+    /// What is asked.
+    pub kind: RequestKind,
+    /// Who asked (certificate identity).
+    pub requested_by: String,
+    /// Why, in their words.
+    pub reason: String,
+    /// When, Unix ms.
+    pub created_ms: i64,
+    /// Not approved by then, it lapses.
+    pub expires_ms: i64,
+    /// Where it stands.
+    pub state: RequestState,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    /// A card of an operator holding a privileged role.
+    CardApproval {
+        /// The card.
+        card: [u8; 16],
+        /// Its operator.
+        operator_id: String,
+        /// The privileged roles the operator holds.
+        roles: Vec<String>,
+        /// The card's certificates as the request saw them (slot and
+        /// SHA-256): a card that changes after is approved by a new
+        /// request.
+        certificates: Vec<String>,
+    },
+}
+
+impl RequestKind {
+    /// The operator the request is about: never its approver.
+    pub fn operator(&self) -> &str {
+        match self {
+            RequestKind::CardApproval { operator_id, .. } => operator_id,
+        }
+    }
+
+    /// A line for the approver to read before the badge signs.
+    pub fn summary(&self) -> String {
+        match self {
+            RequestKind::CardApproval { card, operator_id, roles, .. } => {
+                format!("approve card {} for operator {operator_id} (privileged roles: {})", uuid_text(card), roles.join(", "))
+            }
+        }
+    }
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// Waiting for a second administrator.
+    Pending,
+    /// Approved.
+    Approved(Approval),
+    /// Refused by an administrator.
+    Refused {
+        /// Who.
+        by: String,
+        /// When, Unix ms.
+        at_ms: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Overtaken: its subject changed (the card revoked, a newer request).
+    Withdrawn {
+        /// When, Unix ms.
+        at_ms: i64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Request {
+    /// Whether it can still be approved at `now_ms`.
+    pub fn open(&self, now_ms: i64) -> bool {
+        self.state == RequestState::Pending && now_ms < self.expires_ms
+    }
+
+    /// Its state's name at `now_ms` ("pending", "approved", "refused",
+    /// "withdrawn", "lapsed").
+    pub fn state_name(&self, now_ms: i64) -> &'static str {
+        match &self.state {
+            RequestState::Pending if now_ms >= self.expires_ms => "lapsed",
+            RequestState::Pending => "pending",
+            RequestState::Approved(_) => "approved",
+            RequestState::Refused { .. } => "refused",
+            RequestState::Withdrawn { .. } => "withdrawn",
+        }
+    }
 }
 
 /// Why a terminal locked.
@@ -308,11 +549,23 @@ pub enum AuditKind {
     SuspendCard,
     /// A card's suspension ended.
     ResumeCard,
+    /// An enrolment window was opened at a terminal.
+    OpenEnrolment,
+    /// An enrolment window was closed before use.
+    CloseEnrolment,
+    /// A card was enrolled at a terminal, after its proof.
+    EnrolAtTerminal,
+    /// A second administrator approved a request.
+    Approve,
+    /// A request was refused.
+    Refuse,
+    /// A card replaced another (which was revoked with it).
+    ReplaceCard,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 17] = [
+    pub const ALL: [AuditKind; 23] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -330,6 +583,12 @@ impl AuditKind {
         AuditKind::Backup,
         AuditKind::SuspendCard,
         AuditKind::ResumeCard,
+        AuditKind::OpenEnrolment,
+        AuditKind::CloseEnrolment,
+        AuditKind::EnrolAtTerminal,
+        AuditKind::Approve,
+        AuditKind::Refuse,
+        AuditKind::ReplaceCard,
     ];
 
     /// The name stored in the record.
@@ -352,6 +611,12 @@ impl AuditKind {
             AuditKind::Backup => "admin.backup",
             AuditKind::SuspendCard => "admin.suspend_card",
             AuditKind::ResumeCard => "admin.resume_card",
+            AuditKind::OpenEnrolment => "admin.open_enrolment",
+            AuditKind::CloseEnrolment => "admin.close_enrolment",
+            AuditKind::EnrolAtTerminal => "enrol.at_terminal",
+            AuditKind::Approve => "admin.approve",
+            AuditKind::Refuse => "admin.refuse",
+            AuditKind::ReplaceCard => "admin.replace_card",
         }
     }
 

@@ -76,6 +76,8 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
         Deny::KeyNotAttested => R::KeyNotAttested,
         Deny::CardSuspended => R::CardSuspended,
         Deny::CardExpired => R::CardExpired,
+        Deny::CardPending => R::CardPending,
+        Deny::EnrolmentRefused => R::EnrolmentRefused,
     }
 }
 
@@ -294,6 +296,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Complete::Granted { operator, sequence } => {
                 Outcome::Granted(pb::Grant { operator_id: operator.id, operator_name: operator.name, roles: operator.roles, sequence })
             }
+            Complete::Enrolled { card, operator } => Outcome::Enrolled(pb::Enrolled {
+                card_uuid: card.uuid.to_vec(),
+                awaiting_approval: !card.approved_for(&self.0.privileged_roles(&operator)),
+                operator_id: operator.id,
+                operator_name: operator.name,
+            }),
             Complete::Denied(d, detail) => Outcome::Denied(denial(d, detail)),
         };
         Ok(Response::new(pb::CompleteAuthenticationResponse { outcome: Some(outcome) }))
@@ -475,20 +483,74 @@ pub(crate) fn operator_pb(o: &model::Operator) -> pb::Operator {
     pb::Operator { operator_id: o.id.clone(), name: o.name.clone(), roles: o.roles.clone(), enabled: o.enabled }
 }
 
-fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
+pub(crate) fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
     let (slot, der) = c.certificates.iter().next().map(|(s, d)| (*s, d.clone())).unwrap_or((Slot::PivAuthentication, vec![]));
     let fp = crate::verify::inspect(&der).map(|i| hex::encode(i.fingerprint)).unwrap_or_default();
+    // A card that cannot be read as revoked or not reads as revoked.
+    let revoked = gw.store.denied(crate::model::DenyKey::Card(c.uuid)).unwrap_or(true);
+    let privileged = gw.store.operator(&c.operator_id).ok().flatten().map(|o| gw.privileged_roles(&o)).unwrap_or_default();
     pb::Card {
         card_uuid: uuid_text(&c.uuid),
         fascn: c.fascn.as_ref().map(hex::encode).unwrap_or_default(),
         operator_id: c.operator_id.clone(),
         certificate_sha256: fp,
         slot: slot_pb(slot) as i32,
-        revoked: gw.store.denied(crate::model::DenyKey::Card(c.uuid)).unwrap_or(false),
+        revoked,
         identity: c.identity.name().to_string(),
-        state: if c.suspended.is_some() { "suspended" } else { "active" }.to_string(),
+        state: c.state(revoked, &privileged, gw.now_ms()).name().to_string(),
         expires_unix_ms: c.expires_ms.unwrap_or(0),
+        approved_by: c.approval.as_ref().map(|a| a.by.clone()).unwrap_or_default(),
+        pending_request: c.pending.as_ref().map(hex::encode).unwrap_or_default(),
+        history: c.history.iter().map(|n| pb::CardNote { unix_ms: n.unix_ms, by: n.by.clone(), what: n.what.clone() }).collect(),
     }
+}
+
+pub(crate) fn request_pb(gw: &Gateway, r: &model::Request) -> pb::ApprovalRequest {
+    let model::RequestKind::CardApproval { card, operator_id, .. } = &r.kind;
+    let (decided_by, badge_signed) = match &r.state {
+        model::RequestState::Approved(a) => (a.by.clone(), a.badge.is_some()),
+        model::RequestState::Refused { by, .. } => (by.clone(), false),
+        _ => (String::new(), false),
+    };
+    pb::ApprovalRequest {
+        request_id: hex::encode(r.id),
+        summary: r.kind.summary(),
+        card_uuid: uuid_text(card),
+        operator_id: operator_id.clone(),
+        requested_by: r.requested_by.clone(),
+        reason: r.reason.clone(),
+        created_unix_ms: r.created_ms,
+        expires_unix_ms: r.expires_ms,
+        state: r.state_name(gw.now_ms()).to_string(),
+        decided_by,
+        badge_signed,
+    }
+}
+
+fn request_id(s: &str) -> Result<[u8; 16], Status> {
+    hex::decode(s).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| Status::invalid_argument("request_id is not a request id (32 hex digits)"))
+}
+
+/// An EnrolCard request as the decision core takes it.
+fn enrolment(r: &pb::EnrolCardRequest) -> Result<crate::core::Enrolment<'_>, Status> {
+    let to_card = match r.card_uuid.as_str() {
+        "" => None,
+        u => Some(model::parse_uuid(u).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?),
+    };
+    let attestation = match (r.attestation.is_empty(), r.attestation_intermediate.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some((r.attestation.as_slice(), r.attestation_intermediate.as_slice())),
+        _ => return Err(Status::invalid_argument("attestation and attestation_intermediate go together")),
+    };
+    Ok(crate::core::Enrolment {
+        operator_id: &r.operator_id,
+        certificate: &r.certificate,
+        slot: slot_from(r.slot)?,
+        to_card,
+        attestation,
+        dry_run: r.dry_run,
+        temporary_days: r.temporary_days,
+    })
 }
 
 fn audit_pb(r: &AuditRecord) -> pb::AuditRecord {
@@ -575,25 +637,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
     async fn enrol_card(&self, req: Request<pb::EnrolCardRequest>) -> Result<Response<pb::EnrolCardResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.EnrolCard").await?;
         let r = req.into_inner();
-        let to_card = match r.card_uuid.as_str() {
-            "" => None,
-            u => Some(model::parse_uuid(u).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?),
-        };
-        let attestation = match (r.attestation.is_empty(), r.attestation_intermediate.is_empty()) {
-            (true, true) => None,
-            (false, false) => Some((r.attestation.as_slice(), r.attestation_intermediate.as_slice())),
-            _ => return Err(Status::invalid_argument("attestation and attestation_intermediate go together")),
-        };
-        let e = crate::core::Enrolment {
-            operator_id: &r.operator_id,
-            certificate: &r.certificate,
-            slot: slot_from(r.slot)?,
-            to_card,
-            attestation,
-            dry_run: r.dry_run,
-            temporary_days: r.temporary_days,
-        };
-        let card = self.0.enrol(&caller, &e).await?;
+        let card = self.0.enrol(&caller, &enrolment(&r)?).await?;
         Ok(Response::new(pb::EnrolCardResponse { card: Some(card_pb(&self.0, &card)) }))
     }
 
@@ -609,7 +653,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.SuspendCard").await?;
         let r = req.into_inner();
         let uuid = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
-        let locked_terminals = self.0.suspend_card(&caller, uuid, Some(&r.reason)).await?;
+        let locked_terminals = self.0.suspend_card(&caller, uuid, true, &r.reason).await?;
         Ok(Response::new(pb::SuspendCardResponse { locked_terminals }))
     }
 
@@ -617,8 +661,85 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.ResumeCard").await?;
         let r = req.into_inner();
         let uuid = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
-        self.0.suspend_card(&caller, uuid, None).await?;
+        self.0.suspend_card(&caller, uuid, false, &r.reason).await?;
         Ok(Response::new(pb::ResumeCardResponse {}))
+    }
+
+    async fn replace_card(&self, req: Request<pb::ReplaceCardRequest>) -> Result<Response<pb::ReplaceCardResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.ReplaceCard").await?;
+        let r = req.into_inner();
+        let old = model::parse_uuid(&r.card_uuid).ok_or_else(|| Status::invalid_argument("card_uuid is not a UUID"))?;
+        let replacement = r.replacement.as_ref().ok_or_else(|| Status::invalid_argument("replacement is missing"))?;
+        if replacement.dry_run {
+            return Err(Status::invalid_argument("a replacement is not a dry run: check the new card with EnrolCard's dry_run"));
+        }
+        let (card, locked_terminals) = self.0.replace_card(&caller, old, &enrolment(replacement)?, &r.reason).await?;
+        Ok(Response::new(pb::ReplaceCardResponse { card: Some(card_pb(&self.0, &card)), locked_terminals }))
+    }
+
+    async fn open_enrolment(&self, req: Request<pb::OpenEnrolmentRequest>) -> Result<Response<pb::OpenEnrolmentResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.OpenEnrolment").await?;
+        let r = req.into_inner();
+        let replaces = match r.replaces_card_uuid.as_str() {
+            "" => None,
+            u => Some(model::parse_uuid(u).ok_or_else(|| Status::invalid_argument("replaces_card_uuid is not a UUID"))?),
+        };
+        let ask = crate::lifecycle::WindowAsk {
+            terminal: &r.terminal_id,
+            operator_id: &r.operator_id,
+            duration_s: u64::from(r.duration_s),
+            replaces,
+            temporary_days: r.temporary_days,
+        };
+        let w = self.0.open_enrolment(&caller, &ask).await?;
+        Ok(Response::new(pb::OpenEnrolmentResponse { closes_unix_ms: w.closes_ms }))
+    }
+
+    async fn close_enrolment(&self, req: Request<pb::CloseEnrolmentRequest>) -> Result<Response<pb::CloseEnrolmentResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.CloseEnrolment").await?;
+        let was_open = self.0.close_enrolment(&caller, &req.into_inner().terminal_id).await?;
+        Ok(Response::new(pb::CloseEnrolmentResponse { was_open }))
+    }
+
+    async fn list_requests(&self, req: Request<pb::ListRequestsRequest>) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.ListRequests").await?;
+        let all = req.into_inner().include_closed;
+        let now = self.0.now_ms();
+        let mut requests: Vec<model::Request> = self.0.store.requests()?.into_iter().filter(|r| all || r.open(now)).collect();
+        requests.sort_by_key(|r| r.created_ms);
+        let skip = requests.len().saturating_sub(1000);
+        Ok(Response::new(pb::ListRequestsResponse { requests: requests[skip..].iter().map(|r| request_pb(&self.0, r)).collect() }))
+    }
+
+    async fn begin_approval(&self, req: Request<pb::BeginApprovalRequest>) -> Result<Response<pb::BeginApprovalResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.BeginApproval").await?;
+        let r = req.into_inner();
+        let c = self.0.begin_approval(&caller, request_id(&r.request_id)?, &r.certificate)?;
+        Ok(Response::new(pb::BeginApprovalResponse {
+            challenge_id: c.id.to_vec(),
+            message: c.message,
+            algorithm: algorithm_pb(c.algorithm) as i32,
+            expires_in_ms: c.ttl.as_millis() as u32,
+        }))
+    }
+
+    async fn approve_request(&self, req: Request<pb::ApproveRequestRequest>) -> Result<Response<pb::ApproveRequestResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.ApproveRequest").await?;
+        let r = req.into_inner();
+        let badge = match (r.challenge_id.is_empty(), r.signature.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((r.challenge_id.as_slice(), r.signature.as_slice())),
+            _ => return Err(Status::invalid_argument("challenge_id and signature go together")),
+        };
+        let decided = self.0.approve(&caller, request_id(&r.request_id)?, badge).await?;
+        Ok(Response::new(pb::ApproveRequestResponse { request: Some(request_pb(&self.0, &decided)) }))
+    }
+
+    async fn refuse_request(&self, req: Request<pb::RefuseRequestRequest>) -> Result<Response<pb::RefuseRequestResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.RefuseRequest").await?;
+        let r = req.into_inner();
+        let decided = self.0.refuse(&caller, request_id(&r.request_id)?, &r.reason).await?;
+        Ok(Response::new(pb::RefuseRequestResponse { request: Some(request_pb(&self.0, &decided)) }))
     }
 
     async fn bind_agent(&self, req: Request<pb::BindAgentRequest>) -> Result<Response<pb::BindAgentResponse>, Status> {

@@ -130,6 +130,15 @@ pub enum Change {
     Deny(Vec<crate::model::DenyKey>),
     /// Creates or replaces an agent binding.
     Agent(Agent),
+    /// Opens (`Some`) or closes (`None`) a terminal's enrolment window.
+    Window {
+        /// The terminal.
+        terminal: String,
+        /// The window.
+        window: Option<crate::model::EnrolmentWindow>,
+    },
+    /// Creates or replaces an approval request.
+    Request(crate::model::Request),
     /// The newest thisUpdate (Unix seconds) accepted for a CRL key
     /// ([`crate::verify::CrlKey::id`]): a restart never goes back to an
     /// older CRL.
@@ -225,6 +234,9 @@ pub struct Store {
     crl_state: sled::Tree,
     checkpoints: sled::Tree,
     terminals: sled::Tree,
+    /// Enrolment windows (`w/` and the terminal) and approval requests
+    /// (`r/` and the id).
+    lifecycle: sled::Tree,
     events: sled::Tree,
     audit: sled::Tree,
     ledger: Mutex<Ledger>,
@@ -336,7 +348,7 @@ fn sync_folder(dir: &Path) -> Result<()> {
 
 /// The trees that hold state (everything but the append-only audit log
 /// and events), in [`Store::state_trees`] order.
-const STATE_TREES: [&str; 9] = ["meta", "operators", "cards", "fascn_index", "deny", "agents", "crl_state", "checkpoints", "terminals"];
+const STATE_TREES: [&str; 10] = ["meta", "operators", "cards", "fascn_index", "deny", "agents", "crl_state", "checkpoints", "terminals", "lifecycle"];
 
 /// A backup's cut: see [`Store::backup_cut`].
 #[derive(Debug, Clone)]
@@ -420,6 +432,7 @@ impl Store {
             crl_state: db.open_tree("crl_state")?,
             checkpoints: db.open_tree("checkpoints")?,
             terminals: db.open_tree("terminals")?,
+            lifecycle: db.open_tree("lifecycle")?,
             events,
             audit,
             db,
@@ -504,7 +517,13 @@ impl Store {
         let mut events = Vec::new();
         let mut event_hashes = Vec::new();
         let mut seq = ledger.next_sequence;
-        let mut writes: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
+        // (tree, key, value); no value: the key is removed.
+        let mut writes: Vec<(usize, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        macro_rules! put {
+            ($tree:expr, $k:expr, $v:expr) => {
+                writes.push(($tree, $k, Some($v)))
+            };
+        }
         for c in &changes {
             match c {
                 Change::Session { terminal } => {
@@ -513,31 +532,34 @@ impl Store {
                     let ev = Event { sequence: seq, unix_ms: now_ms, terminal_id: t.id.clone(), session: t.session.clone() };
                     let bytes = enc(&ev)?;
                     event_hashes.push(hex::encode(Sha256::digest(&bytes)));
-                    writes.push((T_EVENTS, seq.to_be_bytes().to_vec(), bytes));
-                    writes.push((T_TERMINALS, t.id.as_bytes().to_vec(), enc(&t)?));
+                    put!(T_EVENTS, seq.to_be_bytes().to_vec(), bytes);
+                    put!(T_TERMINALS, t.id.as_bytes().to_vec(), enc(&t)?);
                     events.push(ev);
                     seq += 1;
                 }
-                Change::Terminal(t) => writes.push((T_TERMINALS, t.id.as_bytes().to_vec(), enc(t)?)),
-                Change::Operator(o) => writes.push((T_OPERATORS, o.id.as_bytes().to_vec(), enc(o)?)),
+                Change::Terminal(t) => put!(T_TERMINALS, t.id.as_bytes().to_vec(), enc(t)?),
+                Change::Operator(o) => put!(T_OPERATORS, o.id.as_bytes().to_vec(), enc(o)?),
                 Change::Card(card) => {
-                    writes.push((T_CARDS, card.uuid.to_vec(), enc(card)?));
+                    put!(T_CARDS, card.uuid.to_vec(), enc(card)?);
                     if let Some(f) = &card.fascn {
-                        writes.push((T_FASCN, f.clone(), card.uuid.to_vec()));
+                        put!(T_FASCN, f.clone(), card.uuid.to_vec());
                     }
                     for der in card.certificates.values() {
                         if let Ok(info) = crate::verify::inspect(der) {
-                            writes.push((T_FASCN, key_index(&info.key_sha256), card.uuid.to_vec()));
+                            put!(T_FASCN, key_index(&info.key_sha256), card.uuid.to_vec());
                         }
                     }
                 }
                 Change::Deny(keys) => {
                     for k in keys {
-                        writes.push((T_DENY, k.stored().into_bytes(), now_ms.to_be_bytes().to_vec()));
+                        put!(T_DENY, k.stored().into_bytes(), now_ms.to_be_bytes().to_vec());
                     }
                 }
-                Change::Agent(a) => writes.push((T_AGENTS, a.name.as_bytes().to_vec(), enc(a)?)),
-                Change::CrlWatermark { key, this_update_s } => writes.push((T_CRL_STATE, key.as_bytes().to_vec(), this_update_s.to_be_bytes().to_vec())),
+                Change::Agent(a) => put!(T_AGENTS, a.name.as_bytes().to_vec(), enc(a)?),
+                Change::CrlWatermark { key, this_update_s } => put!(T_CRL_STATE, key.as_bytes().to_vec(), this_update_s.to_be_bytes().to_vec()),
+                Change::Window { terminal, window: Some(w) } => put!(T_LIFECYCLE, window_key(terminal), enc(w)?),
+                Change::Window { terminal, window: None } => writes.push((T_LIFECYCLE, window_key(terminal), None)),
+                Change::Request(r) => put!(T_LIFECYCLE, request_key(&r.id), enc(r)?),
             }
         }
         // The record names the events it comes with, and their hashes, so
@@ -553,28 +575,34 @@ impl Store {
         let audit_value = enc(&record)?;
         // sled 0.34 writes a value over about 128 KiB as a file under
         // `blobs/` that it never fsyncs: no value may come near that.
-        if let Some(n) = std::iter::once(audit_value.len()).chain(writes.iter().map(|(_, _, v)| v.len())).find(|n| *n > MAX_VALUE) {
+        if let Some(n) = std::iter::once(audit_value.len()).chain(writes.iter().filter_map(|(_, _, v)| v.as_ref().map(Vec::len))).find(|n| *n > MAX_VALUE) {
             return Err(Error::InvalidRequest(format!(
                 "a stored value would be {n} bytes; pivgate keeps every value under {MAX_VALUE} (sled would write it as a blob file it never makes durable)"
             )));
         }
         let index_key = record.index.to_be_bytes();
-        (&self.audit, &self.events, &self.terminals, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents, &self.crl_state)
-            .transaction(|(audit, ev, term, ops, cards, fascn, deny, agents, crl_state)| {
-                audit.insert(&index_key, audit_value.as_slice())?;
+        let trees: [&sled::Tree; TREES] = [
+            &self.audit,
+            &self.events,
+            &self.terminals,
+            &self.operators,
+            &self.cards,
+            &self.fascn_index,
+            &self.deny,
+            &self.agents,
+            &self.crl_state,
+            &self.lifecycle,
+        ];
+        trees
+            .as_slice()
+            .transaction(|t: &Vec<TransactionalTree>| {
+                t[T_AUDIT].insert(&index_key, audit_value.as_slice())?;
                 for (tree, k, v) in &writes {
-                    let t: &TransactionalTree = match *tree {
-                        T_EVENTS => ev,
-                        T_TERMINALS => term,
-                        T_OPERATORS => ops,
-                        T_CARDS => cards,
-                        T_FASCN => fascn,
-                        T_DENY => deny,
-                        T_AGENTS => agents,
-                        T_CRL_STATE => crl_state,
-                        _ => return Err(abort(Error::Corrupt("unknown tree".into()))),
+                    let tree = t.get(*tree).ok_or_else(|| abort(Error::Corrupt("unknown tree".into())))?;
+                    match v {
+                        Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
+                        None => tree.remove(k.as_slice())?,
                     };
-                    t.insert(k.as_slice(), v.as_slice())?;
                 }
                 Ok(())
             })
@@ -627,8 +655,19 @@ impl Store {
         Ok(BackupCut { audit_index: ledger.next_audit - 1, audit_hash: ledger.last_hash.clone(), event_sequence: ledger.next_sequence - 1, state })
     }
 
-    fn state_trees(&self) -> [(&'static str, &sled::Tree); 9] {
-        let t = [&self.meta, &self.operators, &self.cards, &self.fascn_index, &self.deny, &self.agents, &self.crl_state, &self.checkpoints, &self.terminals];
+    fn state_trees(&self) -> [(&'static str, &sled::Tree); 10] {
+        let t = [
+            &self.meta,
+            &self.operators,
+            &self.cards,
+            &self.fascn_index,
+            &self.deny,
+            &self.agents,
+            &self.crl_state,
+            &self.checkpoints,
+            &self.terminals,
+            &self.lifecycle,
+        ];
         std::array::from_fn(|i| (STATE_TREES[i], t[i]))
     }
 
@@ -848,6 +887,26 @@ impl Store {
         self.terminals.iter().map(|r| dec(&r?.1)).collect()
     }
 
+    /// A terminal's enrolment window, open or lapsed.
+    pub fn window(&self, terminal: &str) -> Result<Option<crate::model::EnrolmentWindow>> {
+        self.lifecycle.get(window_key(terminal))?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every enrolment window, open or lapsed.
+    pub fn windows(&self) -> Result<Vec<crate::model::EnrolmentWindow>> {
+        self.lifecycle.scan_prefix(b"w/").map(|r| dec(&r?.1)).collect()
+    }
+
+    /// An approval request.
+    pub fn request(&self, id: &[u8; 16]) -> Result<Option<crate::model::Request>> {
+        self.lifecycle.get(request_key(id))?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every approval request, by id.
+    pub fn requests(&self) -> Result<Vec<crate::model::Request>> {
+        self.lifecycle.scan_prefix(b"r/").map(|r| dec(&r?.1)).collect()
+    }
+
     /// Flushes and syncs now (shutdown).
     pub fn sync(&self) -> Result<()> {
         self.db.flush()?;
@@ -877,14 +936,26 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-const T_EVENTS: u8 = 1;
-const T_TERMINALS: u8 = 2;
-const T_OPERATORS: u8 = 3;
-const T_CARDS: u8 = 4;
-const T_FASCN: u8 = 5;
-const T_DENY: u8 = 6;
-const T_AGENTS: u8 = 7;
-const T_CRL_STATE: u8 = 8;
+// The trees one record writes, by their place in the transaction.
+const T_AUDIT: usize = 0;
+const T_EVENTS: usize = 1;
+const T_TERMINALS: usize = 2;
+const T_OPERATORS: usize = 3;
+const T_CARDS: usize = 4;
+const T_FASCN: usize = 5;
+const T_DENY: usize = 6;
+const T_AGENTS: usize = 7;
+const T_CRL_STATE: usize = 8;
+const T_LIFECYCLE: usize = 9;
+const TREES: usize = 10;
+
+fn window_key(terminal: &str) -> Vec<u8> {
+    [b"w/".as_slice(), terminal.as_bytes()].concat()
+}
+
+fn request_key(id: &[u8; 16]) -> Vec<u8> {
+    [b"r/".as_slice(), id].concat()
+}
 
 fn set_sequence(s: &mut Session, seq: u64) {
     match s {

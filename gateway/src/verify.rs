@@ -55,6 +55,11 @@ pub enum Deny {
     KeyNotAttested,
     CardSuspended,
     CardExpired,
+    /// The card waits for a second administrator's approval (its operator
+    /// holds a privileged role).
+    CardPending,
+    /// A card tapped into an enrolment window could not be enrolled.
+    EnrolmentRefused,
 }
 
 impl Deny {
@@ -90,6 +95,8 @@ impl Deny {
             Deny::KeyNotAttested => "key_not_attested",
             Deny::CardSuspended => "card_suspended",
             Deny::CardExpired => "card_expired",
+            Deny::CardPending => "card_pending",
+            Deny::EnrolmentRefused => "enrolment_refused",
         }
     }
 }

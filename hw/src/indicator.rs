@@ -28,6 +28,9 @@ pub enum Pattern {
     PinBlocked,
     /// The gateway cannot be reached: nothing will unlock (red slow blink).
     GatewayUnreachable,
+    /// The card was enrolled; the terminal stays locked (green blinks
+    /// three times with short beeps, then off).
+    Enrolled,
 }
 
 /// One step of a pattern.
@@ -74,6 +77,14 @@ impl Pattern {
                 step(false, true, false, 0),
             ],
             Pattern::GatewayUnreachable => vec![step(false, true, false, 500), step(false, false, false, 0)],
+            Pattern::Enrolled => vec![
+                step(true, false, true, 120),
+                step(false, false, false, 120),
+                step(true, false, true, 120),
+                step(false, false, false, 120),
+                step(true, false, true, 120),
+                step(false, false, false, 0),
+            ],
         }
     }
 }

@@ -17,12 +17,20 @@
 //! signed Unix milliseconds). Length prefixes make the encoding injective;
 //! nothing may follow the last field.
 //!
+//! An administrator's badge signs another message, an
+//! [`ApprovalMessage`] under its own prefix [`APPROVAL_DOMAIN`]: neither
+//! kind ever parses as the other, so no agent can be made to sign an
+//! approval and no approver's tool a badge tap.
+//!
 //! This module knows no protobuf and no cryptography: it is the one
 //! definition of the bytes, shared by the gateway (which encodes and
-//! verifies) and the agent (which checks before it signs).
+//! verifies), the agent and `pivgatectl` (which check before they sign).
 
 /// The domain prefix every pivgate card-authentication message starts with.
 pub const DOMAIN: &[u8] = b"pivgate.v1 card authentication\0";
+
+/// The domain prefix of an approval an administrator's badge signs.
+pub const APPROVAL_DOMAIN: &[u8] = b"pivgate.v1 approval\0";
 
 /// The longest message either side accepts.
 pub const MAX_LEN: usize = 1024;
@@ -80,64 +88,158 @@ impl std::fmt::Display for MessageError {
 
 impl std::error::Error for MessageError {}
 
-impl CardMessage<'_> {
-    /// The encoding described in the module documentation.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut m = DOMAIN.to_vec();
-        let unix = self.unix_ms.to_be_bytes();
-        let fields: [&[u8]; 9] = [
-            &self.challenge_id,
-            &self.nonce,
-            &self.gateway_id,
-            self.agent.as_bytes(),
-            self.terminal.as_bytes(),
-            &self.card_uuid,
-            std::slice::from_ref(&self.mechanism),
-            &self.certificate_sha256,
-            &unix,
-        ];
-        for f in fields {
-            m.extend_from_slice(&(f.len() as u32).to_be_bytes());
-            m.extend_from_slice(f);
-        }
-        m
+/// `domain`, then each field with its 4-byte big-endian length.
+fn encode_fields(domain: &[u8], fields: &[&[u8]]) -> Vec<u8> {
+    let mut m = domain.to_vec();
+    for f in fields {
+        m.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        m.extend_from_slice(f);
     }
+    m
 }
 
-/// Parses a message, borrowing its text fields.
-pub fn parse(bytes: &[u8]) -> Result<CardMessage<'_>, MessageError> {
-    if bytes.len() > MAX_LEN {
-        return Err(MessageError::TooLong);
+/// Reads length-prefixed fields after a domain prefix.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn after(domain: &[u8], bytes: &'a [u8]) -> Result<Fields<'a>, MessageError> {
+        if bytes.len() > MAX_LEN {
+            return Err(MessageError::TooLong);
+        }
+        bytes.strip_prefix(domain).map(Fields).ok_or(MessageError::NotPivgate)
     }
-    let mut rest = bytes.strip_prefix(DOMAIN).ok_or(MessageError::NotPivgate)?;
-    let mut field = || -> Result<&[u8], MessageError> {
-        let (len, tail) = rest.split_first_chunk::<4>().ok_or(MessageError::Malformed)?;
+
+    fn next(&mut self) -> Result<&'a [u8], MessageError> {
+        let (len, tail) = self.0.split_first_chunk::<4>().ok_or(MessageError::Malformed)?;
         let len = u32::from_be_bytes(*len) as usize;
         if len > tail.len() {
             return Err(MessageError::Malformed);
         }
         let (f, tail) = tail.split_at(len);
-        rest = tail;
+        self.0 = tail;
         Ok(f)
-    };
-    let text = |f| std::str::from_utf8(f).map_err(|_| MessageError::Malformed);
+    }
+
+    fn fixed<const N: usize>(&mut self) -> Result<[u8; N], MessageError> {
+        fixed(self.next()?)
+    }
+
+    fn text(&mut self) -> Result<&'a str, MessageError> {
+        std::str::from_utf8(self.next()?).map_err(|_| MessageError::Malformed)
+    }
+
+    fn end(self) -> Result<(), MessageError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(MessageError::Malformed)
+        }
+    }
+}
+
+impl CardMessage<'_> {
+    /// The encoding described in the module documentation.
+    pub fn encode(&self) -> Vec<u8> {
+        let unix = self.unix_ms.to_be_bytes();
+        encode_fields(
+            DOMAIN,
+            &[
+                &self.challenge_id,
+                &self.nonce,
+                &self.gateway_id,
+                self.agent.as_bytes(),
+                self.terminal.as_bytes(),
+                &self.card_uuid,
+                std::slice::from_ref(&self.mechanism),
+                &self.certificate_sha256,
+                &unix,
+            ],
+        )
+    }
+}
+
+/// Parses a message, borrowing its text fields.
+pub fn parse(bytes: &[u8]) -> Result<CardMessage<'_>, MessageError> {
+    let mut f = Fields::after(DOMAIN, bytes)?;
     let m = CardMessage {
-        challenge_id: fixed(field()?)?,
-        nonce: fixed(field()?)?,
-        gateway_id: fixed(field()?)?,
-        agent: text(field()?)?,
-        terminal: text(field()?)?,
-        card_uuid: fixed(field()?)?,
-        mechanism: match field()? {
+        challenge_id: f.fixed()?,
+        nonce: f.fixed()?,
+        gateway_id: f.fixed()?,
+        agent: f.text()?,
+        terminal: f.text()?,
+        card_uuid: f.fixed()?,
+        mechanism: match f.next()? {
             [m @ (MECHANISM_CARD_AND_PIN | MECHANISM_CARD_ONLY)] => *m,
             _ => return Err(MessageError::Malformed),
         },
-        certificate_sha256: fixed(field()?)?,
-        unix_ms: i64::from_be_bytes(fixed(field()?)?),
+        certificate_sha256: f.fixed()?,
+        unix_ms: i64::from_be_bytes(f.fixed()?),
     };
-    if !rest.is_empty() {
-        return Err(MessageError::Malformed);
+    f.end()?;
+    Ok(m)
+}
+
+/// What an administrator's badge signs to approve a request: the prefix
+/// [`APPROVAL_DOMAIN`] and eight length-prefixed fields, in this order:
+/// challenge id (16 bytes), nonce (32), gateway id (32), approver (their
+/// administrator certificate's name, UTF-8), request id (16), SHA-256 of
+/// the request as stored (32), what is approved in words (UTF-8, shown to
+/// the approver before the PIN), and the gateway's time (8-byte big-endian
+/// signed Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalMessage<'a> {
+    /// The challenge identifier.
+    pub challenge_id: [u8; 16],
+    /// The gateway's random nonce.
+    pub nonce: [u8; 32],
+    /// SHA-256 of the gateway's server certificate.
+    pub gateway_id: [u8; 32],
+    /// The approving administrator.
+    pub approver: &'a str,
+    /// The request approved.
+    pub request_id: [u8; 16],
+    /// SHA-256 of the request as the gateway holds it.
+    pub request_sha256: [u8; 32],
+    /// What is approved, in words.
+    pub summary: &'a str,
+    /// The gateway's time, Unix milliseconds.
+    pub unix_ms: i64,
+}
+
+impl ApprovalMessage<'_> {
+    /// The encoding described above.
+    pub fn encode(&self) -> Vec<u8> {
+        let unix = self.unix_ms.to_be_bytes();
+        encode_fields(
+            APPROVAL_DOMAIN,
+            &[
+                &self.challenge_id,
+                &self.nonce,
+                &self.gateway_id,
+                self.approver.as_bytes(),
+                &self.request_id,
+                &self.request_sha256,
+                self.summary.as_bytes(),
+                &unix,
+            ],
+        )
     }
+}
+
+/// Parses an approval message.
+pub fn parse_approval(bytes: &[u8]) -> Result<ApprovalMessage<'_>, MessageError> {
+    let mut f = Fields::after(APPROVAL_DOMAIN, bytes)?;
+    let m = ApprovalMessage {
+        challenge_id: f.fixed()?,
+        nonce: f.fixed()?,
+        gateway_id: f.fixed()?,
+        approver: f.text()?,
+        request_id: f.fixed()?,
+        request_sha256: f.fixed()?,
+        summary: f.text()?,
+        unix_ms: i64::from_be_bytes(f.fixed()?),
+    };
+    f.end()?;
     Ok(m)
 }
 
@@ -192,6 +294,27 @@ mod tests {
         lying.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(parse(&lying).unwrap_err(), MessageError::Malformed);
         assert_eq!(parse(&vec![0; MAX_LEN + 1]).unwrap_err(), MessageError::TooLong);
+    }
+
+    #[test]
+    fn an_approval_is_never_a_tap_and_a_tap_never_an_approval() {
+        let a = ApprovalMessage {
+            challenge_id: [1; 16],
+            nonce: [2; 32],
+            gateway_id: [3; 32],
+            approver: "admin-b",
+            request_id: [4; 16],
+            request_sha256: [5; 32],
+            summary: "approve card for operator op-1",
+            unix_ms: 1_790_000_000_000,
+        };
+        let bytes = a.encode();
+        assert_eq!(parse_approval(&bytes).unwrap(), a);
+        assert_eq!(parse(&bytes).unwrap_err(), MessageError::NotPivgate);
+        assert_eq!(parse_approval(&sample().encode()).unwrap_err(), MessageError::NotPivgate);
+        for n in APPROVAL_DOMAIN.len()..bytes.len() {
+            assert_eq!(parse_approval(&bytes[..n]).unwrap_err(), MessageError::Malformed, "cut at {n}");
+        }
     }
 
     #[test]

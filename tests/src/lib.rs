@@ -186,6 +186,25 @@ pub fn run_tool(cmd: &mut std::process::Command) -> Result<String> {
     Ok(text)
 }
 
+/// Runs `cmd` (an administrator at `pivgatectl`, say) with `stdin` typed
+/// into it (PINs, one per line): whether it succeeded, and what it said
+/// (standard output, then standard error).
+pub fn run_typed(cmd: &mut std::process::Command, stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = match cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => return (false, e.to_string()),
+    };
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(stdin.as_bytes());
+    }
+    match child.wait_with_output() {
+        Ok(out) => (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
 /// OpenSC's PKCS#11 module, where Debian puts it.
 pub fn opensc_module() -> Result<PathBuf> {
     for p in [

@@ -260,6 +260,8 @@ pub enum Tap {
     Granted(Grant),
     /// Denied at begin or complete.
     Denied(pb::DenyReason),
+    /// Enrolled in the terminal's enrolment window.
+    Enrolled(pivgate_agent::tap::Enrolled),
 }
 
 /// Keys typed in one go, as the operator does once asked: the PIN and `#`,
@@ -327,6 +329,7 @@ pub async fn tap(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard
     match flow.run(&mut PivClient::new(card)).await.result {
         TapResult::Granted(g) => Ok(Tap::Granted(g)),
         TapResult::Denied(d) => Ok(Tap::Denied(d)),
+        TapResult::Enrolled(e) => Ok(Tap::Enrolled(e)),
         r => Err(ended(r)),
     }
 }
@@ -382,6 +385,7 @@ pub async fn complete(agent: &mut AgentClient, terminal: &str, c: &Challenge, si
     let mut flow = at.flow::<&mut VirtualCard>(agent, terminal, None);
     match flow.complete(c, signature).await.map_err(ended)? {
         Completed::Granted(g) => Ok(Tap::Granted(g)),
+        Completed::Enrolled(e) => Ok(Tap::Enrolled(e)),
         Completed::Denied(d) => Ok(Tap::Denied(d)),
     }
 }

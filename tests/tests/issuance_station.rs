@@ -4,9 +4,8 @@
 //! the site card CA, then the card at a terminal with a real agent, the PIN
 //! unblocked with the escrowed PUK, a card pulled midway, and a retirement.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +18,7 @@ use pivgate_proto::v1 as pb;
 use pivgate_tests::agent::{assert_granted, start_agent, AgentUnderTest, TerminalSpec};
 use pivgate_tests::site::{scratch, Site};
 use pivgate_tests::{binary, reader, Reader};
-use pivgate_tests::{opensc_module, run_tool as run};
+use pivgate_tests::{opensc_module, run_tool as run, run_typed};
 use pivgate_vcard::{vpcd, CardContents, Fault, VirtualCard};
 
 const T: Duration = Duration::from_secs(20);
@@ -32,27 +31,10 @@ struct Station2 {
 
 /// `pivgatectl` against `site`, with `stdin` (PINs, one per line).
 fn ctl(site: &Site, ca_dir: &Path, args: &[&str], stdin: &str) -> (bool, String) {
-    let mut child = match Command::new(binary("pivgatectl").expect("pivgatectl built"))
-        .args(["--gateway", &site.addr, "--data-dir"])
-        .arg(&site.config.data_dir)
-        .args(args)
-        .arg("--ca-dir")
-        .arg(ca_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => return (false, e.to_string()),
-    };
-    if let Some(mut i) = child.stdin.take() {
-        let _ = i.write_all(stdin.as_bytes());
-    }
-    match child.wait_with_output() {
-        Ok(out) => (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))),
-        Err(e) => (false, e.to_string()),
-    }
+    let Ok(bin) = binary("pivgatectl") else { return (false, "pivgatectl is not built".into()) };
+    let mut cmd = Command::new(bin);
+    cmd.args(["--gateway", &site.addr, "--data-dir"]).arg(&site.config.data_dir).args(args).arg("--ca-dir").arg(ca_dir);
+    run_typed(&mut cmd, stdin)
 }
 
 /// Puts `card` in the station's reader until `f` is done with it.

@@ -7,6 +7,10 @@
 //! pivgatectl --data-dir DIR operator add op-17 --name "Ana Silva" --role dispatcher
 //! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9a.pem
 //! pivgatectl --data-dir DIR card enrol --operator op-17 --cert cert-9e.pem --slot 9e --card 8c1f…
+//! pivgatectl --data-dir DIR enrolment open --operator op-17 --terminal dispatch-03   # then tap and PIN there
+//! pivgatectl --data-dir DIR card replace 3f2a... --cert new-9a.pem --reason "lost"
+//! pivgatectl --data-dir DIR request list
+//! pivgatectl --data-dir DIR request approve 9c0e... --badge          # the approver's card in a reader
 //! pivgatectl --data-dir DIR card issue --operator op-17          # at a workstation with a reader
 //! pivgatectl --data-dir DIR card pin-unblock --card 3f2a...
 //! pivgatectl --data-dir DIR card retire --card 3f2a...
@@ -75,6 +79,13 @@ enum Command {
     /// Service certificates.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Enrolment at a terminal: the operator taps the card and types the
+    /// PIN there.
+    #[command(subcommand)]
+    Enrolment(EnrolmentCmd),
+    /// Requests a second administrator must approve.
+    #[command(subcommand)]
+    Request(RequestCmd),
     /// Take a consistent backup of the gateway's state and audit log (no
     /// private keys: keep a copy of the data folder's key files apart).
     /// Restore with `pivgate-gateway restore FILE --keys DIR --data-dir NEW`.
@@ -220,6 +231,25 @@ enum CardCmd {
         /// (`yubico-piv-tool -a read-certificate -s f9`).
         #[arg(long, requires = "attestation")]
         attestation_intermediate: Option<PathBuf>,
+        /// A temporary card (a visitor, a forgotten badge): refused this
+        /// many days from now (at most cards.max_temporary_days).
+        #[arg(long, default_value_t = 0)]
+        temporary_days: u32,
+    },
+    /// Replace a card (lost, broken) with a new one for the same operator:
+    /// the new one enrolled and the old one revoked in one step.
+    Replace {
+        /// The card replaced, as `card list` shows it.
+        old: String,
+        /// The new card's 9A or 9E certificate (PEM or DER).
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long, value_enum, default_value = "9a")]
+        slot: SlotArg,
+        #[arg(long, default_value_t = 0)]
+        temporary_days: u32,
+        #[arg(long, default_value = "replaced")]
+        reason: String,
     },
     /// List enrolled cards (tab-separated: card id, operator, certificate
     /// SHA-256, state, identity rule).
@@ -245,6 +275,65 @@ enum CardCmd {
     Revoke {
         uuid: String,
         #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrolmentCmd {
+    /// Open a window of a few minutes at a terminal: the first unknown
+    /// card tapped there whose PIN key signs (card and PIN) is enrolled to
+    /// the operator, and the window closes.
+    Open {
+        #[arg(long)]
+        operator: String,
+        #[arg(long)]
+        terminal: String,
+        /// How long it stays open, minutes.
+        #[arg(long, default_value_t = 5)]
+        minutes: u32,
+        /// A card the new one replaces (revoked when the new one enrols).
+        #[arg(long)]
+        replaces: Option<String>,
+        /// A temporary card: refused this many days after enrolment.
+        #[arg(long, default_value_t = 0)]
+        temporary_days: u32,
+    },
+    /// Close a terminal's window before it is used.
+    Close {
+        #[arg(long)]
+        terminal: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RequestCmd {
+    /// List requests waiting for approval (tab-separated: id, state,
+    /// asked by, what).
+    List {
+        /// Also those decided, withdrawn or lapsed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Approve a request (never your own, nor one about yourself).
+    Approve {
+        id: String,
+        /// Sign the approval with your own badge (card and PIN) in a reader:
+        /// a card enrolled to the operator named as your administrator
+        /// certificate. Sites with lifecycle.approval = "badge" require it.
+        #[arg(long)]
+        badge: bool,
+        /// The reader (default: the first with a card in it).
+        #[arg(long)]
+        reader: Option<String>,
+        /// Read the PIN from standard input.
+        #[arg(long)]
+        pin_stdin: bool,
+    },
+    /// Refuse a request.
+    Refuse {
+        id: String,
+        #[arg(long)]
         reason: String,
     },
 }
@@ -432,10 +521,16 @@ async fn main() -> Result<()> {
             let o = r.operator.unwrap_or_default();
             writeln!(out, "{} ({}) roles: {} {}", o.operator_id, o.name, o.roles.join(","), if o.enabled { "enabled" } else { "disabled" })?;
             for c in r.cards {
-                writeln!(out, "  card {} fascn {} cert sha256 {}{}", c.card_uuid, c.fascn, c.certificate_sha256, if c.revoked { " REVOKED" } else { "" })?;
+                writeln!(out, "  card {} {} fascn {} cert sha256 {}", c.card_uuid, c.state, c.fascn, c.certificate_sha256)?;
+                if !c.approved_by.is_empty() {
+                    writeln!(out, "    approved by {}", c.approved_by)?;
+                }
+                for n in &c.history {
+                    writeln!(out, "    {}\t{}\t{}", n.unix_ms, n.by, n.what)?;
+                }
             }
         }
-        Command::Card(CardCmd::Enrol { operator, cert, slot, card, attestation, attestation_intermediate }) => {
+        Command::Card(CardCmd::Enrol { operator, cert, slot, card, attestation, attestation_intermediate, temporary_days }) => {
             let der = read_certificate(&cert)?;
             let attestation = match (attestation, attestation_intermediate) {
                 (Some(a), Some(i)) => Some((read_certificate(&a)?, read_certificate(&i)?)),
@@ -445,9 +540,59 @@ async fn main() -> Result<()> {
                 SlotArg::A => Slot::PivAuthentication,
                 SlotArg::E => Slot::CardAuthentication,
             };
-            let att = attestation.as_ref().map(|(a, i)| (a.as_slice(), i.as_slice()));
-            let c = typed.enrol_card_with(&operator, &der, slot, card.as_deref(), att).await?;
-            writeln!(out, "card {} enrolled for {} (identity: {})", c.card_uuid, c.operator_id, c.identity)?;
+            let req = pb::EnrolCardRequest {
+                operator_id: operator,
+                certificate: der,
+                slot: slot_pb(slot) as i32,
+                card_uuid: card.unwrap_or_default(),
+                attestation: attestation.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
+                attestation_intermediate: attestation.map(|a| a.1).unwrap_or_default(),
+                dry_run: false,
+                temporary_days,
+            };
+            let c = admin.enrol_card(req).await?.into_inner().card.unwrap_or_default();
+            writeln!(out, "card {} enrolled for {} (identity: {}, {})", c.card_uuid, c.operator_id, c.identity, c.state)?;
+            if !c.pending_request.is_empty() {
+                writeln!(out, "it waits for a second administrator's approval: pivgatectl request approve {}", c.pending_request)?;
+            }
+        }
+        Command::Card(CardCmd::Replace { old, cert, slot, temporary_days, reason }) => {
+            let operator = card_operator(&mut admin, &old).await?;
+            let slot = match slot {
+                SlotArg::A => Slot::PivAuthentication,
+                SlotArg::E => Slot::CardAuthentication,
+            };
+            let replacement = pb::EnrolCardRequest {
+                operator_id: operator,
+                certificate: read_certificate(&cert)?,
+                slot: slot_pb(slot) as i32,
+                temporary_days,
+                ..Default::default()
+            };
+            let (c, locked) = typed.replace_card(&old, replacement, &reason).await?;
+            writeln!(out, "card {} replaces {old} (revoked) for {}; locked terminals: {}", c.card_uuid, c.operator_id, locked.join(", "))?;
+        }
+        Command::Enrolment(EnrolmentCmd::Open { operator, terminal, minutes, replaces, temporary_days }) => {
+            let closes = typed.open_enrolment(&operator, &terminal, minutes.saturating_mul(60), replaces.as_deref(), temporary_days).await?;
+            let left = (closes - now_ms()).max(0) / 1000;
+            writeln!(out, "enrolment open at {terminal} for {operator} for {left} s: tap the card there and type its PIN")?;
+        }
+        Command::Enrolment(EnrolmentCmd::Close { terminal }) => {
+            let was_open = typed.close_enrolment(&terminal).await?;
+            writeln!(out, "enrolment at {terminal} {}", if was_open { "closed" } else { "was not open" })?;
+        }
+        Command::Request(RequestCmd::List { all }) => {
+            for r in typed.requests(all).await? {
+                writeln!(out, "{}\t{}\t{}\t{}", r.request_id, r.state, r.requested_by, r.summary)?;
+            }
+        }
+        Command::Request(RequestCmd::Approve { id, badge, reader, pin_stdin }) => {
+            let r = if badge { badge::approve(&mut typed, &id, reader.as_deref(), pin_stdin).await? } else { typed.approve(&id).await? };
+            writeln!(out, "request {} {} by {}{}", r.request_id, r.state, r.decided_by, if r.badge_signed { " (signed by the approver's badge)" } else { "" })?;
+        }
+        Command::Request(RequestCmd::Refuse { id, reason }) => {
+            let r = typed.refuse(&id, &reason).await?;
+            writeln!(out, "request {} {}", r.request_id, r.state)?;
         }
         Command::Card(CardCmd::List { operator }) => {
             let mut page_token = String::new();
@@ -455,8 +600,7 @@ async fn main() -> Result<()> {
                 let r =
                     admin.list_cards(pb::ListCardsRequest { page_size: 0, page_token, operator_id: operator.clone().unwrap_or_default() }).await?.into_inner();
                 for c in r.cards {
-                    let state = if c.revoked { "revoked" } else { "active" };
-                    writeln!(out, "{}\t{}\t{}\t{}\t{}", c.card_uuid, c.operator_id, c.certificate_sha256, state, c.identity)?;
+                    writeln!(out, "{}\t{}\t{}\t{}\t{}", c.card_uuid, c.operator_id, c.certificate_sha256, c.state, c.identity)?;
                 }
                 if r.next_page_token.is_empty() {
                     break;
@@ -717,7 +861,7 @@ mod station {
 
     /// A PIN typed at the station: from the terminal with echo off, or a
     /// line of standard input with --pin-stdin. Never echoed or logged.
-    fn read_pin(prompt: &str, from_stdin: bool) -> Result<Pin> {
+    pub fn read_pin(prompt: &str, from_stdin: bool) -> Result<Pin> {
         use std::os::fd::AsFd;
         let stdin = std::io::stdin();
         let fd = stdin.as_fd();
@@ -903,6 +1047,102 @@ mod station {
         writeln!(out, "card {card_id} revoked and wiped: it is blank again")?;
         Ok(())
     }
+}
+
+fn slot_pb(s: Slot) -> pb::KeySlot {
+    match s {
+        Slot::PivAuthentication => pb::KeySlot::PivAuthentication,
+        Slot::CardAuthentication => pb::KeySlot::CardAuthentication,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The operator a card (as listed) belongs to.
+async fn card_operator(admin: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>, card: &str) -> Result<String> {
+    let mut page_token = String::new();
+    loop {
+        let r = admin.list_cards(pb::ListCardsRequest { page_size: 0, page_token, operator_id: String::new() }).await?.into_inner();
+        if let Some(c) = r.cards.iter().find(|c| c.card_uuid.eq_ignore_ascii_case(card)) {
+            return Ok(c.operator_id.clone());
+        }
+        if r.next_page_token.is_empty() {
+            bail!("no enrolled card has the id {card}");
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+/// An approval signed by the approver's own badge.
+mod badge {
+    use anyhow::{bail, Context, Result};
+    use pivgate_gateway::client::Admin;
+    use pivgate_hw::pcsc::{self, PcscCard};
+    use pivgate_hw::piv::{Algorithm, PivClient, Slot};
+    use pivgate_proto::v1 as pb;
+    use sha2::Digest;
+
+    fn reader(ctx: &pcsc::Context, named: Option<&str>) -> Result<String> {
+        if let Some(r) = named {
+            // An approver may type the command first and insert the badge
+            // after.
+            if !pcsc::wait_for_card(ctx, r, true, std::time::Duration::from_secs(20))? {
+                bail!("no card in {r}: put your badge in it");
+            }
+            return Ok(r.to_string());
+        }
+        for r in pcsc::list_readers(ctx)? {
+            if pcsc::wait_for_card(ctx, &r, true, std::time::Duration::from_millis(200))? {
+                return Ok(r);
+            }
+        }
+        bail!("no reader has a card in it: put your badge in a reader")
+    }
+
+    /// Reads the badge's 9A certificate, has the gateway say what it is to
+    /// sign, shows it, and signs after the PIN.
+    pub async fn approve(admin: &mut Admin, id: &str, named: Option<&str>, pin_stdin: bool) -> Result<pb::ApprovalRequest> {
+        let ctx = pcsc::establish()?;
+        let reader = reader(&ctx, named)?;
+        let certificate = {
+            let mut card = PcscCard::connect(&ctx, &reader)?;
+            let mut piv = PivClient::new(card.transaction()?);
+            piv.select()?;
+            let der = piv.read_certificate(Slot::Authentication).context("reading the badge's PIV Authentication certificate")?;
+            let _ = piv.into_inner().end(false);
+            der
+        };
+        let r = admin
+            .approve_with_badge(id, &certificate, |m, message, algorithm| {
+                eprintln!("The gateway asks your badge to sign, as {}: {}", m.approver, m.summary);
+                let pin = super::station_pin("Your badge's PIN", pin_stdin).map_err(|e| pivgate_gateway::Error::InvalidRequest(e.to_string()))?;
+                let (alg, digest) = match algorithm {
+                    pb::SignatureAlgorithm::EcdsaP384Sha384 => (Algorithm::EccP384, sha2::Sha384::digest(message).to_vec()),
+                    pb::SignatureAlgorithm::Rsa2048Pkcs1Sha256 => (Algorithm::Rsa2048, sha2::Sha256::digest(message).to_vec()),
+                    _ => (Algorithm::EccP256, sha2::Sha256::digest(message).to_vec()),
+                };
+                let signed = (|| -> pivgate_hw::Result<Vec<u8>> {
+                    let mut card = PcscCard::connect(&ctx, &reader)?;
+                    let mut piv = PivClient::new(card.transaction()?);
+                    piv.select()?;
+                    piv.verify_pin(&pin)?;
+                    let sig = piv.sign(Slot::Authentication, alg, &digest);
+                    // Reset: no verified PIN stays on the card.
+                    let _ = piv.into_inner().end(true);
+                    sig
+                })();
+                signed.map_err(|e| pivgate_gateway::Error::InvalidRequest(format!("the badge: {e}")))
+            })
+            .await?;
+        Ok(r)
+    }
+}
+
+/// A PIN typed at this workstation (see the station's reader of PINs).
+fn station_pin(prompt: &str, from_stdin: bool) -> Result<pivgate_hw::Pin> {
+    station::read_pin(prompt, from_stdin)
 }
 
 /// A certificate file, PEM or DER.

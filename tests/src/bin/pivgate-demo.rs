@@ -45,6 +45,7 @@ impl Indicator for Say {
             Pattern::Denied => "shows RED: access denied",
             Pattern::PinBlocked => "shows RED (blinking): the card's PIN is blocked",
             Pattern::GatewayUnreachable => "shows RED (slow blink): gateway unreachable, nothing will unlock",
+            Pattern::Enrolled => "shows GREEN (three blinks): card enrolled, the terminal stays locked",
             Pattern::Idle => "is idle",
         };
         println!("agent: {} {line}", self.0);

@@ -1,0 +1,272 @@
+//! The processes around cards, end to end: enrolment at a terminal with a
+//! real agent and the virtual card behind the real pcscd; a privileged
+//! card approved by a second administrator whose own badge signs through
+//! `pivgatectl` at a reader; replacement; and who may do what, over real
+//! gRPC with mutual TLS and a real sled database.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use pivgate_agent::terminal::TapResult;
+use pivgate_gateway::client::{connect, Admin};
+use pivgate_gateway::model::{Operator, Slot as GwSlot};
+use pivgate_hw::indicator::Pattern;
+use pivgate_hw::piv::{Algorithm, Slot};
+use pivgate_proto::v1 as pb;
+use pivgate_tests::agent::{assert_granted, start_agent, AgentUnderTest, TerminalSpec};
+use pivgate_tests::site::{scratch, tap, write_credentials, Site, Tap};
+use pivgate_tests::{binary, reader, run_typed, Reader};
+use pivgate_vcard::{vpcd, VirtualCard};
+
+const T: Duration = Duration::from_secs(20);
+const TERMINAL: &str = "dispatch-01";
+
+fn operator(id: &str, roles: &[&str]) -> Operator {
+    Operator { id: id.into(), name: format!("Operator {id}"), roles: roles.iter().map(|r| r.to_string()).collect(), enabled: true }
+}
+
+/// Inserts `card` at the terminal's reader, types `keys` once the PIN is
+/// asked for, and returns the tap's result with the card, removed.
+async fn at_terminal(agent: &AgentUnderTest, r: &Reader, card: VirtualCard, keys: &str) -> Result<(TapResult, VirtualCard)> {
+    let since = agent.history(TERMINAL).len();
+    let inserted = vpcd::insert(card, r.addr)?;
+    if let Err(e) = agent.wait_pattern(TERMINAL, Pattern::EnterPin, since, T).await {
+        bail!("{e}; the tap ended with {:?}", agent.next_result(TERMINAL, Duration::from_secs(1)).await);
+    }
+    agent.type_keys(TERMINAL, keys);
+    let result = agent.next_result(TERMINAL, T).await?;
+    let card = inserted.remove();
+    let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, false, T)? {
+        bail!("pcscd still sees a card in {}", r.name);
+    }
+    Ok((result, card))
+}
+
+/// Inserts `card` and returns the tap's result, for a tap refused before
+/// the PIN is asked for.
+async fn refused_at_terminal(agent: &AgentUnderTest, r: &Reader, card: VirtualCard) -> Result<TapResult> {
+    let inserted = vpcd::insert(card, r.addr)?;
+    let result = agent.next_result(TERMINAL, T).await?;
+    inserted.remove();
+    let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, false, T)? {
+        bail!("pcscd still sees a card in {}", r.name);
+    }
+    Ok(result)
+}
+
+async fn cards_of(admin: &mut Admin, op: &str) -> Result<Vec<pb::Card>> {
+    Ok(admin.rpc().list_cards(pb::ListCardsRequest { operator_id: op.into(), ..Default::default() }).await?.into_inner().cards)
+}
+
+async fn unlocked(site: &Site) -> Result<bool> {
+    let mut c = site.application("checker").await?;
+    Ok(c.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: TERMINAL.into() }).await?.into_inner().state.unwrap_or_default().unlocked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_is_enrolled_at_the_terminal_by_its_pin_proof_only_there_and_only_while_the_window_is_open() -> Result<()> {
+    let r = reader()?;
+    let site = Site::start(|_, _| {}).await?;
+    let mut admin = site.admin_client().await?;
+    admin.add_operator(&operator("op-7", &["dispatcher"])).await?;
+    let (second, _) = r.second_slot();
+    let agent = start_agent(
+        &site,
+        "pi-1",
+        &[TerminalSpec { id: TERMINAL, reader: &r.name, keypad: true }, TerminalSpec { id: "lobby", reader: &second, keypad: true }],
+    )
+    .await?;
+    let new = site.card(Algorithm::EccP256)?;
+
+    // The window at the dispatch console; the operator gives up at the
+    // PIN: nothing is enrolled, the window stays open.
+    admin.open_enrolment("op-7", TERMINAL, 120, None, 0).await?;
+    let (result, card) = at_terminal(&agent, &r, new.card(), "*").await?;
+    assert_eq!(result, TapResult::NoPin);
+    assert!(cards_of(&mut admin, "op-7").await?.is_empty(), "a card enrolled without its PIN");
+    // With the PIN: enrolled, and the terminal stays locked.
+    let seen = agent.history(TERMINAL).len();
+    let (result, card) = at_terminal(&agent, &r, card, "123456#").await?;
+    let TapResult::Enrolled(e) = result else { bail!("not enrolled: {result:?}") };
+    assert_eq!((e.operator_id.as_str(), e.card_uuid, e.awaiting_approval), ("op-7", new.chuid.guid, false));
+    agent.wait_pattern(TERMINAL, Pattern::Enrolled, seen, T).await?;
+    assert!(!unlocked(&site).await?, "an enrolment unlocked the terminal");
+    let cards = cards_of(&mut admin, "op-7").await?;
+    assert_eq!(cards.len(), 1);
+    assert_eq!(cards[0].state, "active");
+    // One use: the card unlocks from now on; another unknown card is
+    // unknown.
+    let (result, _) = at_terminal(&agent, &r, card, "123456#").await?;
+    assert_granted(result, "op-7");
+    let result = refused_at_terminal(&agent, &r, site.card(Algorithm::EccP256)?.card()).await?;
+    assert_eq!(result, TapResult::Denied(pb::DenyReason::UnknownCard));
+
+    // A window elsewhere takes nothing here, and one closed takes nothing.
+    admin.open_enrolment("op-7", "lobby", 120, None, 0).await?;
+    let result = refused_at_terminal(&agent, &r, site.card(Algorithm::EccP256)?.card()).await?;
+    assert_eq!(result, TapResult::Denied(pb::DenyReason::UnknownCard));
+    assert!(admin.close_enrolment("lobby").await?);
+    assert_eq!(cards_of(&mut admin, "op-7").await?.len(), 1);
+    let kinds: Vec<String> = site.audit_after(0).await?.into_iter().map(|r| r.kind).collect();
+    for k in ["admin.open_enrolment", "enrol.at_terminal", "admin.close_enrolment"] {
+        assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
+    }
+    agent.stop().await
+}
+
+/// `pivgatectl` as the administrator in `creds`, with `stdin`.
+fn ctl(site: &Site, creds: &pivgate_tests::site::CredentialFiles, args: &[&str], stdin: &str) -> (bool, String) {
+    let Ok(bin) = binary("pivgatectl") else { return (false, "pivgatectl is not built".into()) };
+    let mut cmd = Command::new(bin);
+    cmd.args(["--gateway", &site.addr, "--ca"]).arg(&creds.ca).arg("--cert").arg(&creds.cert).arg("--key").arg(&creds.key).args(args);
+    run_typed(&mut cmd, stdin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_privileged_card_is_approved_by_a_second_administrator_whose_own_badge_signs() -> Result<()> {
+    let r = reader()?;
+    let site = Site::start(|c, _| {
+        c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
+        c.lifecycle.approval = pivgate_gateway::config::ApprovalProof::Badge;
+    })
+    .await?;
+    let mut root = site.admin_client().await?;
+    let mut agent = site.agent("pi-1", &[TERMINAL]).await?;
+    // An intercom administrator's card, enrolled by the first administrator.
+    root.add_operator(&operator("ic-1", &["intercom-admin"])).await?;
+    let ic = site.card(Algorithm::EccP256)?;
+    let card = root.enrol_card("ic-1", &ic.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    assert_eq!(card.state, "pending");
+    let Tap::Denied(d) = tap(&mut agent, TERMINAL, &mut ic.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("a pending card unlocked") };
+    assert_eq!(d, pb::DenyReason::CardPending);
+    let request = card.pending_request.clone();
+    assert_eq!(root.requests(false).await?.iter().map(|r| r.request_id.clone()).collect::<Vec<_>>(), std::slice::from_ref(&request));
+
+    // The one who asked cannot approve, not even with a badge at hand.
+    let e = root.approve(&request).await.unwrap_err();
+    assert!(e.to_string().contains("badge") || e.to_string().contains("own request"), "{e}");
+
+    // A second administrator, whose badge is a card enrolled to the
+    // operator with their name.
+    let second = site.issue(pb::ServiceRole::Admin, "second").await?;
+    let files = write_credentials(&second, &scratch("second-admin"))?;
+    root.add_operator(&operator("second", &[])).await?;
+    let badge = site.card(Algorithm::EccP256)?;
+    root.enrol_card("second", &badge.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    // Their certificate alone approves nothing at this site.
+    let mut as_second = Admin::new(connect(&site.addr, "localhost", &second).await?);
+    let e = as_second.approve(&request).await.unwrap_err();
+    assert!(e.to_string().contains("badge"), "{e}");
+    // Another card in the reader (not theirs): refused.
+    let (station, addr) = r.second_slot();
+    let ctx = pivgate_hw::pcsc::establish()?;
+    let in_reader = |card: VirtualCard| -> Result<vpcd::Inserted> {
+        let inserted = vpcd::insert(card, addr)?;
+        if !pivgate_hw::pcsc::wait_for_card(&ctx, &station, true, T)? {
+            bail!("the card never appeared in {station}");
+        }
+        Ok(inserted)
+    };
+    let out_of_reader = |inserted: vpcd::Inserted| -> Result<VirtualCard> {
+        let card = inserted.remove();
+        if !pivgate_hw::pcsc::wait_for_card(&ctx, &station, false, T)? {
+            bail!("pcscd still sees a card in {station}");
+        }
+        Ok(card)
+    };
+    let inserted = in_reader(site.card(Algorithm::EccP256)?.card())?;
+    let (ok, said) =
+        tokio::task::block_in_place(|| ctl(&site, &files, &["request", "approve", &request, "--badge", "--reader", &station, "--pin-stdin"], "123456\n"));
+    assert!(!ok, "approved with someone else's card: {said}");
+    out_of_reader(inserted)?;
+    // Their badge, wrong PIN: refused by the card, nothing approved.
+    let inserted = in_reader(badge.card())?;
+    let (ok, said) =
+        tokio::task::block_in_place(|| ctl(&site, &files, &["request", "approve", &request, "--badge", "--reader", &station, "--pin-stdin"], "654321\n"));
+    assert!(!ok && said.to_lowercase().contains("pin"), "{said}");
+    let card_back = out_of_reader(inserted)?;
+    assert_eq!(card_back.pin_tries(), 2, "{said}");
+    // Their badge and its PIN: approved, and the badge named.
+    let inserted = in_reader(card_back)?;
+    let (ok, said) =
+        tokio::task::block_in_place(|| ctl(&site, &files, &["request", "approve", &request, "--badge", "--reader", &station, "--pin-stdin"], "123456\n"));
+    assert!(ok, "{said}");
+    assert!(said.contains("approved") && said.contains("badge"), "{said}");
+    let badge_back = out_of_reader(inserted)?;
+    assert!(!badge_back.pin_verified(), "the badge kept a verified PIN");
+
+    let Tap::Granted(_) = tap(&mut agent, TERMINAL, &mut ic.card(), "123456", pb::Mechanism::Unspecified).await? else {
+        bail!("the approved card was refused")
+    };
+    let rec = site.audit_after(0).await?.into_iter().find(|r| r.kind == "admin.approve").expect("an approval record");
+    let detail: serde_json::Value = serde_json::from_str(&rec.detail_json)?;
+    assert_eq!(rec.actor, "admin:second");
+    assert_eq!(detail["requested_by"], "admin:admin");
+    assert_eq!(detail["badge"], badge.chuid.uuid_string());
+    let listed = cards_of(&mut root, "ic-1").await?;
+    assert_eq!((listed[0].state.as_str(), listed[0].approved_by.as_str()), ("active", "admin:second"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_replacement_locks_the_old_cards_console_at_once_and_the_new_card_unlocks() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let old = site.enrolled_card("op-1", &["dispatcher"], Algorithm::EccP256).await?;
+    let mut agent = site.agent("pi-1", &[TERMINAL]).await?;
+    let Tap::Granted(_) = tap(&mut agent, TERMINAL, &mut old.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("refused") };
+    let new = site.card(Algorithm::EccP256)?;
+    let mut admin = site.admin_client().await?;
+    let replacement = pb::EnrolCardRequest {
+        operator_id: "op-1".into(),
+        certificate: new.certificates[&Slot::Authentication].clone(),
+        slot: pb::KeySlot::PivAuthentication as i32,
+        ..Default::default()
+    };
+    let (card, locked) = admin.replace_card(&old.chuid.uuid_string(), replacement.clone(), "lost on the night shift").await?;
+    assert_eq!(locked, [TERMINAL]);
+    assert_eq!(card.operator_id, "op-1");
+    assert!(!unlocked(&site).await?);
+    let Tap::Denied(d) = tap(&mut agent, TERMINAL, &mut old.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("the old card unlocked") };
+    assert_eq!(d, pb::DenyReason::RevokedDenyList);
+    let Tap::Granted(_) = tap(&mut agent, TERMINAL, &mut new.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("the new card was refused") };
+    // Both cards, with their history, stay with the operator.
+    let r = admin.rpc().get_operator(pb::GetOperatorRequest { operator_id: "op-1".into() }).await?.into_inner();
+    let states: Vec<(String, String)> = r.cards.iter().map(|c| (c.card_uuid.clone(), c.state.clone())).collect();
+    assert!(states.contains(&(old.chuid.uuid_string(), "revoked".into())) && states.contains(&(new.chuid.uuid_string(), "active".into())), "{states:?}");
+    let old_listed = r.cards.iter().find(|c| c.card_uuid == old.chuid.uuid_string()).unwrap();
+    assert!(old_listed.history.iter().any(|n| n.what.contains("replaced by")), "{:?}", old_listed.history);
+    // A revoked card cannot be replaced again; another operator's card
+    // cannot be someone's replacement.
+    assert!(admin.replace_card(&old.chuid.uuid_string(), replacement, "again").await.is_err());
+    Ok(())
+}
+
+fn code<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Option<tonic::Code> {
+    r.err().map(|s| s.code())
+}
+
+#[tokio::test]
+async fn applications_and_agents_cannot_enrol_open_windows_or_approve() -> Result<()> {
+    let site = Site::start(|c, _| c.lifecycle.privileged_roles = vec!["intercom-admin".into()]).await?;
+    let mut root = site.admin_client().await?;
+    root.add_operator(&operator("ic-1", &["intercom-admin"])).await?;
+    let ic = site.card(Algorithm::EccP256)?;
+    let request = root.enrol_card("ic-1", &ic.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?.pending_request;
+    site.agent("pi-1", &[TERMINAL]).await?;
+    for role in [pb::ServiceRole::Application, pb::ServiceRole::Agent] {
+        let creds = site.issue(role, &format!("{role:?}-x").to_lowercase()).await?;
+        let mut as_other = pb::admin_service_client::AdminServiceClient::new(connect(&site.addr, "localhost", &creds).await?);
+        let window = pb::OpenEnrolmentRequest { operator_id: "ic-1".into(), terminal_id: TERMINAL.into(), ..Default::default() };
+        assert_eq!(code(as_other.open_enrolment(window).await), Some(tonic::Code::PermissionDenied), "{role:?} opened a window");
+        let approve = pb::ApproveRequestRequest { request_id: request.clone(), ..Default::default() };
+        assert_eq!(code(as_other.approve_request(approve).await), Some(tonic::Code::PermissionDenied), "{role:?} approved");
+        let enrol = pb::EnrolCardRequest { operator_id: "ic-1".into(), certificate: ic.certificates[&Slot::Authentication].clone(), ..Default::default() };
+        assert_eq!(code(as_other.enrol_card(enrol).await), Some(tonic::Code::PermissionDenied), "{role:?} enrolled");
+    }
+    // Still pending: nothing the others did counted.
+    assert_eq!(root.requests(false).await?.len(), 1);
+    Ok(())
+}
