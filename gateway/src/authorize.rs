@@ -159,6 +159,9 @@ impl Gateway {
             return Ok(Refused(Deny::CardPending, "card waits for a second administrator's approval"));
         }
         let policy = &terminal.policy;
+        if policy.hours.is_some_and(|h| !h.contains(self.now_ms())) {
+            return Ok(Refused(Deny::OutsideHours, "outside the terminal's hours"));
+        }
         if !policy.allowed_roles.is_empty() && !operator.roles.iter().any(|r| policy.allowed_roles.contains(r)) {
             return Ok(Refused(Deny::NotAuthorized, "operator has no role allowed at this terminal"));
         }
@@ -319,6 +322,7 @@ pub(crate) fn lock_reason(deny: Deny, policy_changing: bool) -> Option<crate::mo
         Deny::RevokedCrl => L::CertificateRevoked,
         Deny::CardSuspended => L::CardSuspended,
         Deny::CardExpired => L::CardExpired,
+        Deny::OutsideHours => L::OutsideHours,
         Deny::CertExpired | Deny::CertNotYetValid => L::CertificateExpired,
         _ => L::PolicyChanged,
     })

@@ -234,8 +234,23 @@ impl Admin {
             allowed_roles: policy.allowed_roles.clone(),
             idle_timeout_s: policy.idle_timeout_s,
             max_session_s: policy.max_session_s,
+            removal_grace_s: policy.removal_grace_s,
+            hours: crate::service::policy_pb(policy).hours,
         };
         self.rpc.set_terminal_policy(req).await?;
+        Ok(())
+    }
+
+    /// Creates or changes a terminal group; returns the terminals its new
+    /// policy locked.
+    pub async fn set_terminal_group(&mut self, group: &str, policy: &TerminalPolicy) -> Result<Vec<String>> {
+        let req = pb::SetTerminalGroupRequest { group_id: group.into(), policy: Some(crate::service::policy_pb(policy)) };
+        Ok(self.rpc.set_terminal_group(req).await?.into_inner().locked_terminals)
+    }
+
+    /// Puts a terminal in a group (`None`: out of any).
+    pub async fn assign_terminal(&mut self, terminal: &str, group: Option<&str>) -> Result<()> {
+        self.rpc.assign_terminal(pb::AssignTerminalRequest { terminal_id: terminal.into(), group_id: group.unwrap_or_default().into() }).await?;
         Ok(())
     }
 

@@ -153,6 +153,8 @@ pub struct Gateway {
     pub max_temporary_days: u32,
     /// Enrolment, approvals and the other processes around cards.
     pub lifecycle: crate::config::LifecycleConfig,
+    /// What session clocks keep in memory (activity, card removals).
+    pub clocks: crate::policy::Clocks,
     /// Challenges.
     pub challenges: Challenges,
     /// Clock.
@@ -629,7 +631,11 @@ impl Gateway {
                         };
                         let Allowed { terminal: term, mut card, operator, .. } = *allowed;
                         let mut changes = Vec::new();
-                        if let Session::Unlocked { .. } = term.session {
+                        // The same card tapped again while its removal's
+                        // grace runs continues the session: no lock between.
+                        let continues =
+                            matches!(&term.session, Session::Unlocked { card_uuid, .. } if *card_uuid == p.card_uuid) && self.removal_pending(&p.terminal);
+                        if matches!(term.session, Session::Unlocked { .. }) && !continues {
                             changes.push(Change::Session {
                                 terminal: Terminal { session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 }, ..term.clone() },
                             });
@@ -673,6 +679,7 @@ impl Gateway {
                     return Ok(Complete::Denied(d, text));
                 };
                 let operator = self.store.operator(&operator.id)?.unwrap_or(operator);
+                let _ = self.take_removal(&p.terminal);
                 self.count("granted");
                 // Watch this agent for silence from now on, stream or not.
                 if let Ok(mut pr) = self.presence.lock() {
@@ -807,7 +814,7 @@ impl Gateway {
 
     /// Lock changes for the unlocked terminals, among those `which`
     /// selects, that `overlay` no longer allows; with their reasons.
-    fn reauthorize(&self, overlay: &Overlay<'_>, now: i64, which: impl Fn(&Terminal) -> bool) -> Result<(Vec<Change>, Vec<serde_json::Value>)> {
+    pub(crate) fn reauthorize(&self, overlay: &Overlay<'_>, now: i64, which: impl Fn(&Terminal) -> bool) -> Result<(Vec<Change>, Vec<serde_json::Value>)> {
         let mut changes = Vec::new();
         let mut locked = Vec::new();
         for t in self.store.terminals()? {
@@ -845,9 +852,12 @@ impl Gateway {
         if self.bound_terminal(&caller.name, terminal)?.is_none() {
             return Err(Error::PermissionDenied(format!("terminal {terminal} is not bound to this agent")));
         }
-        self.lock_if(&caller.to_string(), terminal, LockReason::CardRemoved, |s| match (s, card) {
-            (Session::Unlocked { card_uuid, .. }, Some(c)) => *card_uuid == c,
-            _ => true,
+        self.lock_when(&caller.to_string(), terminal, |t| {
+            let theirs = match (&t.session, card) {
+                (Session::Unlocked { card_uuid, .. }, Some(c)) => *card_uuid == c,
+                _ => true,
+            };
+            Ok((theirs && !self.removal_grace(t)).then_some(LockReason::CardRemoved))
         })
         .await
     }
@@ -869,7 +879,8 @@ impl Gateway {
                 Session::Unlocked { card_uuid, .. } => !*card_present || *card != Some(*card_uuid),
                 Session::Locked { .. } => false,
             };
-            if self.lock_if(&caller.to_string(), terminal, LockReason::CardRemoved, gone).await? {
+            let decide = |t: &Terminal| Ok((gone(&t.session) && !self.removal_grace(t)).then_some(LockReason::CardRemoved));
+            if self.lock_when(&caller.to_string(), terminal, decide).await? {
                 locked.push(terminal.clone());
             }
         }
@@ -877,7 +888,8 @@ impl Gateway {
     }
 
     /// Locks the terminals of agents silent past their grace period, and
-    /// sessions past their maximum length. Called periodically.
+    /// sessions their clocks end (maximum session, idle, hours, a card
+    /// removal's grace). Called periodically.
     pub async fn sweep(&self) -> Result<()> {
         let now = self.clock.instant();
         let silent: Vec<String> = self
@@ -895,15 +907,7 @@ impl Gateway {
                 p.remove(&agent);
             }
         }
-        let now_ms = self.now_ms();
-        for t in self.store.terminals()? {
-            if t.policy.max_session_s > 0 {
-                let limit = i64::from(t.policy.max_session_s) * 1000;
-                self.lock_if("gateway", &t.id, LockReason::MaxSession, |s| matches!(s, Session::Unlocked { since_ms, .. } if now_ms - since_ms >= limit))
-                    .await?;
-            }
-        }
-        Ok(())
+        self.lock_by_clocks().await
     }
 
     // ---- administration ----
@@ -1207,11 +1211,7 @@ impl Gateway {
             changes.push(Change::Agent(agent.clone()));
             for t in &terminals {
                 if self.store.terminal(t)?.is_none() {
-                    changes.push(Change::Terminal(Terminal {
-                        id: t.clone(),
-                        policy: TerminalPolicy::default(),
-                        session: Session::Locked { reason: LockReason::Initial, since_ms: now, sequence: 0 },
-                    }));
+                    changes.push(Change::Terminal(Terminal::new(t, TerminalPolicy::default(), now)));
                 }
             }
             let detail = json!({ "agent": name, "terminals": terminals, "locked_terminals": locked });
@@ -1227,27 +1227,14 @@ impl Gateway {
         if id.is_empty() {
             return Err(Error::InvalidRequest("terminal_id is empty".into()));
         }
-        if policy.idle_timeout_s != 0 {
-            return Err(Error::InvalidRequest("idle_timeout_s is not supported yet: nothing reports terminal activity; use max_session_s".into()));
-        }
+        let policy = crate::policy::checked(policy)?;
         let now = self.now_ms();
         self.commit_with(|| {
             // A session the new policy does not allow ends with the change.
-            let overlay = Overlay { policy: Some((id, &policy)), ..Default::default() };
-            let (mut changes, locked) = self.reauthorize(&overlay, now, |t| t.id == id)?;
-            let t = match changes.pop() {
-                Some(Change::Session { terminal }) => Terminal { policy: policy.clone(), ..terminal },
-                _ => match self.store.terminal(id)? {
-                    Some(t) => Terminal { policy: policy.clone(), ..t },
-                    None => Terminal {
-                        id: id.to_string(),
-                        policy: policy.clone(),
-                        session: Session::Locked { reason: LockReason::Initial, since_ms: now, sequence: 0 },
-                    },
-                },
-            };
-            let change = if locked.is_empty() { Change::Terminal(t) } else { Change::Session { terminal: t } };
-            let detail = json!({ "terminal": id, "policy": policy, "locked_terminals": locked });
+            let t = self.store.terminal(id)?.unwrap_or_else(|| Terminal::new(id, policy.clone(), now));
+            let group = t.group.clone();
+            let (change, locked) = self.with_policy(Terminal { custom_policy: true, ..t }, &policy, now)?;
+            let detail = json!({ "terminal": id, "policy": policy, "group": group, "locked_terminals": locked });
             Ok(Some((Self::admin_entry(caller, AuditKind::SetTerminalPolicy, detail), vec![change])))
         })
         .await?;

@@ -888,3 +888,143 @@ async fn an_enrolment_window_can_replace_a_lost_card() {
     assert!(card.expires_ms.is_some(), "a temporary window's card is temporary");
     assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::RevokedDenyList));
 }
+
+// ---- policy by group, idle timeout, hours, removal grace ----
+
+fn app() -> Caller {
+    Caller { role: Role::Application, name: "console-1".into() }
+}
+
+#[tokio::test]
+async fn a_group_policy_reaches_its_terminals_at_once_and_a_terminal_of_its_own_is_listed_as_weaker() {
+    let b = bench(|c| c.agent_grace_s = 600).await;
+    assert!(denied(&tap(&b).await).is_none());
+    let panels = TerminalPolicy { allowed_roles: vec!["intercom-admin".into()], idle_timeout_s: 900, ..Default::default() };
+    b.gw.set_group(&admin(), "intercom-panels", panels.clone()).await.unwrap();
+    b.gw.assign_terminal(&admin(), T, Some("intercom-panels")).await.unwrap();
+    // op-1 (dispatcher) no longer may: the session ends with the change.
+    assert_eq!(locked_for(&b), Some(LockReason::PolicyChanged));
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::NotAuthorized));
+    // The group opened to dispatchers: its terminal follows.
+    b.gw.set_group(&admin(), "intercom-panels", TerminalPolicy { allowed_roles: vec!["dispatcher".into()], ..panels.clone() }).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    let t = b.gw.store.terminal(T).unwrap().unwrap();
+    assert!(t.policy.weaker_than(&b.gw.store.group("intercom-panels").unwrap().unwrap().policy).is_empty());
+    // A policy of its own, card only: no longer the group's, and weaker.
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly, Mechanism::CardAndPin], ..panels }).await.unwrap();
+    let t = b.gw.store.terminal(T).unwrap().unwrap();
+    assert!(t.custom_policy);
+    assert!(!t.policy.weaker_than(&b.gw.store.group("intercom-panels").unwrap().unwrap().policy).is_empty());
+    // Bounded: no session over 12 hours.
+    let long = TerminalPolicy { max_session_s: 13 * 3600, ..Default::default() };
+    assert!(matches!(b.gw.set_group(&admin(), "g", long).await, Err(Error::InvalidRequest(_))));
+}
+
+#[tokio::test]
+async fn idle_timeout_locks_a_terminal_without_activity_and_not_one_with_it() {
+    let b = bench(|c| c.agent_grace_s = 3600).await;
+    b.gw.set_policy(&admin(), T, TerminalPolicy { idle_timeout_s: 60, ..Default::default() }).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    // No application reports for it: only the maximum session holds.
+    b.clock.advance(Duration::from_secs(120));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), None, "idle-locked a terminal no application reports for");
+    // Once reported for, activity keeps it open...
+    b.gw.report_activity(&app(), T).await.unwrap();
+    for _ in 0..3 {
+        b.clock.advance(Duration::from_secs(50));
+        b.gw.report_activity(&app(), T).await.unwrap();
+        b.gw.sweep().await.unwrap();
+        assert_eq!(locked_for(&b), None);
+    }
+    // ... and none for its timeout locks it.
+    b.clock.advance(Duration::from_secs(61));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::IdleTimeout));
+    // The first report was recorded; the rest only moved the clock.
+    let kinds: Vec<String> = b.gw.store.audit_after(0, 1000).unwrap().into_iter().map(|r| r.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "terminal.activity_reporting").count(), 1);
+    // A flood is cut off, and an unknown terminal is refused.
+    let mut refused = 0;
+    for _ in 0..100 {
+        refused += usize::from(b.gw.report_activity(&app(), T).await.is_err());
+    }
+    assert!(refused > 0, "100 reports at once were all taken");
+    assert!(matches!(b.gw.report_activity(&Caller { name: "other".into(), ..app() }, "nowhere").await, Err(Error::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_session_past_twelve_hours_locks_whatever_the_policy_says() {
+    let b = bench(|c| c.agent_grace_s = 86_400).await;
+    assert!(denied(&tap(&b).await).is_none());
+    b.clock.advance(Duration::from_secs(12 * 3600 - 10));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), None);
+    b.clock.advance(Duration::from_secs(11));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::MaxSession));
+}
+
+#[tokio::test]
+async fn outside_its_hours_a_terminal_refuses_taps_and_its_session_ends() {
+    let b = bench(|c| c.agent_grace_s = 86_400).await;
+    // Open for the next hour of today (UTC), every day.
+    let now_min = ((b.gw.now_ms() / 60_000) % 1440) as u16;
+    let hours = crate::model::Hours { days: 0x7F, start_minute: now_min, end_minute: (now_min + 60) % 1440, utc_offset_minutes: 0 };
+    b.gw.set_policy(&admin(), T, TerminalPolicy { hours: Some(hours), ..Default::default() }).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    b.clock.advance(Duration::from_secs(3600 + 60));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::OutsideHours));
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::OutsideHours));
+    // A day and a minute after the start, in its hours again.
+    b.clock.advance(Duration::from_secs(23 * 3600));
+    assert!(denied(&tap(&b).await).is_none());
+}
+
+#[test]
+fn hours_count_days_and_night_shifts_in_the_sites_offset() {
+    use crate::model::Hours;
+    // 2026-12-02 was a Wednesday; 10:00 UTC.
+    let wed_10 = 1_796_205_600_000i64;
+    let office = Hours { days: 0b0011111, start_minute: 8 * 60, end_minute: 18 * 60, utc_offset_minutes: 0 };
+    assert!(office.contains(wed_10));
+    assert!(!office.contains(wed_10 + 9 * 3_600_000), "19:00");
+    assert!(!office.contains(wed_10 + 3 * 86_400_000), "Saturday");
+    // An offset moves the day: 10:00 UTC is 19:00 at +09:00.
+    assert!(!Hours { utc_offset_minutes: 540, ..office }.contains(wed_10));
+    // A night shift, Friday nights only: Friday 23:00 and Saturday 05:00 in, Saturday 23:00 out.
+    let night = Hours { days: 1 << 4, start_minute: 22 * 60, end_minute: 6 * 60, utc_offset_minutes: 0 };
+    let fri_23 = wed_10 + 2 * 86_400_000 + 13 * 3_600_000;
+    assert!(night.contains(fri_23));
+    assert!(night.contains(fri_23 + 6 * 3_600_000));
+    assert!(!night.contains(fri_23 + 86_400_000));
+    assert!(!Hours { days: 0, ..office }.valid() && !Hours { start_minute: 600, end_minute: 600, ..office }.valid());
+}
+
+#[tokio::test]
+async fn with_a_removal_grace_the_same_card_tapped_again_continues_and_no_tap_locks() {
+    let b = bench(|c| c.agent_grace_s = 3600).await;
+    b.gw.set_policy(&admin(), T, TerminalPolicy { removal_grace_s: 20, ..Default::default() }).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    let events = |b: &Bench| b.gw.store.events_after(0, 1000).unwrap().len();
+    // Pulled and tapped again within the grace: one more unlock, no lock.
+    assert!(!b.gw.card_removed(&agent(), T, Some(uuid())).await.unwrap());
+    let before = events(&b);
+    b.clock.advance(Duration::from_secs(5));
+    assert!(denied(&tap(&b).await).is_none());
+    assert_eq!(events(&b), before + 1);
+    assert!(b.gw.store.events_after(0, 1000).unwrap().iter().all(|e| !matches!(e.session, Session::Locked { reason: LockReason::Replaced, .. })));
+    // Pulled and not back: locked when the grace runs out, not before.
+    assert!(!b.gw.card_removed(&agent(), T, Some(uuid())).await.unwrap());
+    b.clock.advance(Duration::from_secs(19));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), None);
+    b.clock.advance(Duration::from_secs(2));
+    b.gw.sweep().await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::CardRemoved));
+    // Without a grace, removal locks at once.
+    b.gw.set_policy(&admin(), T, TerminalPolicy::default()).await.unwrap();
+    assert!(denied(&tap(&b).await).is_none());
+    assert!(b.gw.card_removed(&agent(), T, Some(uuid())).await.unwrap());
+}

@@ -128,9 +128,8 @@ mod tests {
     /// Records one lock event of terminal `t`, durable; returns it.
     async fn lock(store: &Store, t: &str) -> Event {
         let terminal = Terminal {
-            id: t.into(),
-            policy: TerminalPolicy::default(),
             session: Session::Locked { reason: LockReason::Administrator, since_ms: 0, sequence: 0 },
+            ..Terminal::new(t, TerminalPolicy::default(), 0)
         };
         let entry = AuditEntry { kind: AuditKind::SessionLocked, actor: "test".into(), terminal_id: t.into(), detail: serde_json::json!({}) };
         let (_, events) = store.record(entry, vec![Change::Session { terminal }], 0).unwrap();

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pki;
+pub mod policy;
 pub mod service;
 pub mod station;
 pub mod store;
@@ -144,6 +145,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         require_attested_pin_key: config.cards.require_attested_pin_key,
         max_temporary_days: config.cards.max_temporary_days,
         lifecycle: config.lifecycle.clone(),
+        clocks: Default::default(),
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
         clock,
         random,
@@ -161,6 +163,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         data_dir: config.data_dir.clone(),
         stopping: tokio::sync::watch::channel(false).0,
     };
+    gateway.clocks.started_ms.store(gateway.now_ms(), std::sync::atomic::Ordering::Relaxed);
     // Agents holding terminals open are watched for silence from the
     // start, whether or not they ever reconnect.
     if let Ok(mut p) = gateway.presence.lock() {

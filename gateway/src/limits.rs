@@ -117,7 +117,15 @@ macro_rules! unbounded {
     ($($t:ty),*) => { $(impl Bounded for $t { fn check(&self) -> Result<(), Status> { Ok(()) } })* };
 }
 // Requests with no field a caller could make large.
-unbounded!(pb::BackupRequest, pb::ExportAuditRequest, pb::VerifyAuditRequest, pb::QueryAuditRequest, pb::GetAuditHeadRequest, pb::ListRequestsRequest);
+unbounded!(
+    pb::BackupRequest,
+    pb::ExportAuditRequest,
+    pb::VerifyAuditRequest,
+    pb::QueryAuditRequest,
+    pb::GetAuditHeadRequest,
+    pb::ListRequestsRequest,
+    pb::ListTerminalGroupsRequest
+);
 
 /// A list call's page size when the caller names none.
 pub const PAGE_DEFAULT: usize = 500;
@@ -374,6 +382,38 @@ impl Bounded for pb::SetTerminalPolicyRequest {
             return Err(bad("allowed_mechanisms", "more than 8 entries"));
         }
         identifiers("allowed_roles", &self.allowed_roles, ROLES_MAX)
+    }
+}
+
+impl Bounded for pb::TerminalPolicy {
+    fn check(&self) -> Result<(), Status> {
+        if self.allowed_mechanisms.len() > 8 {
+            return Err(bad("allowed_mechanisms", "more than 8 entries"));
+        }
+        identifiers("allowed_roles", &self.allowed_roles, ROLES_MAX)
+    }
+}
+
+impl Bounded for pb::SetTerminalGroupRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("group_id", &self.group_id)?;
+        self.policy.as_ref().map_or(Ok(()), Bounded::check)
+    }
+}
+
+impl Bounded for pb::AssignTerminalRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("terminal_id", &self.terminal_id)?;
+        if !self.group_id.is_empty() {
+            identifier("group_id", &self.group_id)?;
+        }
+        Ok(())
+    }
+}
+
+impl Bounded for pb::ReportActivityRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("terminal_id", &self.terminal_id)
     }
 }
 

@@ -400,6 +400,8 @@ pub enum LockReason {
     CardSuspended,
     /// The temporary card reached its end.
     CardExpired,
+    /// The terminal's hours ended.
+    OutsideHours,
 }
 
 /// A terminal's session state: locked, or unlocked by one operator.
@@ -435,23 +437,133 @@ pub enum Session {
     },
 }
 
-/// A terminal's policy.
+/// The longest session any policy allows: NIST SP 800-63B-4 has AAL3
+/// sessions re-authenticated at least every 12 hours.
+pub const MAX_SESSION_MAX_S: u32 = 12 * 3600;
+
+/// A terminal's policy (its group's, or its own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminalPolicy {
     /// Mechanisms accepted, in order of preference.
     pub allowed_mechanisms: Vec<Mechanism>,
     /// Roles allowed (empty: any).
     pub allowed_roles: Vec<String>,
-    /// Idle timeout, seconds (0: none).
+    /// Idle timeout, seconds (0: none): a session with no activity reported
+    /// for this long locks. Enforced once an application reports activity
+    /// for the terminal; before that only `max_session_s` holds.
     pub idle_timeout_s: u32,
-    /// Maximum session, seconds (0: none).
+    /// Maximum session, seconds (0: [`MAX_SESSION_MAX_S`]; never more).
     pub max_session_s: u32,
+    /// What the card leaving does: 0 locks at once; otherwise the session
+    /// stands this many seconds for the operator to tap again.
+    #[serde(default)]
+    pub removal_grace_s: u32,
+    /// When the terminal may be used (none: always).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<Hours>,
 }
 
 impl Default for TerminalPolicy {
     fn default() -> Self {
-        TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardAndPin], allowed_roles: vec![], idle_timeout_s: 0, max_session_s: 0 }
+        TerminalPolicy {
+            allowed_mechanisms: vec![Mechanism::CardAndPin],
+            allowed_roles: vec![],
+            idle_timeout_s: 0,
+            max_session_s: 0,
+            removal_grace_s: 0,
+            hours: None,
+        }
     }
+}
+
+impl TerminalPolicy {
+    /// The maximum session, seconds, as enforced.
+    pub fn max_session(&self) -> u32 {
+        match self.max_session_s {
+            0 => MAX_SESSION_MAX_S,
+            s => s.min(MAX_SESSION_MAX_S),
+        }
+    }
+
+    /// How this policy is weaker than `baseline` (a group's): one line
+    /// each; empty when it is at least as strict.
+    pub fn weaker_than(&self, baseline: &TerminalPolicy) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(m) = self.allowed_mechanisms.iter().find(|m| !baseline.allowed_mechanisms.contains(m)) {
+            w.push(format!("allows {m:?}"));
+        }
+        if !baseline.allowed_roles.is_empty() && (self.allowed_roles.is_empty() || self.allowed_roles.iter().any(|r| !baseline.allowed_roles.contains(r))) {
+            w.push("allows roles the group does not".into());
+        }
+        if baseline.idle_timeout_s > 0 && (self.idle_timeout_s == 0 || self.idle_timeout_s > baseline.idle_timeout_s) {
+            w.push(format!("idle timeout {} s where the group has {} s", self.idle_timeout_s, baseline.idle_timeout_s));
+        }
+        if self.max_session() > baseline.max_session() {
+            w.push(format!("maximum session {} s where the group has {} s", self.max_session(), baseline.max_session()));
+        }
+        if self.removal_grace_s > baseline.removal_grace_s {
+            w.push(format!("removal grace {} s where the group has {} s", self.removal_grace_s, baseline.removal_grace_s));
+        }
+        if baseline.hours.is_some() && self.hours != baseline.hours {
+            w.push("other hours than the group's".into());
+        }
+        w
+    }
+}
+
+/// When a terminal may be used: days of the week and a span of the day, in
+/// a fixed offset from UTC (the site's standard time; daylight saving is
+/// not followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hours {
+    /// Bit 0 Monday to bit 6 Sunday.
+    pub days: u8,
+    /// From this minute of the day (0 to 1439)...
+    pub start_minute: u16,
+    /// ... to this one (exclusive); before `start_minute`: the span goes
+    /// past midnight (a night shift), counted on the day it starts.
+    pub end_minute: u16,
+    /// The site's offset from UTC, minutes.
+    pub utc_offset_minutes: i16,
+}
+
+impl Hours {
+    /// Whether `unix_ms` falls within these hours.
+    pub fn contains(&self, unix_ms: i64) -> bool {
+        let local_min = unix_ms.div_euclid(60_000) + i64::from(self.utc_offset_minutes);
+        let minute = local_min.rem_euclid(1440) as u16;
+        let day = local_min.div_euclid(1440);
+        // 1970-01-01 was a Thursday (3, counting Monday as 0).
+        let weekday = |d: i64| (d + 3).rem_euclid(7) as u8;
+        let on = |d: i64| self.days & (1 << weekday(d)) != 0;
+        if self.start_minute <= self.end_minute {
+            on(day) && (self.start_minute..self.end_minute).contains(&minute)
+        } else if minute >= self.start_minute {
+            on(day)
+        } else {
+            minute < self.end_minute && on(day - 1)
+        }
+    }
+
+    /// Whether the fields make sense.
+    pub fn valid(&self) -> bool {
+        self.days & 0x80 == 0
+            && self.days != 0
+            && self.start_minute < 1440
+            && self.end_minute <= 1440
+            && self.start_minute != self.end_minute
+            && self.utc_offset_minutes.abs() <= 14 * 60
+    }
+}
+
+/// A group of terminals sharing a policy (dispatch consoles, intercom
+/// admin panels, or what the site defines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalGroup {
+    /// Identifier.
+    pub id: String,
+    /// The policy of its terminals (those without a policy of their own).
+    pub policy: TerminalPolicy,
 }
 
 /// A terminal.
@@ -463,6 +575,30 @@ pub struct Terminal {
     pub policy: TerminalPolicy,
     /// Session.
     pub session: Session,
+    /// The group it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Its policy was set for it alone (else it is its group's).
+    #[serde(default)]
+    pub custom_policy: bool,
+    /// An application has reported operator activity for it: its idle
+    /// timeout is enforced.
+    #[serde(default)]
+    pub activity_reported: bool,
+}
+
+impl Terminal {
+    /// A new terminal, locked, with `policy`.
+    pub fn new(id: &str, policy: TerminalPolicy, now_ms: i64) -> Terminal {
+        Terminal {
+            id: id.to_string(),
+            policy,
+            session: Session::Locked { reason: LockReason::Initial, since_ms: now_ms, sequence: 0 },
+            group: None,
+            custom_policy: false,
+            activity_reported: false,
+        }
+    }
 }
 
 /// A lock or unlock event as stored.
@@ -561,11 +697,17 @@ pub enum AuditKind {
     Refuse,
     /// A card replaced another (which was revoked with it).
     ReplaceCard,
+    /// A terminal group was created or changed.
+    SetTerminalGroup,
+    /// A terminal was put in a group (or out of one).
+    AssignTerminal,
+    /// An application first reported activity for a terminal.
+    ActivityReporting,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 23] = [
+    pub const ALL: [AuditKind; 26] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -589,6 +731,9 @@ impl AuditKind {
         AuditKind::Approve,
         AuditKind::Refuse,
         AuditKind::ReplaceCard,
+        AuditKind::SetTerminalGroup,
+        AuditKind::AssignTerminal,
+        AuditKind::ActivityReporting,
     ];
 
     /// The name stored in the record.
@@ -617,6 +762,9 @@ impl AuditKind {
             AuditKind::Approve => "admin.approve",
             AuditKind::Refuse => "admin.refuse",
             AuditKind::ReplaceCard => "admin.replace_card",
+            AuditKind::SetTerminalGroup => "admin.set_terminal_group",
+            AuditKind::AssignTerminal => "admin.assign_terminal",
+            AuditKind::ActivityReporting => "terminal.activity_reporting",
         }
     }
 

@@ -78,6 +78,7 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
         Deny::CardExpired => R::CardExpired,
         Deny::CardPending => R::CardPending,
         Deny::EnrolmentRefused => R::EnrolmentRefused,
+        Deny::OutsideHours => R::OutsideHours,
     }
 }
 
@@ -136,6 +137,7 @@ fn lock_reason_pb(r: LockReason) -> pb::LockReason {
         LockReason::CertificateExpired => pb::LockReason::CertificateExpired,
         LockReason::CardSuspended => pb::LockReason::CardSuspended,
         LockReason::CardExpired => pb::LockReason::CardExpired,
+        LockReason::OutsideHours => pb::LockReason::OutsideHours,
     }
 }
 
@@ -143,8 +145,67 @@ fn card_uuid(b: &[u8]) -> Result<[u8; 16], Status> {
     b.try_into().map_err(|_| Status::invalid_argument("card_uuid must be 16 bytes"))
 }
 
+pub(crate) fn policy_pb(p: &TerminalPolicy) -> pb::TerminalPolicy {
+    pb::TerminalPolicy {
+        allowed_mechanisms: p.allowed_mechanisms.iter().map(|m| mechanism_pb(*m) as i32).collect(),
+        allowed_roles: p.allowed_roles.clone(),
+        idle_timeout_s: p.idle_timeout_s,
+        max_session_s: p.max_session(),
+        removal_grace_s: p.removal_grace_s,
+        hours: p.hours.map(|h| pb::Hours {
+            days: u32::from(h.days),
+            start_minute: u32::from(h.start_minute),
+            end_minute: u32::from(h.end_minute),
+            utc_offset_minutes: i32::from(h.utc_offset_minutes),
+        }),
+    }
+}
+
+/// A policy from the API, parsed (its sense is checked by the core).
+fn policy_from(p: pb::TerminalPolicy) -> Result<TerminalPolicy, Status> {
+    let mut allowed = Vec::new();
+    for m in p.allowed_mechanisms {
+        if let Some(m) = mechanism_from(m)? {
+            if !allowed.contains(&m) {
+                allowed.push(m);
+            }
+        }
+    }
+    if allowed.is_empty() {
+        return Err(Status::invalid_argument("allowed_mechanisms is empty"));
+    }
+    let hours = match p.hours {
+        None => None,
+        Some(h) => {
+            let bad = || Status::invalid_argument("hours: days 1 to 127, minutes 0 to 1440, offset within 14 hours");
+            Some(model::Hours {
+                days: u8::try_from(h.days).map_err(|_| bad())?,
+                start_minute: u16::try_from(h.start_minute).map_err(|_| bad())?,
+                end_minute: u16::try_from(h.end_minute).map_err(|_| bad())?,
+                utc_offset_minutes: i16::try_from(h.utc_offset_minutes).map_err(|_| bad())?,
+            })
+        }
+    };
+    Ok(TerminalPolicy {
+        allowed_mechanisms: allowed,
+        allowed_roles: p.allowed_roles,
+        idle_timeout_s: p.idle_timeout_s,
+        max_session_s: p.max_session_s,
+        removal_grace_s: p.removal_grace_s,
+        hours,
+    })
+}
+
 /// A terminal's state as the Access API shows it.
 pub fn terminal_state(t: &model::Terminal) -> pb::TerminalState {
+    let mut s = session_state(t);
+    s.group_id = t.group.clone().unwrap_or_default();
+    s.policy = Some(policy_pb(&t.policy));
+    s.idle_enforced = t.activity_reported && t.policy.idle_timeout_s > 0;
+    s
+}
+
+fn session_state(t: &model::Terminal) -> pb::TerminalState {
     match &t.session {
         Session::Locked { reason, since_ms, sequence } => pb::TerminalState {
             terminal_id: t.id.clone(),
@@ -164,6 +225,7 @@ pub fn terminal_state(t: &model::Terminal) -> pb::TerminalState {
             since_unix_ms: *since_ms,
             lock_reason: 0,
             sequence: *sequence,
+            ..Default::default()
         },
     }
 }
@@ -461,6 +523,12 @@ impl pb::access_service_server::AccessService for AccessApi {
             crate::feed::follow::<_, Status>(gw.store.clone(), live, stopping, r.after_sequence, wanted, item, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_activity(&self, req: Request<pb::ReportActivityRequest>) -> Result<Response<pb::ReportActivityResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Application], "AccessService.ReportActivity").await?;
+        let idle_timeout_s = self.0.report_activity(&caller, &req.into_inner().terminal_id).await?;
+        Ok(Response::new(pb::ReportActivityResponse { idle_timeout_s }))
     }
 
     async fn get_audit_head(&self, req: Request<pb::GetAuditHeadRequest>) -> Result<Response<pb::GetAuditHeadResponse>, Status> {
@@ -763,21 +831,48 @@ impl pb::admin_service_server::AdminService for AdminApi {
     async fn set_terminal_policy(&self, req: Request<pb::SetTerminalPolicyRequest>) -> Result<Response<pb::SetTerminalPolicyResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.SetTerminalPolicy").await?;
         let r = req.into_inner();
-        let mut allowed = Vec::new();
-        for m in r.allowed_mechanisms {
-            if let Some(m) = mechanism_from(m)? {
-                if !allowed.contains(&m) {
-                    allowed.push(m);
-                }
-            }
-        }
-        if allowed.is_empty() {
-            return Err(Status::invalid_argument("allowed_mechanisms is empty"));
-        }
-        let policy =
-            TerminalPolicy { allowed_mechanisms: allowed, allowed_roles: r.allowed_roles, idle_timeout_s: r.idle_timeout_s, max_session_s: r.max_session_s };
+        let policy = policy_from(pb::TerminalPolicy {
+            allowed_mechanisms: r.allowed_mechanisms,
+            allowed_roles: r.allowed_roles,
+            idle_timeout_s: r.idle_timeout_s,
+            max_session_s: r.max_session_s,
+            removal_grace_s: r.removal_grace_s,
+            hours: r.hours,
+        })?;
         self.0.set_policy(&caller, &r.terminal_id, policy).await?;
         Ok(Response::new(pb::SetTerminalPolicyResponse {}))
+    }
+
+    async fn set_terminal_group(&self, req: Request<pb::SetTerminalGroupRequest>) -> Result<Response<pb::SetTerminalGroupResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.SetTerminalGroup").await?;
+        let r = req.into_inner();
+        let policy = policy_from(r.policy.ok_or_else(|| Status::invalid_argument("policy is missing"))?)?;
+        let locked_terminals = self.0.set_group(&caller, &r.group_id, policy).await?;
+        Ok(Response::new(pb::SetTerminalGroupResponse { locked_terminals }))
+    }
+
+    async fn assign_terminal(&self, req: Request<pb::AssignTerminalRequest>) -> Result<Response<pb::AssignTerminalResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.AssignTerminal").await?;
+        let r = req.into_inner();
+        let group = (!r.group_id.is_empty()).then_some(r.group_id.as_str());
+        self.0.assign_terminal(&caller, &r.terminal_id, group).await?;
+        Ok(Response::new(pb::AssignTerminalResponse {}))
+    }
+
+    async fn list_terminal_groups(&self, req: Request<pb::ListTerminalGroupsRequest>) -> Result<Response<pb::ListTerminalGroupsResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.ListTerminalGroups").await?;
+        let terminals = self.0.store.terminals()?;
+        let groups = self
+            .0
+            .groups()?
+            .into_iter()
+            .map(|g| pb::TerminalGroup {
+                terminal_ids: terminals.iter().filter(|t| t.group.as_deref() == Some(g.id.as_str())).map(|t| t.id.clone()).collect(),
+                policy: Some(policy_pb(&g.policy)),
+                group_id: g.id,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTerminalGroupsResponse { groups }))
     }
 
     async fn lock_terminal(&self, req: Request<pb::LockTerminalRequest>) -> Result<Response<pb::LockTerminalResponse>, Status> {

@@ -139,6 +139,8 @@ pub enum Change {
     },
     /// Creates or replaces an approval request.
     Request(crate::model::Request),
+    /// Creates or replaces a terminal group.
+    Group(crate::model::TerminalGroup),
     /// The newest thisUpdate (Unix seconds) accepted for a CRL key
     /// ([`crate::verify::CrlKey::id`]): a restart never goes back to an
     /// older CRL.
@@ -234,8 +236,8 @@ pub struct Store {
     crl_state: sled::Tree,
     checkpoints: sled::Tree,
     terminals: sled::Tree,
-    /// Enrolment windows (`w/` and the terminal) and approval requests
-    /// (`r/` and the id).
+    /// Enrolment windows (`w/` and the terminal), approval requests (`r/`
+    /// and the id) and terminal groups (`g/` and the id).
     lifecycle: sled::Tree,
     events: sled::Tree,
     audit: sled::Tree,
@@ -560,6 +562,7 @@ impl Store {
                 Change::Window { terminal, window: Some(w) } => put!(T_LIFECYCLE, window_key(terminal), enc(w)?),
                 Change::Window { terminal, window: None } => writes.push((T_LIFECYCLE, window_key(terminal), None)),
                 Change::Request(r) => put!(T_LIFECYCLE, request_key(&r.id), enc(r)?),
+                Change::Group(g) => put!(T_LIFECYCLE, group_key(&g.id), enc(g)?),
             }
         }
         // The record names the events it comes with, and their hashes, so
@@ -907,6 +910,16 @@ impl Store {
         self.lifecycle.scan_prefix(b"r/").map(|r| dec(&r?.1)).collect()
     }
 
+    /// A terminal group.
+    pub fn group(&self, id: &str) -> Result<Option<crate::model::TerminalGroup>> {
+        self.lifecycle.get(group_key(id))?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every terminal group, by id.
+    pub fn groups(&self) -> Result<Vec<crate::model::TerminalGroup>> {
+        self.lifecycle.scan_prefix(b"g/").map(|r| dec(&r?.1)).collect()
+    }
+
     /// Flushes and syncs now (shutdown).
     pub fn sync(&self) -> Result<()> {
         self.db.flush()?;
@@ -951,6 +964,10 @@ const TREES: usize = 10;
 
 fn window_key(terminal: &str) -> Vec<u8> {
     [b"w/".as_slice(), terminal.as_bytes()].concat()
+}
+
+fn group_key(id: &str) -> Vec<u8> {
+    [b"g/".as_slice(), id.as_bytes()].concat()
 }
 
 fn request_key(id: &[u8; 16]) -> Vec<u8> {

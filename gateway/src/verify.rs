@@ -60,6 +60,8 @@ pub enum Deny {
     CardPending,
     /// A card tapped into an enrolment window could not be enrolled.
     EnrolmentRefused,
+    /// Outside the terminal's hours.
+    OutsideHours,
 }
 
 impl Deny {
@@ -97,6 +99,7 @@ impl Deny {
             Deny::CardExpired => "card_expired",
             Deny::CardPending => "card_pending",
             Deny::EnrolmentRefused => "enrolment_refused",
+            Deny::OutsideHours => "outside_hours",
         }
     }
 }

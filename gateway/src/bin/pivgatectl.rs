@@ -86,6 +86,9 @@ enum Command {
     /// Requests a second administrator must approve.
     #[command(subcommand)]
     Request(RequestCmd),
+    /// Terminal groups and their policy.
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Take a consistent backup of the gateway's state and audit log (no
     /// private keys: keep a copy of the data folder's key files apart).
     /// Restore with `pivgate-gateway restore FILE --keys DIR --data-dir NEW`.
@@ -356,17 +359,131 @@ enum MechArg {
     CardOnly,
 }
 
+/// A terminal's or a group's policy.
+#[derive(clap::Args)]
+struct PolicyArgs {
+    #[arg(long, value_enum, required = true)]
+    mechanism: Vec<MechArg>,
+    /// Roles allowed (none: any enrolled operator).
+    #[arg(long)]
+    role: Vec<String>,
+    /// Idle timeout, seconds (0: none); enforced once the terminal's
+    /// application reports activity. 900 for admin panels (NIST SP
+    /// 800-63B-4, AAL3).
+    #[arg(long, default_value_t = 0)]
+    idle_s: u32,
+    /// Maximum session, seconds (at most and by default 43200: 12 hours).
+    #[arg(long, default_value_t = 43200)]
+    max_session_s: u32,
+    /// Seconds the session stands after the card leaves, for it to tap
+    /// again (0: lock at once; at most 300).
+    #[arg(long, default_value_t = 0)]
+    removal_grace_s: u32,
+    /// When the terminal may be used, e.g. "mon-fri 07:00-19:00 +01:00" or
+    /// "daily 22:00-06:00 +00:00" (a night shift); none: always.
+    #[arg(long)]
+    hours: Option<String>,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> Result<TerminalPolicy> {
+        Ok(TerminalPolicy {
+            allowed_mechanisms: self
+                .mechanism
+                .iter()
+                .map(|m| match m {
+                    MechArg::CardAndPin => Mechanism::CardAndPin,
+                    MechArg::CardOnly => Mechanism::CardOnly,
+                })
+                .collect(),
+            allowed_roles: self.role.clone(),
+            idle_timeout_s: self.idle_s,
+            max_session_s: self.max_session_s,
+            removal_grace_s: self.removal_grace_s,
+            hours: self.hours.as_deref().map(parse_hours).transpose()?,
+        })
+    }
+}
+
+/// "mon-fri 07:00-19:00 +01:00", "daily 22:00-06:00 +00:00",
+/// "sat,sun 08:00-12:00 -05:00".
+fn parse_hours(s: &str) -> Result<pivgate_gateway::model::Hours> {
+    const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let bad = || anyhow::anyhow!("--hours {s:?}: write it like \"mon-fri 07:00-19:00 +01:00\"");
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let [days, span, offset] = parts.as_slice() else { return Err(bad()) };
+    let day = |d: &str| DAYS.iter().position(|x| *x == d.to_ascii_lowercase()).ok_or_else(bad);
+    let mut mask = 0u8;
+    if days.eq_ignore_ascii_case("daily") {
+        mask = 0x7F;
+    } else {
+        for part in days.split(',') {
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (day(a)?, day(b)?);
+                    let mut d = a;
+                    loop {
+                        mask |= 1 << d;
+                        if d == b {
+                            break;
+                        }
+                        d = (d + 1) % 7;
+                    }
+                }
+                None => mask |= 1 << day(part)?,
+            }
+        }
+    }
+    let minute = |t: &str| -> Result<u16> {
+        let (h, m) = t.split_once(':').ok_or_else(bad)?;
+        let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 24 || m > 59 || (h == 24 && m != 0) {
+            return Err(bad());
+        }
+        Ok(h * 60 + m)
+    };
+    let (from, to) = span.split_once('-').ok_or_else(bad)?;
+    let sign: i16 = match offset.chars().next() {
+        Some('+') => 1,
+        Some('-') => -1,
+        _ => return Err(bad()),
+    };
+    let off = minute(&offset[1..])? as i16 * sign;
+    let h = pivgate_gateway::model::Hours { days: mask, start_minute: minute(from)?, end_minute: minute(to)?, utc_offset_minutes: off };
+    if !h.valid() {
+        return Err(bad());
+    }
+    Ok(h)
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create or change a terminal group: its terminals take the policy
+    /// at once (those without one of their own).
+    Set {
+        id: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// List groups (tab-separated: id, terminals, mechanisms, roles, idle,
+    /// maximum session).
+    List,
+}
+
 #[derive(Subcommand)]
 enum TerminalCmd {
-    /// Set a terminal's policy.
+    /// Set a terminal's own policy (it no longer follows its group).
     Policy {
         id: String,
-        #[arg(long, value_enum, required = true)]
-        mechanism: Vec<MechArg>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Put a terminal in a group (it takes the group's policy).
+    Group {
+        id: String,
+        /// The group; none: out of any group.
         #[arg(long)]
-        role: Vec<String>,
-        #[arg(long, default_value_t = 0)]
-        max_session_s: u32,
+        group: Option<String>,
     },
     /// Lock a terminal now.
     Lock { id: String },
@@ -644,16 +761,37 @@ async fn main() -> Result<()> {
                 page_token = r.next_page_token;
             }
         }
-        Command::Terminal(TerminalCmd::Policy { id, mechanism, role, max_session_s }) => {
-            let allowed_mechanisms = mechanism
-                .iter()
-                .map(|m| match m {
-                    MechArg::CardAndPin => Mechanism::CardAndPin,
-                    MechArg::CardOnly => Mechanism::CardOnly,
-                })
-                .collect();
-            typed.set_terminal_policy(&id, &TerminalPolicy { allowed_mechanisms, allowed_roles: role, idle_timeout_s: 0, max_session_s }).await?;
+        Command::Terminal(TerminalCmd::Policy { id, policy }) => {
+            typed.set_terminal_policy(&id, &policy.policy()?).await?;
             writeln!(out, "terminal {id} policy set")?;
+        }
+        Command::Terminal(TerminalCmd::Group { id, group }) => {
+            typed.assign_terminal(&id, group.as_deref()).await?;
+            match group {
+                Some(g) => writeln!(out, "terminal {id} is in group {g}")?,
+                None => writeln!(out, "terminal {id} is in no group; it keeps its policy")?,
+            }
+        }
+        Command::Group(GroupCmd::Set { id, policy }) => {
+            let locked = typed.set_terminal_group(&id, &policy.policy()?).await?;
+            writeln!(out, "group {id} set; locked terminals: {}", locked.join(", "))?;
+        }
+        Command::Group(GroupCmd::List) => {
+            for g in admin.list_terminal_groups(pb::ListTerminalGroupsRequest {}).await?.into_inner().groups {
+                let p = g.policy.unwrap_or_default();
+                let mechanisms: Vec<String> =
+                    p.allowed_mechanisms.iter().map(|m| pb::Mechanism::try_from(*m).map(|m| m.as_str_name().to_string()).unwrap_or_default()).collect();
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\tidle {} s\tmax {} s",
+                    g.group_id,
+                    g.terminal_ids.join(","),
+                    mechanisms.join(","),
+                    p.allowed_roles.join(","),
+                    p.idle_timeout_s,
+                    p.max_session_s
+                )?;
+            }
         }
         Command::Terminal(TerminalCmd::Lock { id }) => {
             let was_unlocked = typed.lock_terminal(&id).await?;
@@ -1158,6 +1296,18 @@ fn read_certificate(path: &std::path::Path) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hours_read_as_administrators_write_them() {
+        let h = parse_hours("mon-fri 07:00-19:00 +01:00").unwrap();
+        assert_eq!((h.days, h.start_minute, h.end_minute, h.utc_offset_minutes), (0b0011111, 420, 1140, 60));
+        let n = parse_hours("fri-mon 22:00-06:00 -05:30").unwrap();
+        assert_eq!((n.days, n.utc_offset_minutes), (0b1110001, -330));
+        assert_eq!(parse_hours("daily 00:00-24:00 +00:00").unwrap().days, 0x7F);
+        for bad in ["mon-fri 07:00", "someday 07:00-19:00 +00:00", "mon 25:00-26:00 +00:00", "mon 07:00-07:00 +00:00", "mon 07:00-19:00 01:00"] {
+            assert!(parse_hours(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn control_sequences_are_shown_not_obeyed() {
