@@ -198,6 +198,11 @@ impl Gateway {
             {
                 return Ok(Refused(Deny::IdentityMismatch, "the certificate's key belongs to another card"))
             }
+            // A privileged operator's card gains a key only by an
+            // administrator's enrolment and a second one's approval.
+            (Certificate::Offered(Some(_)), None) if !self.privileged_roles(&operator).is_empty() => {
+                return Ok(Refused(Deny::CardPending, "a new key for a privileged operator's card needs an enrolment and its approval"))
+            }
             (Certificate::Offered(Some(d)), None) => (d.to_vec(), true),
             (Certificate::Offered(None), None) => return Ok(Verdict::NeedCertificate(slot)),
             (Certificate::Enrolled, None) => return Ok(Refused(Deny::UnknownCard, "no certificate enrolled for the slot")),

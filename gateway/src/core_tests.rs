@@ -1028,3 +1028,16 @@ async fn with_a_removal_grace_the_same_card_tapped_again_continues_and_no_tap_lo
     assert!(denied(&tap(&b).await).is_none());
     assert!(b.gw.card_removed(&agent(), T, Some(uuid())).await.unwrap());
 }
+
+#[tokio::test]
+async fn a_tap_cannot_add_a_key_to_an_approved_privileged_card() {
+    let b = privileged_bench(false).await;
+    let card = other_card();
+    b.gw.enrol_card(&admin(), "op-2", &nine_a(&card), Slot::PivAuthentication, None).await.unwrap();
+    b.gw.approve(&admin_named("second"), open_request(&b).id, None).await.unwrap();
+    // A card-only terminal; the card offers a 9E certificate never enrolled.
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly], ..Default::default() }).await.unwrap();
+    let d = denied(&tap_with(&b, &card, T).await);
+    assert_eq!(d, Some(Deny::CardPending), "a key joined an approved privileged card by a tap");
+    assert!(!b.gw.store.card(&card.chuid.guid).unwrap().unwrap().certificates.contains_key(&Slot::CardAuthentication));
+}

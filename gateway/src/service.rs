@@ -595,6 +595,21 @@ pub(crate) fn request_pb(gw: &Gateway, r: &model::Request) -> pb::ApprovalReques
     }
 }
 
+/// A refused approval (self-approval, a wrong badge, a stolen certificate
+/// probing) is audited, within the caller's refusal budget, and answered.
+async fn approval_refused(gw: &Gateway, caller: &Caller, api: &str, request: &str, e: Error) -> Status {
+    let entry = AuditEntry {
+        kind: crate::model::AuditKind::RpcRefused,
+        actor: caller.to_string(),
+        terminal_id: String::new(),
+        detail: json!({ "api": api, "request": request, "why": e.to_string() }),
+    };
+    if let Err(a) = gw.audit_refusal(&caller.to_string(), entry).await {
+        return a.into();
+    }
+    e.into()
+}
+
 fn request_id(s: &str) -> Result<[u8; 16], Status> {
     hex::decode(s).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| Status::invalid_argument("request_id is not a request id (32 hex digits)"))
 }
@@ -782,7 +797,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
     async fn begin_approval(&self, req: Request<pb::BeginApprovalRequest>) -> Result<Response<pb::BeginApprovalResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.BeginApproval").await?;
         let r = req.into_inner();
-        let c = self.0.begin_approval(&caller, request_id(&r.request_id)?, &r.certificate)?;
+        let c = match self.0.begin_approval(&caller, request_id(&r.request_id)?, &r.certificate) {
+            Ok(c) => c,
+            Err(e) => return Err(approval_refused(&self.0, &caller, "AdminService.BeginApproval", &r.request_id, e).await),
+        };
         Ok(Response::new(pb::BeginApprovalResponse {
             challenge_id: c.id.to_vec(),
             message: c.message,
@@ -799,7 +817,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
             (false, false) => Some((r.challenge_id.as_slice(), r.signature.as_slice())),
             _ => return Err(Status::invalid_argument("challenge_id and signature go together")),
         };
-        let decided = self.0.approve(&caller, request_id(&r.request_id)?, badge).await?;
+        let decided = match self.0.approve(&caller, request_id(&r.request_id)?, badge).await {
+            Ok(d) => d,
+            Err(e) => return Err(approval_refused(&self.0, &caller, "AdminService.ApproveRequest", &r.request_id, e).await),
+        };
         Ok(Response::new(pb::ApproveRequestResponse { request: Some(request_pb(&self.0, &decided)) }))
     }
 
