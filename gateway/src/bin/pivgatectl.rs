@@ -1052,19 +1052,7 @@ mod station {
 
     fn open_card(s: &StationArgs) -> Result<(pcsc::Context, String)> {
         let ctx = pcsc::establish()?;
-        let reader = match &s.reader {
-            Some(r) => r.clone(),
-            None => {
-                let mut with_card = None;
-                for r in pcsc::list_readers(&ctx)? {
-                    if pcsc::wait_for_card(&ctx, &r, true, std::time::Duration::from_millis(200))? {
-                        with_card = Some(r);
-                        break;
-                    }
-                }
-                with_card.context("no reader has a card in it")?
-            }
-        };
+        let reader = super::pick_reader(&ctx, s.reader.as_deref(), None)?;
         Ok((ctx, reader))
     }
 
@@ -1213,37 +1201,41 @@ async fn card_operator(admin: &mut pb::admin_service_client::AdminServiceClient<
     }
 }
 
+/// The reader to use: the one named (waiting up to `wait` for a card in
+/// it, when given), else the first with a card in it.
+fn pick_reader(ctx: &pivgate_hw::pcsc::Context, named: Option<&str>, wait: Option<std::time::Duration>) -> Result<String> {
+    use pivgate_hw::pcsc;
+    if let Some(r) = named {
+        if let Some(wait) = wait {
+            if !pcsc::wait_for_card(ctx, r, true, wait)? {
+                bail!("no card in {r}: put the card in it");
+            }
+        }
+        return Ok(r.to_string());
+    }
+    for r in pcsc::list_readers(ctx)? {
+        if pcsc::wait_for_card(ctx, &r, true, std::time::Duration::from_millis(200))? {
+            return Ok(r);
+        }
+    }
+    bail!("no reader has a card in it")
+}
+
 /// An approval signed by the approver's own badge.
 mod badge {
-    use anyhow::{bail, Context, Result};
+    use anyhow::{Context, Result};
     use pivgate_gateway::client::Admin;
     use pivgate_hw::pcsc::{self, PcscCard};
     use pivgate_hw::piv::{Algorithm, PivClient, Slot};
     use pivgate_proto::v1 as pb;
     use sha2::Digest;
 
-    fn reader(ctx: &pcsc::Context, named: Option<&str>) -> Result<String> {
-        if let Some(r) = named {
-            // An approver may type the command first and insert the badge
-            // after.
-            if !pcsc::wait_for_card(ctx, r, true, std::time::Duration::from_secs(20))? {
-                bail!("no card in {r}: put your badge in it");
-            }
-            return Ok(r.to_string());
-        }
-        for r in pcsc::list_readers(ctx)? {
-            if pcsc::wait_for_card(ctx, &r, true, std::time::Duration::from_millis(200))? {
-                return Ok(r);
-            }
-        }
-        bail!("no reader has a card in it: put your badge in a reader")
-    }
-
     /// Reads the badge's 9A certificate, has the gateway say what it is to
     /// sign, shows it, and signs after the PIN.
     pub async fn approve(admin: &mut Admin, id: &str, named: Option<&str>, pin_stdin: bool) -> Result<pb::ApprovalRequest> {
         let ctx = pcsc::establish()?;
-        let reader = reader(&ctx, named)?;
+        // An approver may type the command first and insert the badge after.
+        let reader = super::pick_reader(&ctx, named, Some(std::time::Duration::from_secs(20)))?;
         let certificate = {
             let mut card = PcscCard::connect(&ctx, &reader)?;
             let mut piv = PivClient::new(card.transaction()?);
