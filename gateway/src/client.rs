@@ -12,6 +12,20 @@ use crate::error::{Error, Result};
 use crate::model::{Operator, Slot, TerminalPolicy};
 use crate::pki::Role;
 
+/// What IssueCertificate gave.
+#[derive(Debug)]
+pub enum Issued {
+    /// The certificate and the service CA, PEM.
+    Certificate {
+        /// The certificate.
+        certificate_pem: String,
+        /// The service CA.
+        ca_pem: String,
+    },
+    /// An administrator certificate waiting for a second administrator.
+    Pending(Box<pb::ApprovalRequest>),
+}
+
 /// Client credentials: the service CA to trust and our certificate and key.
 #[derive(Clone)]
 pub struct Credentials {
@@ -259,9 +273,10 @@ impl Admin {
         Ok(self.rpc.lock_terminal(pb::LockTerminalRequest { terminal_id: terminal.into() }).await?.into_inner().was_unlocked)
     }
 
-    /// A service certificate for `public_key` (DER SubjectPublicKeyInfo):
-    /// the certificate and the service CA, PEM.
-    pub async fn issue_certificate(&mut self, role: Role, name: &str, public_key: &[u8], validity_days: u32) -> Result<(String, String)> {
+    /// A service certificate for `public_key` (DER SubjectPublicKeyInfo),
+    /// or, for an administrator past the bootstrap pair, the request a
+    /// second administrator approves (ask again after).
+    pub async fn issue_certificate(&mut self, role: Role, name: &str, public_key: &[u8], validity_days: u32) -> Result<Issued> {
         let role = match role {
             Role::Agent => pb::ServiceRole::Agent,
             Role::Application => pb::ServiceRole::Application,
@@ -269,17 +284,26 @@ impl Admin {
         };
         let req = pb::IssueCertificateRequest { role: role as i32, name: name.into(), public_key: public_key.to_vec(), validity_days };
         let r = self.rpc.issue_certificate(req).await?.into_inner();
-        Ok((r.certificate_pem, r.ca_pem))
+        Ok(match r.pending {
+            Some(request) => Issued::Pending(Box::new(request)),
+            None => Issued::Certificate { certificate_pem: r.certificate_pem, ca_pem: r.ca_pem },
+        })
     }
 
     /// Credentials for a new service identity: a P-256 key made here (it
     /// never leaves this process but in the returned credentials) and its
-    /// certificate.
+    /// certificate. An administrator certificate that needs approval is
+    /// refused here (the key would be lost): ask with
+    /// [`Admin::issue_certificate`] and a key kept by its holder.
     pub async fn issue_credentials(&mut self, role: Role, name: &str, validity_days: u32) -> Result<Credentials> {
         use rcgen::PublicKeyData;
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| Error::Pki(e.to_string()))?;
-        let (cert_pem, ca_pem) = self.issue_certificate(role, name, &key.subject_public_key_info(), validity_days).await?;
-        Ok(Credentials { ca_pem, cert_pem, key_pem: key.serialize_pem() })
+        match self.issue_certificate(role, name, &key.subject_public_key_info(), validity_days).await? {
+            Issued::Certificate { certificate_pem, ca_pem } => Ok(Credentials { ca_pem, cert_pem: certificate_pem, key_pem: key.serialize_pem() }),
+            Issued::Pending(r) => {
+                Err(Error::PermissionDenied(format!("the administrator certificate waits for a second administrator's approval (request {})", r.request_id)))
+            }
+        }
     }
 
     /// Every operator, page by page.

@@ -108,6 +108,21 @@ pub enum Begin {
     Denied(Deny, String),
 }
 
+/// What IssueCertificate gives.
+#[derive(Debug)]
+pub enum Issued {
+    /// The certificate and the service CA, PEM.
+    Certificate {
+        /// The certificate.
+        certificate_pem: String,
+        /// The service CA.
+        ca_pem: String,
+    },
+    /// An administrator certificate that waits for a second
+    /// administrator's approval; asked again once approved, it is issued.
+    Pending(Box<crate::model::Request>),
+}
+
 /// What CompleteAuthentication decides.
 pub enum Complete {
     /// Unlocked.
@@ -1094,6 +1109,7 @@ impl Gateway {
         let new_key = key_of(slot).is_none_or(|k| k != info.spki);
         if new_key {
             card.approval = None;
+            card.key_enrolled_by.insert(slot, by.to_string());
         }
         card.certificates.insert(slot, der.to_vec());
         // A new certificate's key is attested anew or not at all.
@@ -1183,20 +1199,17 @@ impl Gateway {
     }
 
     /// Issues a service certificate (agent, application or administrator)
-    /// for `public_key` from the service CA, audited. Returns the
-    /// certificate and the CA, both PEM.
-    pub async fn issue_certificate(
-        &self,
-        caller: &Caller,
-        role: crate::pki::Role,
-        name: &str,
-        public_key: &[u8],
-        validity_days: u32,
-    ) -> Result<(String, String)> {
+    /// for `public_key` from the service CA, audited. An administrator
+    /// certificate past the bootstrap pair needs a second administrator
+    /// (see [`Gateway::issue_admin_certificate`]).
+    pub async fn issue_certificate(&self, caller: &Caller, role: crate::pki::Role, name: &str, public_key: &[u8], validity_days: u32) -> Result<Issued> {
+        if role == crate::pki::Role::Admin {
+            return self.issue_admin_certificate(caller, name, public_key, validity_days).await;
+        }
         let ca = crate::pki::ServiceCa::load(&crate::pki::Files::in_dir(&self.data_dir))?;
-        let certificate = ca.issue_client(role, name, public_key, validity_days)?;
+        let certificate_pem = ca.issue_client(role, name, public_key, validity_days)?;
         self.commit(Self::admin_entry(caller, AuditKind::IssueCertificate, json!({ "role": format!("{role:?}"), "name": name })), vec![]).await?;
-        Ok((certificate, ca.cert_pem))
+        Ok(Issued::Certificate { certificate_pem, ca_pem: ca.cert_pem })
     }
 
     /// Binds an agent to terminals (creating unknown terminals locked with

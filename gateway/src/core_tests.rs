@@ -402,7 +402,11 @@ async fn a_service_certificate_is_issued_for_its_role_and_name_and_audited() {
     let b = bench(|_| {}).await;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     use rcgen::PublicKeyData;
-    let (cert, ca) = b.gw.issue_certificate(&admin(), Role::Agent, "pi-7", &key.subject_public_key_info(), 30).await.unwrap();
+    let Issued::Certificate { certificate_pem: cert, ca_pem: ca } =
+        b.gw.issue_certificate(&admin(), Role::Agent, "pi-7", &key.subject_public_key_info(), 30).await.unwrap()
+    else {
+        panic!("an agent certificate needs no approval")
+    };
     assert!(ca.contains("BEGIN CERTIFICATE"));
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).unwrap();
     let x = pem.parse_x509().unwrap();
@@ -649,6 +653,56 @@ async fn a_temporary_card_is_refused_after_its_end_and_its_session_locks() {
 
 // ---- lifecycle: enrolment windows, approvals, replacement ----
 
+fn service_key() -> Vec<u8> {
+    use rcgen::PublicKeyData;
+    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().subject_public_key_info()
+}
+
+fn names(pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let x = pem.parse_x509().unwrap();
+    format!("{:?}", x.subject_alternative_name().unwrap().unwrap().value)
+}
+
+#[tokio::test]
+async fn past_the_bootstrap_pair_no_administrator_makes_an_administrator_alone() {
+    let b = bench(|_| {}).await;
+    let issue = |by: &'static str, name: &'static str, key: Vec<u8>| {
+        let gw = b.gw.clone();
+        async move { gw.issue_certificate(&admin_named(by), Role::Admin, name, &key, 30).await }
+    };
+    // The bootstrap pair is two people: the first administrator cannot
+    // make their own second identity.
+    assert!(matches!(issue("root", "root", service_key()).await, Err(Error::InvalidRequest(_))));
+    let Issued::Certificate { certificate_pem, .. } = issue("root", "second", service_key()).await.unwrap() else { panic!("the bootstrap pair") };
+    assert!(names(&certificate_pem).contains("urn:pivgate:admin:second"));
+
+    // The attack: root mints another identity to approve its own requests
+    // with. It gets a request, not a certificate, however often it asks.
+    let key = service_key();
+    let Issued::Pending(r) = issue("root", "mallory", key.clone()).await.unwrap() else { panic!("issued alone") };
+    let Issued::Pending(again) = issue("root", "mallory", key.clone()).await.unwrap() else { panic!("issued alone") };
+    assert_eq!(again.id, r.id, "asking again is the same request");
+    assert!(r.kind.summary().contains(&hex::encode(sha2::Sha256::digest(&key))), "the approver sees the key: {}", r.kind.summary());
+    // Neither the asker nor the one it names approves it.
+    assert!(matches!(b.gw.approve(&admin(), r.id, None).await, Err(Error::PermissionDenied(_))));
+    assert!(matches!(b.gw.approve(&admin_named("mallory"), r.id, None).await, Err(Error::PermissionDenied(_))));
+    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    // Approved for root, for that key: another asker, or another key, is a
+    // new request.
+    assert!(matches!(issue("second", "mallory", key.clone()).await.unwrap(), Issued::Pending(o) if o.id != r.id));
+    assert!(matches!(issue("root", "mallory", service_key()).await.unwrap(), Issued::Pending(o) if o.id != r.id));
+    // The asker gets it, once, and the log says who approved.
+    let Issued::Certificate { certificate_pem, .. } = issue("root", "mallory", key.clone()).await.unwrap() else { panic!("approved") };
+    assert!(names(&certificate_pem).contains("urn:pivgate:admin:mallory"));
+    let (head, _) = b.gw.store.audit_head().unwrap();
+    let rec = b.gw.store.audit_after(head - 1, 1).unwrap().remove(0);
+    assert_eq!((rec.kind.as_str(), rec.detail["approved_by"].as_str()), (AuditKind::IssueCertificate.as_str(), Some("admin:second")));
+    assert!(matches!(issue("root", "mallory", key).await.unwrap(), Issued::Pending(o) if o.id != r.id), "one approval, one certificate");
+    let admins: Vec<_> = b.gw.store.admins().unwrap().into_iter().map(|a| (a.name, a.approved_by)).collect();
+    assert_eq!(admins, vec![("mallory".into(), Some("admin:second".into())), ("second".into(), None)]);
+}
+
 /// Another FIPS 201 card from the test issuer, not enrolled.
 fn other_card() -> Profile {
     let ca = IssuingCa { cert_pem: issuer().cert_pem.clone(), key_pem: issuer().key_pem.clone() };
@@ -821,6 +875,12 @@ async fn where_the_site_requires_it_an_approval_is_signed_by_the_approvers_own_b
     // The approver's badge: a card enrolled to the operator named as the
     // administrator.
     b.gw.add_operator(&admin(), Operator { id: "second".into(), name: "Second Admin".into(), roles: vec![], enabled: true }).await.unwrap();
+    // The attack: a stolen approver certificate enrols the thief's card
+    // as the approver's badge. A badge its holder enrolled proves nothing.
+    let planted = other_card();
+    b.gw.enrol_card(&admin_named("second"), "second", &nine_a(&planted), Slot::PivAuthentication, None).await.unwrap();
+    let e = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&planted)).err().unwrap();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("another administrator enrolled")), "{e}");
     let badge = other_card();
     b.gw.enrol_card(&admin(), "second", &nine_a(&badge), Slot::PivAuthentication, None).await.unwrap();
     // Another operator's card is not this administrator's badge.

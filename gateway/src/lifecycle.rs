@@ -20,9 +20,11 @@ use sha2::Digest;
 
 use crate::challenge::{Pending, Purpose, APPROVAL};
 use crate::config::ApprovalProof;
-use crate::core::{Complete, Enrolment, Gateway};
+use crate::core::{Complete, Enrolment, Gateway, Issued};
 use crate::error::{Error, Result};
-use crate::model::{uuid_text, Approval, AuditKind, Card, DenyKey, EnrolmentWindow, KeyAlgorithm, Operator, Request, RequestKind, RequestState, Slot};
+use crate::model::{
+    uuid_text, AdminRecord, Approval, AuditKind, Card, DenyKey, EnrolmentWindow, KeyAlgorithm, Operator, Request, RequestKind, RequestState, Slot,
+};
 use crate::pki::Caller;
 use crate::store::{AuditEntry, Change};
 use crate::verify::{self, Deny};
@@ -99,6 +101,7 @@ impl Gateway {
             created_ms: now,
             expires_ms: now + self.lifecycle.request_ttl_h as i64 * 3_600_000,
             state: RequestState::Pending,
+            fulfilled_ms: None,
         };
         card.pending = Some(id);
         card.note(now, by, format!("waits for a second administrator's approval (request {})", hex::encode(id)));
@@ -368,6 +371,16 @@ impl Gateway {
         if card.certificates.get(&Slot::PivAuthentication).and_then(|d| verify::inspect(d).ok()).is_none_or(|e| e.spki != info.spki) {
             return Err(refused("the key is not the card's 9A (card and PIN) key".into()));
         }
+        if self.require_attested_pin_key && !card.attested.get(&Slot::PivAuthentication).is_some_and(|a| a.key_sha256 == info.key_sha256 && a.is_pin_key()) {
+            return Err(refused("this site requires the 9A key to be attested as asking for the PIN (cards.require_attested_pin_key)".into()));
+        }
+        // A badge its holder enrolled themselves proves only the
+        // certificate: whoever stole one could plant a card with it.
+        if card.key_enrolled_by.get(&Slot::PivAuthentication).is_some_and(|by| *by == caller.to_string()) {
+            return Err(refused(format!(
+                "its key was enrolled by {caller} themselves: an approver's badge is one another administrator enrolled (a stolen certificate could plant a card)"
+            )));
+        }
         let operator = self.store.operator(&card.operator_id)?.filter(|o| o.enabled).ok_or_else(|| refused("the operator is disabled".into()))?;
         let revoked = self.store.denied(DenyKey::Card(card.uuid))? || self.store.denied(DenyKey::Certificate(info.fingerprint))?;
         let state = card.state(revoked, &self.privileged_roles(&operator), self.now_ms());
@@ -446,33 +459,40 @@ impl Gateway {
                 // Revoked or suspended since it signed: no approval.
                 badge_card = Some(self.badge(caller, der)?.0.uuid);
             }
-            let RequestKind::CardApproval { card: card_id, roles, certificates, .. } = &r.kind;
-            let Some(mut card) = self.store.card(card_id)? else { return Err(Error::NotFound(format!("card {}", uuid_text(card_id)))) };
-            if card.pending != Some(id) || certificate_digests(&card) != *certificates {
-                return Err(Error::InvalidRequest("the card changed since this request: its newer request is the one to approve".into()));
-            }
-            let approval = Approval { request: id, by: caller.to_string(), at_ms: now, badge: badge_card, roles: roles.clone() };
-            card.approval = Some(approval.clone());
-            card.pending = None;
-            card.note(
-                now,
-                &caller.to_string(),
-                format!(
-                    "approved for {} (asked by {}){}",
-                    roles.join(", "),
-                    r.requested_by,
-                    if badge_card.is_some() { ", signed by the approver's badge" } else { "" }
-                ),
-            );
+            let approval = |roles: Vec<String>| Approval { request: id, by: caller.to_string(), at_ms: now, badge: badge_card, roles };
+            let mut changes = vec![];
+            let approval = match &r.kind {
+                RequestKind::CardApproval { card: card_id, roles, certificates, .. } => {
+                    let Some(mut card) = self.store.card(card_id)? else { return Err(Error::NotFound(format!("card {}", uuid_text(card_id)))) };
+                    if card.pending != Some(id) || certificate_digests(&card) != *certificates {
+                        return Err(Error::InvalidRequest("the card changed since this request: its newer request is the one to approve".into()));
+                    }
+                    let approval = approval(roles.clone());
+                    card.approval = Some(approval.clone());
+                    card.pending = None;
+                    card.note(
+                        now,
+                        &caller.to_string(),
+                        format!(
+                            "approved for {} (asked by {}){}",
+                            roles.join(", "),
+                            r.requested_by,
+                            if badge_card.is_some() { ", signed by the approver's badge" } else { "" }
+                        ),
+                    );
+                    changes.push(Change::Card(card));
+                    approval
+                }
+                // Issued when the asker asks again.
+                RequestKind::AdminCertificate { .. } => approval(vec![]),
+            };
             r.state = RequestState::Approved(approval);
             let detail = json!({ "request": hex::encode(id), "summary": r.kind.summary(), "requested_by": r.requested_by, "reason": r.reason,
                 "approved_by": caller.to_string(), "badge": badge_card.as_ref().map(uuid_text),
                 "badge_certificate_sha256": signed.as_ref().map(|(der, _)| hex::encode(sha2::Sha256::digest(der))) });
             decided = Some(r.clone());
-            Ok(Some((
-                AuditEntry { kind: AuditKind::Approve, actor: caller.to_string(), terminal_id: String::new(), detail },
-                vec![Change::Request(r), Change::Card(card)],
-            )))
+            changes.push(Change::Request(r));
+            Ok(Some((AuditEntry { kind: AuditKind::Approve, actor: caller.to_string(), terminal_id: String::new(), detail }, changes)))
         })
         .await?;
         decided.ok_or_else(|| Error::Transaction("approval not recorded".into()))
@@ -489,8 +509,11 @@ impl Gateway {
             }
             r.state = RequestState::Refused { by: caller.to_string(), at_ms: now, reason: reason.to_string() };
             let mut changes = vec![Change::Request(r.clone())];
-            let RequestKind::CardApproval { card: card_id, .. } = &r.kind;
-            if let Some(mut card) = self.store.card(card_id)?.filter(|c| c.pending == Some(id)) {
+            let card = match &r.kind {
+                RequestKind::CardApproval { card, .. } => self.store.card(card)?.filter(|c| c.pending == Some(id)),
+                RequestKind::AdminCertificate { .. } => None,
+            };
+            if let Some(mut card) = card {
                 card.pending = None;
                 card.note(now, &caller.to_string(), format!("approval refused: {reason}"));
                 changes.push(Change::Card(card));
@@ -501,5 +524,89 @@ impl Gateway {
         })
         .await?;
         decided.ok_or_else(|| Error::Transaction("refusal not recorded".into()))
+    }
+
+    // ---- administrator certificates ----
+
+    /// An administrator certificate for `public_key`. While the Admin API
+    /// has issued none, it is issued at once: the bootstrap pair is the
+    /// first administrator (made at first start) and one more. After that
+    /// it is a request a second administrator approves (never the one who
+    /// asked, never the one it names), so no administrator can make
+    /// themselves another identity to approve their own requests with; the
+    /// asker asks again with the same name, key and validity to get the
+    /// certificate, once.
+    pub async fn issue_admin_certificate(&self, caller: &Caller, name: &str, public_key: &[u8], validity_days: u32) -> Result<Issued> {
+        crate::pki::check_request(name, public_key)?;
+        let ca = crate::pki::ServiceCa::load(&crate::pki::Files::in_dir(&self.data_dir))?;
+        let public_key_sha256 = hex::encode(sha2::Sha256::digest(public_key));
+        let kind = RequestKind::AdminCertificate { name: name.to_string(), public_key_sha256: public_key_sha256.clone(), validity_days };
+        let by = caller.to_string();
+        let now = self.now_ms();
+        let mut out = None;
+        self.commit_with(|| {
+            let bootstrap = self.store.admins()?.is_empty();
+            if bootstrap && name == caller.name {
+                return Err(Error::InvalidRequest(format!(
+                    "the bootstrap pair is two administrators: the second administrator certificate must name someone other than {name}"
+                )));
+            }
+            let requests = self.store.requests()?;
+            let mine = |r: &&Request| r.kind == kind && r.requested_by == by;
+            let approved =
+                requests.iter().filter(mine).find(|r| r.fulfilled_ms.is_none() && now < r.expires_ms && matches!(r.state, RequestState::Approved(_)));
+            let request = match (bootstrap, approved) {
+                (true, _) => None,
+                (false, Some(r)) => Some(r.clone()),
+                (false, None) => {
+                    if let Some(r) = requests.iter().filter(mine).find(|r| r.open(now)) {
+                        out = Some(Issued::Pending(Box::new(r.clone())));
+                        return Ok(None);
+                    }
+                    let mut id = [0u8; 16];
+                    self.random.fill(&mut id)?;
+                    let r = Request {
+                        id,
+                        kind: kind.clone(),
+                        requested_by: by.clone(),
+                        reason: format!("administrator certificate for {name}"),
+                        created_ms: now,
+                        expires_ms: now + self.lifecycle.request_ttl_h as i64 * 3_600_000,
+                        state: RequestState::Pending,
+                        fulfilled_ms: None,
+                    };
+                    let detail = json!({ "request": hex::encode(id), "summary": kind.summary(), "name": name, "public_key_sha256": public_key_sha256 });
+                    out = Some(Issued::Pending(Box::new(r.clone())));
+                    return Ok(Some((
+                        AuditEntry { kind: AuditKind::AskAdminCertificate, actor: by.clone(), terminal_id: String::new(), detail },
+                        vec![Change::Request(r)],
+                    )));
+                }
+            };
+            let approved_by = request.as_ref().and_then(|r| match &r.state {
+                RequestState::Approved(a) => Some(a.by.clone()),
+                _ => None,
+            });
+            let certificate_pem = ca.issue_client(crate::pki::Role::Admin, name, public_key, validity_days)?;
+            let record = AdminRecord {
+                name: name.to_string(),
+                public_key_sha256: public_key_sha256.clone(),
+                issued_by: by.clone(),
+                approved_by: approved_by.clone(),
+                request: request.as_ref().map(|r| hex::encode(r.id)),
+                at_ms: now,
+            };
+            let detail = json!({ "role": "Admin", "name": name, "public_key_sha256": public_key_sha256, "bootstrap": bootstrap,
+                "request": record.request, "approved_by": approved_by });
+            let mut changes = vec![Change::Admin(record)];
+            if let Some(mut r) = request {
+                r.fulfilled_ms = Some(now);
+                changes.push(Change::Request(r));
+            }
+            out = Some(Issued::Certificate { certificate_pem, ca_pem: ca.cert_pem.clone() });
+            Ok(Some((AuditEntry { kind: AuditKind::IssueCertificate, actor: by.clone(), terminal_id: String::new(), detail }, changes)))
+        })
+        .await?;
+        out.ok_or_else(|| Error::Transaction("certificate not recorded".into()))
     }
 }

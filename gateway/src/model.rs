@@ -139,6 +139,10 @@ pub struct Card {
     /// [`CARD_HISTORY_MAX`]; the audit log keeps everything).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<CardNote>,
+    /// Who enrolled each slot's key (an administrator identity): a badge
+    /// an asker enrolled proves no second person for their requests.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_enrolled_by: BTreeMap<Slot, String>,
 }
 
 /// How many notes a card's history keeps.
@@ -158,6 +162,7 @@ impl Card {
             expires_ms: None,
             approval: None,
             pending: None,
+            key_enrolled_by: Default::default(),
             history: Vec::new(),
         }
     }
@@ -285,6 +290,27 @@ pub struct Request {
     pub expires_ms: i64,
     /// Where it stands.
     pub state: RequestState,
+    /// When what was approved was carried out (an administrator
+    /// certificate fetched), Unix ms: at most once.
+    #[serde(default)]
+    pub fulfilled_ms: Option<i64>,
+}
+
+/// An administrator certificate the gateway issued through the Admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// The name.
+    pub name: String,
+    /// SHA-256 of its public key, hex.
+    pub public_key_sha256: String,
+    /// Who asked.
+    pub issued_by: String,
+    /// Who approved (none for the bootstrap pair).
+    pub approved_by: Option<String>,
+    /// The request, hex (none for the bootstrap pair).
+    pub request: Option<String>,
+    /// When, Unix ms.
+    pub at_ms: i64,
 }
 
 /// What a request asks for.
@@ -304,6 +330,17 @@ pub enum RequestKind {
         /// request.
         certificates: Vec<String>,
     },
+    /// A service certificate for an administrator (after the bootstrap
+    /// pair, no administrator can make another alone).
+    AdminCertificate {
+        /// The administrator's name (`urn:pivgate:admin:NAME`).
+        name: String,
+        /// SHA-256 of the public key (DER SubjectPublicKeyInfo), hex: the
+        /// approver confirms it with the key's holder.
+        public_key_sha256: String,
+        /// Validity, days.
+        validity_days: u32,
+    },
 }
 
 impl RequestKind {
@@ -311,6 +348,7 @@ impl RequestKind {
     pub fn operator(&self) -> &str {
         match self {
             RequestKind::CardApproval { operator_id, .. } => operator_id,
+            RequestKind::AdminCertificate { name, .. } => name,
         }
     }
 
@@ -320,6 +358,9 @@ impl RequestKind {
             RequestKind::CardApproval { card, operator_id, roles, .. } => {
                 format!("approve card {} for operator {operator_id} (privileged roles: {})", uuid_text(card), roles.join(", "))
             }
+            RequestKind::AdminCertificate { name, public_key_sha256, validity_days } => format!(
+                "issue an administrator certificate named {name} for {validity_days} days to the key with SHA-256 {public_key_sha256} (confirm the fingerprint with the key's holder)"
+            ),
         }
     }
 }
@@ -703,11 +744,13 @@ pub enum AuditKind {
     AssignTerminal,
     /// An application first reported activity for a terminal.
     ActivityReporting,
+    /// An administrator certificate was asked for (a second administrator approves).
+    AskAdminCertificate,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 26] = [
+    pub const ALL: [AuditKind; 27] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -734,6 +777,7 @@ impl AuditKind {
         AuditKind::SetTerminalGroup,
         AuditKind::AssignTerminal,
         AuditKind::ActivityReporting,
+        AuditKind::AskAdminCertificate,
     ];
 
     /// The name stored in the record.
@@ -765,6 +809,7 @@ impl AuditKind {
             AuditKind::SetTerminalGroup => "admin.set_terminal_group",
             AuditKind::AssignTerminal => "admin.assign_terminal",
             AuditKind::ActivityReporting => "terminal.activity_reporting",
+            AuditKind::AskAdminCertificate => "admin.ask_admin_certificate",
         }
     }
 

@@ -190,9 +190,7 @@ impl ServiceCa {
     /// Issues a client certificate for `role`/`name` over a public key
     /// (DER SubjectPublicKeyInfo).
     pub fn issue_client(&self, role: Role, name: &str, spki_der: &[u8], days: u32) -> Result<String> {
-        if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
-            return Err(Error::InvalidRequest("a service name is 1 to 128 of A-Z a-z 0-9 - _ . @".into()));
-        }
+        check_request(name, spki_der)?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, format!("{} {name}", role.as_str()));
         params.subject_alt_names.push(SanType::URI(format!("urn:pivgate:{}:{name}", role.as_str()).try_into().map_err(pki)?));
@@ -212,6 +210,16 @@ impl ServiceCa {
         let cert = self.issue_client(role, name, &key.subject_public_key_info(), days)?;
         Ok((cert, key.serialize_pem()))
     }
+}
+
+/// A service name (1 to 128 of A-Z a-z 0-9 - _ . @) and a public key
+/// (DER SubjectPublicKeyInfo) a certificate can be issued for.
+pub fn check_request(name: &str, spki_der: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+        return Err(Error::InvalidRequest("a service name is 1 to 128 of A-Z a-z 0-9 - _ . @".into()));
+    }
+    rcgen::SubjectPublicKeyInfo::from_der(spki_der).map_err(|e| Error::InvalidRequest(format!("public key: {e}")))?;
+    Ok(())
 }
 
 /// The file whose presence says a data folder's first start completed:

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::core::{Begin, BeginRequest, Complete, Gateway};
+use crate::core::{Begin, BeginRequest, Complete, Gateway, Issued};
 use crate::error::Error;
 use crate::feed::Live;
 use crate::limits::{self, Bounded};
@@ -574,7 +574,10 @@ pub(crate) fn card_pb(gw: &Gateway, c: &model::Card) -> pb::Card {
 }
 
 pub(crate) fn request_pb(gw: &Gateway, r: &model::Request) -> pb::ApprovalRequest {
-    let model::RequestKind::CardApproval { card, operator_id, .. } = &r.kind;
+    let (kind, card_uuid, operator_id) = match &r.kind {
+        model::RequestKind::CardApproval { card, operator_id, .. } => ("card_approval", uuid_text(card), operator_id.clone()),
+        model::RequestKind::AdminCertificate { name, .. } => ("admin_certificate", String::new(), name.clone()),
+    };
     let (decided_by, badge_signed) = match &r.state {
         model::RequestState::Approved(a) => (a.by.clone(), a.badge.is_some()),
         model::RequestState::Refused { by, .. } => (by.clone(), false),
@@ -583,8 +586,8 @@ pub(crate) fn request_pb(gw: &Gateway, r: &model::Request) -> pb::ApprovalReques
     pb::ApprovalRequest {
         request_id: hex::encode(r.id),
         summary: r.kind.summary(),
-        card_uuid: uuid_text(card),
-        operator_id: operator_id.clone(),
+        card_uuid,
+        operator_id,
         requested_by: r.requested_by.clone(),
         reason: r.reason.clone(),
         created_unix_ms: r.created_ms,
@@ -592,6 +595,8 @@ pub(crate) fn request_pb(gw: &Gateway, r: &model::Request) -> pb::ApprovalReques
         state: r.state_name(gw.now_ms()).to_string(),
         decided_by,
         badge_signed,
+        kind: kind.into(),
+        fulfilled_unix_ms: r.fulfilled_ms.unwrap_or(0),
     }
 }
 
@@ -982,8 +987,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
             Ok(pb::ServiceRole::Admin) => Role::Admin,
             _ => return Err(Status::invalid_argument("role must be AGENT, APPLICATION or ADMIN")),
         };
-        let (certificate_pem, ca_pem) = self.0.issue_certificate(&caller, role, &r.name, &r.public_key, r.validity_days).await?;
-        Ok(Response::new(pb::IssueCertificateResponse { certificate_pem, ca_pem }))
+        Ok(Response::new(match self.0.issue_certificate(&caller, role, &r.name, &r.public_key, r.validity_days).await? {
+            Issued::Certificate { certificate_pem, ca_pem } => pb::IssueCertificateResponse { certificate_pem, ca_pem, pending: None },
+            Issued::Pending(request) => pb::IssueCertificateResponse { pending: Some(request_pb(&self.0, &request)), ..Default::default() },
+        }))
     }
 }
 

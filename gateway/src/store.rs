@@ -141,6 +141,8 @@ pub enum Change {
     Request(crate::model::Request),
     /// Creates or replaces a terminal group.
     Group(crate::model::TerminalGroup),
+    /// Records an administrator certificate issued.
+    Admin(crate::model::AdminRecord),
     /// The newest thisUpdate (Unix seconds) accepted for a CRL key
     /// ([`crate::verify::CrlKey::id`]): a restart never goes back to an
     /// older CRL.
@@ -563,6 +565,7 @@ impl Store {
                 Change::Window { terminal, window: None } => writes.push((T_LIFECYCLE, window_key(terminal), None)),
                 Change::Request(r) => put!(T_LIFECYCLE, request_key(&r.id), enc(r)?),
                 Change::Group(g) => put!(T_LIFECYCLE, group_key(&g.id), enc(g)?),
+                Change::Admin(a) => put!(T_LIFECYCLE, admin_key(&a.name), enc(a)?),
             }
         }
         // The record names the events it comes with, and their hashes, so
@@ -910,6 +913,12 @@ impl Store {
         self.lifecycle.scan_prefix(b"r/").map(|r| dec(&r?.1)).collect()
     }
 
+    /// The administrator certificates issued through the Admin API, by
+    /// name (the newest for each name).
+    pub fn admins(&self) -> Result<Vec<crate::model::AdminRecord>> {
+        self.lifecycle.scan_prefix(b"a/").map(|r| dec(&r?.1)).collect()
+    }
+
     /// A terminal group.
     pub fn group(&self, id: &str) -> Result<Option<crate::model::TerminalGroup>> {
         self.lifecycle.get(group_key(id))?.map(|v| dec(&v)).transpose()
@@ -968,6 +977,10 @@ fn window_key(terminal: &str) -> Vec<u8> {
 
 fn group_key(id: &str) -> Vec<u8> {
     [b"g/".as_slice(), id.as_bytes()].concat()
+}
+
+fn admin_key(name: &str) -> Vec<u8> {
+    [b"a/".as_slice(), name.as_bytes()].concat()
 }
 
 fn request_key(id: &[u8; 16]) -> Vec<u8> {

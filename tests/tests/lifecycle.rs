@@ -274,3 +274,50 @@ async fn applications_and_agents_cannot_enrol_open_windows_or_approve() -> Resul
     assert_eq!(root.requests(false).await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bootstrap_pair_an_administrator_certificate_needs_a_second_administrator() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let root = write_credentials(&site.admin_credentials()?, &scratch("root-admin"))?;
+    // The bootstrap pair: the first administrator and one more, at once.
+    let second = write_credentials(&site.issue(pb::ServiceRole::Admin, "second").await?, &scratch("second-admin"))?;
+    // The new administrator makes their key; the first asks for its
+    // certificate and gets a request, however often it asks.
+    let keys = scratch("third-admin");
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["cert", "key", "--name", "third", "--out-dir", &keys.display().to_string()], ""));
+    assert!(ok, "{said}");
+    let fingerprint = said.rsplit(' ').next().unwrap_or_default().trim().to_string();
+    let public = keys.join("third.pub").display().to_string();
+    let out = scratch("third-cert").display().to_string();
+    let ask = ["cert", "issue", "--role", "admin", "--name", "third", "--out-dir", &out, "--public-key", &public, "--days", "30"];
+    for _ in 0..2 {
+        let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &ask, ""));
+        assert!(ok && said.contains("pending") && said.contains(&fingerprint), "{said}");
+        assert!(!std::path::Path::new(&out).join("third.pem").exists(), "issued alone: {said}");
+    }
+    let mut as_root = site.admin_client().await?;
+    let [request] = as_root.requests(false).await?.try_into().map_err(|r| anyhow::anyhow!("requests: {r:?}"))?;
+    assert_eq!((request.kind.as_str(), request.operator_id.as_str()), ("admin_certificate", "third"));
+    // The one who asked cannot approve it.
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["request", "approve", &request.request_id], ""));
+    assert!(!ok && said.contains("own request"), "{said}");
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &second, &["request", "approve", &request.request_id], ""));
+    assert!(ok, "{said}");
+    // Asked again: issued, and it works; once.
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &ask, ""));
+    assert!(ok && said.contains("third.pem"), "{said}");
+    let third = pivgate_tests::site::CredentialFiles {
+        ca: std::path::Path::new(&out).join("service-ca.pem"),
+        cert: std::path::Path::new(&out).join("third.pem"),
+        key: keys.join("third-key.pem"),
+    };
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &third, &["request", "list", "--all"], ""));
+    assert!(ok && said.contains(&request.request_id) && said.contains("approved"), "{said}");
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &ask, ""));
+    assert!(ok && said.contains("pending"), "one approval gave two certificates: {said}");
+    let records = site.audit_after(0).await?;
+    let issued = records.iter().filter(|r| r.kind == "admin.issue_certificate" && r.detail_json.contains("\"third\"")).collect::<Vec<_>>();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert!(issued[0].detail_json.contains("admin:second"), "{}", issued[0].detail_json);
+    Ok(())
+}

@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use pb::access_service_client::AccessServiceClient;
 use pivgate_gateway::audit::{self, Checkpoint};
-use pivgate_gateway::client::{connect, Admin, Credentials};
+use pivgate_gateway::client::{connect, Admin, Credentials, Issued};
 use pivgate_gateway::model::{Mechanism, Operator, Slot, TerminalPolicy};
 use pivgate_gateway::pki::Role;
 use pivgate_gateway::store::AuditRecord;
@@ -538,7 +538,11 @@ enum RoleArg {
 
 #[derive(Subcommand)]
 enum CertCmd {
-    /// Generate a key here and have the service CA certify it.
+    /// Have the service CA certify a key: the one in OUT_DIR/NAME-key.pem
+    /// (made there if absent), or, with --public-key, one its holder keeps.
+    /// An administrator certificate past the bootstrap pair waits for a
+    /// second administrator (`request approve`): run the same command again
+    /// after to get it.
     Issue {
         #[arg(long, value_enum)]
         role: RoleArg,
@@ -548,7 +552,57 @@ enum CertCmd {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// The holder's public key (PEM "PUBLIC KEY", or DER
+        /// SubjectPublicKeyInfo) instead of a key made here.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
     },
+    /// Make a key (for `cert issue --public-key` by an administrator):
+    /// writes OUT_DIR/NAME-key.pem and NAME.pub, and prints the public
+    /// key's SHA-256 to confirm with the approver.
+    Key {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+/// The key in OUT_DIR/NAME-key.pem,
+/// made (P-256, mode 0600) if absent: asking again after an approval
+/// certifies the same key.
+fn key_in(dir: &std::path::Path, name: &str) -> Result<rcgen::KeyPair> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{name}-key.pem"));
+    let key = if path.exists() {
+        let pem = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        rcgen::KeyPair::from_pem(&pem).with_context(|| format!("{}: not a private key", path.display()))?
+    } else {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| path.display().to_string())?;
+        f.write_all(key.serialize_pem().as_bytes())?;
+        f.sync_all()?;
+        key
+    };
+    Ok(key)
+}
+
+/// A public key file: PEM "PUBLIC KEY" or DER SubjectPublicKeyInfo.
+fn read_public_key(path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    if !bytes.starts_with(b"-----BEGIN") {
+        return Ok(bytes);
+    }
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if pem.label != "PUBLIC KEY" {
+        bail!("{}: a {} block, not a PUBLIC KEY", path.display(), pem.label);
+    }
+    Ok(pem.contents)
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 fn record_from_pb(r: pb::AuditRecord, prev: &str) -> Result<AuditRecord> {
@@ -902,20 +956,36 @@ async fn main() -> Result<()> {
             std::fs::write(&path, serde_json::to_vec_pretty(&c)?).with_context(|| path.display().to_string())?;
             writeln!(out, "checkpoint of record {} (key {}) saved to {}", c.index, &c.key_fingerprint()[..16], path.display())?;
         }
-        Command::Cert(CertCmd::Issue { role, name, out_dir, days }) => {
+        Command::Cert(CertCmd::Issue { role, name, out_dir, days, public_key }) => {
             let role = match role {
                 RoleArg::Agent => Role::Agent,
                 RoleArg::Application => Role::Application,
                 RoleArg::Admin => Role::Admin,
             };
-            let creds = typed.issue_credentials(role, &name, days).await?;
             std::fs::create_dir_all(&out_dir)?;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut k = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(out_dir.join(format!("{name}-key.pem")))?;
-            k.write_all(creds.key_pem.as_bytes())?;
-            std::fs::write(out_dir.join(format!("{name}.pem")), creds.cert_pem)?;
-            std::fs::write(out_dir.join("service-ca.pem"), creds.ca_pem)?;
-            writeln!(out, "wrote {0}/{name}.pem, {0}/{name}-key.pem and {0}/service-ca.pem", out_dir.display())?;
+            let spki = match public_key {
+                Some(path) => read_public_key(&path)?,
+                None => rcgen::PublicKeyData::subject_public_key_info(&key_in(&out_dir, &name)?),
+            };
+            match typed.issue_certificate(role, &name, &spki, days).await? {
+                Issued::Certificate { certificate_pem, ca_pem } => {
+                    std::fs::write(out_dir.join(format!("{name}.pem")), certificate_pem)?;
+                    std::fs::write(out_dir.join("service-ca.pem"), ca_pem)?;
+                    writeln!(out, "wrote {0}/{name}.pem and {0}/service-ca.pem", out_dir.display())?;
+                }
+                Issued::Pending(r) => {
+                    writeln!(out, "request {} {}: {}", r.request_id, r.state, r.summary)?;
+                    writeln!(out, "a second administrator approves it (pivgatectl request approve {}); then run this command again", r.request_id)?;
+                }
+            }
+        }
+        Command::Cert(CertCmd::Key { name, out_dir }) => {
+            std::fs::create_dir_all(&out_dir)?;
+            use rcgen::PublicKeyData;
+            let key = key_in(&out_dir, &name)?;
+            let spki = key.subject_public_key_info();
+            std::fs::write(out_dir.join(format!("{name}.pub")), key.public_key_pem())?;
+            writeln!(out, "wrote {0}/{name}-key.pem and {0}/{name}.pub; public key SHA-256 {1}", out_dir.display(), hex_sha256(&spki))?;
         }
         Command::Watch { after, terminal } => {
             let mut access = AccessServiceClient::new(channel);
