@@ -35,6 +35,10 @@ pub struct Expected<'a> {
     pub now: SystemTime,
     /// How far the gateway's time may differ from ours.
     pub max_skew: Duration,
+    /// The step-up this tap answers: the message must be a step-up's
+    /// naming it (and never a tap's); `None`, a tap's (and never a
+    /// step-up's).
+    pub step_up: Option<[u8; 16]>,
 }
 
 /// Why the agent refused to let the card sign.
@@ -66,6 +70,9 @@ pub enum Refused {
     /// The slot or algorithm is not one a pivgate tap uses.
     #[error("unsupported key slot or algorithm")]
     Unsupported,
+    /// A step-up's message names another step-up than the one asked.
+    #[error("the message names another step-up")]
+    OtherStepUp,
 }
 
 /// What the card may sign, once the message checked out.
@@ -80,7 +87,16 @@ pub struct ToSign {
 /// Checks `message` against `expected` for a signature by `slot` with
 /// `alg`, and returns the digest the card signs.
 pub fn digest_to_sign(message: &[u8], slot: Slot, alg: Algorithm, expected: &Expected<'_>) -> Result<ToSign, Refused> {
-    let m = card_message::parse(message).map_err(Refused::Message)?;
+    let m = match expected.step_up {
+        None => card_message::parse(message).map_err(Refused::Message)?,
+        Some(id) => {
+            let s = card_message::parse_step_up(message).map_err(Refused::Message)?;
+            if s.step_up_id != id {
+                return Err(Refused::OtherStepUp);
+            }
+            s.tap
+        }
+    };
     if m.agent != expected.agent {
         return Err(Refused::OtherAgent(m.agent.chars().take(64).collect()));
     }
@@ -143,7 +159,26 @@ mod tests {
             certificate_sha256: None,
             now: SystemTime::UNIX_EPOCH + Duration::from_millis(NOW_MS as u64 + 1500),
             max_skew: Duration::from_secs(60),
+            step_up: None,
         }
+    }
+
+    #[test]
+    fn a_step_up_signs_only_the_step_up_asked_and_never_a_tap() {
+        use pivgate_proto::card_message::StepUpMessage;
+        let s = StepUpMessage { tap: message(), step_up_id: [6; 16], action: "reconfigure intercom 4", params_sha256: [7; 32] };
+        let asked = Expected { step_up: Some([6; 16]), ..expected() };
+        let bytes = s.encode();
+        assert_eq!(digest_to_sign(&bytes, Slot::Authentication, Algorithm::EccP256, &asked).map(|t| t.digest), Ok(sha2::Sha256::digest(&bytes).to_vec()));
+        // Another step-up, a tap's message during a step-up, a step-up's
+        // message during a tap: refused.
+        let other = StepUpMessage { step_up_id: [9; 16], ..s.clone() }.encode();
+        assert_eq!(digest_to_sign(&other, Slot::Authentication, Algorithm::EccP256, &asked), Err(Refused::OtherStepUp));
+        assert!(matches!(digest_to_sign(&message().encode(), Slot::Authentication, Algorithm::EccP256, &asked), Err(Refused::Message(_))));
+        assert!(matches!(digest_to_sign(&bytes, Slot::Authentication, Algorithm::EccP256, &expected()), Err(Refused::Message(_))));
+        // The tap's fields are checked as ever.
+        let elsewhere = StepUpMessage { tap: CardMessage { terminal: "t2", ..message() }, ..s }.encode();
+        assert_eq!(digest_to_sign(&elsewhere, Slot::Authentication, Algorithm::EccP256, &asked), Err(Refused::OtherTerminal("t2".into())));
     }
 
     #[test]

@@ -183,6 +183,7 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
 
     // Gateway pushes and link changes to the terminals.
     let mut locks = link.locks();
+    let mut step_ups = link.step_ups();
     let mut changes = link.link_changes();
     let lock_routes: Vec<(String, mpsc::Sender<Input>, SharedIndicator)> = senders.iter().map(|(c, tx, i)| (c.id.clone(), tx.clone(), i.clone())).collect();
     let pusher = tokio::spawn(async move {
@@ -196,6 +197,18 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
                             }
                         }
                     }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                },
+                s = step_ups.recv() => match s {
+                    Ok(s) => {
+                        for (id, tx, _) in &lock_routes {
+                            if *id == s.terminal {
+                                let _ = tx.send(Input::StepUp { id: s.id, action: s.action.clone(), until: std::time::Instant::now() + s.expires_in });
+                            }
+                        }
+                    }
+                    // Missed ones come again with the next heartbeat.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => return,
                 },

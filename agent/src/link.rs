@@ -41,7 +41,21 @@ pub struct Link {
     changed: Notify,
     connected: AtomicBool,
     locks: broadcast::Sender<String>,
+    step_ups: broadcast::Sender<StepUpAsk>,
     link_changes: broadcast::Sender<bool>,
+}
+
+/// A step-up the gateway asks of the operator at one of our terminals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepUpAsk {
+    /// Identifier (sent back with the proof).
+    pub id: [u8; 16],
+    /// The terminal.
+    pub terminal: String,
+    /// What it is for, in words (for the log).
+    pub action: String,
+    /// How long it keeps waiting.
+    pub expires_in: Duration,
 }
 
 /// The agent name in a service certificate (`urn:pivgate:agent:NAME` in
@@ -91,6 +105,7 @@ impl Link {
             changed: Notify::new(),
             connected: AtomicBool::new(false),
             locks: broadcast::channel(64).0,
+            step_ups: broadcast::channel(64).0,
             link_changes: broadcast::channel(16).0,
         }))
     }
@@ -103,6 +118,12 @@ impl Link {
     /// Terminals the gateway locked (pushed over the presence stream).
     pub fn locks(&self) -> broadcast::Receiver<String> {
         self.locks.subscribe()
+    }
+
+    /// Step-ups asked at our terminals (pushed over the presence stream,
+    /// and repeated with every heartbeat while they wait).
+    pub fn step_ups(&self) -> broadcast::Receiver<StepUpAsk> {
+        self.step_ups.subscribe()
     }
 
     /// The presence stream going up (true) or down (false).
@@ -197,6 +218,13 @@ impl Link {
                             }
                             for t in r.lock_terminals {
                                 let _ = self.locks.send(t);
+                            }
+                            for s in r.step_ups {
+                                // A malformed id is no step-up of ours.
+                                let Ok(id) = <[u8; 16]>::try_from(s.step_up_id.as_slice()) else { continue };
+                                let action: String = s.action.chars().take(pivgate_proto::card_message::ACTION_MAX).collect();
+                                let expires_in = Duration::from_millis(u64::from(s.expires_in_ms)).min(Duration::from_secs(120));
+                                let _ = self.step_ups.send(StepUpAsk { id, terminal: s.terminal_id, action, expires_in });
                             }
                         }
                         _ => break,
@@ -305,6 +333,7 @@ impl Gateway for Calls {
             fascn: req.fascn.map(|f| f.0.to_vec()).unwrap_or_default(),
             certificate: req.certificate.unwrap_or_default(),
             requested_mechanism: req.requested.map(|m| m as i32).unwrap_or_default(),
+            step_up_id: req.step_up.map(|u| u.to_vec()).unwrap_or_default(),
         };
         let mut c = self.client.clone();
         use pb::begin_authentication_response::Outcome as B;
@@ -332,6 +361,7 @@ impl Gateway for Calls {
                 Completed::Granted(Grant { operator_id: g.operator_id, operator_name: g.operator_name, roles: g.roles, sequence: g.sequence })
             }
             Some(C::Denied(d)) => Completed::Denied(deny_reason(d.reason)),
+            Some(C::SteppedUp(s)) => Completed::SteppedUp(s.operator_id),
             Some(C::Enrolled(e)) => Completed::Enrolled(crate::tap::Enrolled {
                 card_uuid: e.card_uuid.as_slice().try_into().map_err(|_| GatewayError::Malformed("an enrolled card's id is not 16 bytes".into()))?,
                 operator_id: e.operator_id,

@@ -56,6 +56,8 @@ pub struct BeginRequest {
     /// A mechanism the terminal asks for (card-only readers); the policy
     /// decides otherwise.
     pub requested: Option<Mechanism>,
+    /// The step-up this proof answers (none: a tap that unlocks).
+    pub step_up: Option<[u8; 16]>,
 }
 
 /// A challenge for the card.
@@ -128,6 +130,8 @@ pub enum Completed {
     Granted(Grant),
     /// Enrolled; the terminal stays locked.
     Enrolled(Enrolled),
+    /// A step-up proven, by this operator; the session is unchanged.
+    SteppedUp(String),
     /// No.
     Denied(DenyReason),
 }
@@ -204,6 +208,8 @@ pub enum TapResult {
     /// The card was enrolled (an enrolment window was open); nothing
     /// unlocked.
     Enrolled(Enrolled),
+    /// A step-up was proven (by this operator); the session is unchanged.
+    SteppedUp(String),
     /// Refused by the gateway.
     Denied(DenyReason),
     /// The agent refused to let the card sign what the gateway sent.
@@ -303,6 +309,9 @@ pub struct Tap<'a, T, G, C: ?Sized, S: ?Sized> {
     pub clock: &'a C,
     /// What the agent remembers about cards.
     pub memory: &'a CardMemory,
+    /// The step-up this tap answers, if any: always card and PIN, and the
+    /// card signs only that step-up's message.
+    pub step_up: Option<[u8; 16]>,
 }
 
 enum PinRead {
@@ -328,7 +337,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
         // A memory that did not end in a grant is not kept: a card that
         // answered another card's serial or GUID, or reported tries of its
         // own, leaves nothing behind for the real card's next tap.
-        if let Some(id) = id.filter(|_| !matches!(result, TapResult::Granted(_))) {
+        if let Some(id) = id.filter(|_| !matches!(result, TapResult::Granted(_) | TapResult::SteppedUp(_))) {
             self.forget(&id);
         }
         let pin_reset = !pin_asked || piv.reset_pin_state().unwrap_or(false);
@@ -355,6 +364,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
                 Ok(g)
             }
             Completed::Enrolled(e) => Err(TapResult::Enrolled(e)),
+            Completed::SteppedUp(who) => Err(TapResult::SteppedUp(who)),
             Completed::Denied(d) => {
                 self.forget(&id);
                 Err(TapResult::Denied(d))
@@ -414,7 +424,9 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
             card_uuid: id.hint(),
             fascn: id.chuid.as_ref().and_then(|c| c.fascn),
             certificate: None,
-            requested: self.requested,
+            // A step-up is card and PIN, whatever this reader offers.
+            requested: if self.step_up.is_some() { None } else { self.requested },
+            step_up: self.step_up,
         };
         loop {
             match self.gateway.begin(req.clone()).await? {
@@ -451,6 +463,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
             certificate_sha256: id.certificate_sha256,
             now: self.clock.wall(),
             max_skew: self.gateway.max_clock_skew(),
+            step_up: self.step_up,
         };
         let to_sign = match challenge::digest_to_sign(&challenge.message, challenge.slot, challenge.algorithm, &expected) {
             Ok(d) => d,

@@ -303,6 +303,7 @@ fn run_remembering(s: Setup, memory: &CardMemory) -> Run {
             around: &mut around,
             clock: &clock,
             memory,
+            step_up: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(tap.run(&mut piv))

@@ -37,6 +37,17 @@ pub enum Input {
     Reader(ReaderEvent),
     /// The gateway locked this terminal.
     Locked,
+    /// An application asks the operator here to prove again (card and
+    /// PIN) before an action: the next proof at this terminal (the card in
+    /// the reader now, or presented before `until`) answers it.
+    StepUp {
+        /// The step-up.
+        id: [u8; 16],
+        /// What for, in words.
+        action: String,
+        /// Until when.
+        until: Instant,
+    },
 }
 
 /// How the PIN reaches the card.
@@ -81,17 +92,47 @@ impl Worker {
     /// Runs until the input channel closes.
     pub fn run(mut self) {
         let mut current_card: Option<[u8; 16]> = None;
+        // The reader holding a card now (a contact reader keeps it in).
+        let mut card_in: Option<String> = None;
+        let mut step_up: Option<([u8; 16], Instant)> = None;
+        // Step-ups already acted on: each is answered once, whatever the
+        // heartbeats repeat.
+        let mut done: std::collections::VecDeque<[u8; 16]> = Default::default();
         while let Ok(input) = self.inputs.recv() {
             match input {
                 Input::Reader(ReaderEvent::CardInserted { reader, .. }) => {
-                    let (result, uuid) = self.tap(&reader);
-                    current_card = uuid;
-                    self.finish(&result);
-                    if result == TapResult::CardRemoved {
-                        self.removed(current_card.take());
+                    card_in = Some(reader.clone());
+                    match step_up.take().filter(|(_, until)| Instant::now() < *until) {
+                        Some((id, _)) => self.step_up(&reader, id, &mut done, &mut card_in, &mut current_card),
+                        None => {
+                            let (result, uuid) = self.tap(&reader, None);
+                            current_card = uuid;
+                            self.finish(&result);
+                            if result == TapResult::CardRemoved {
+                                card_in = None;
+                                self.removed(current_card.take());
+                            }
+                        }
                     }
                 }
-                Input::Reader(ReaderEvent::CardRemoved { .. }) => self.removed(current_card.take()),
+                Input::StepUp { id, action, until } => {
+                    if done.contains(&id) || step_up.is_some_and(|(s, _)| s == id) {
+                        continue;
+                    }
+                    tracing::info!(terminal = %self.terminal, action = %action, "step-up asked: prove again with card and PIN");
+                    match card_in.clone() {
+                        // The card is in the reader: ask for its PIN now.
+                        Some(reader) => self.step_up(&reader, id, &mut done, &mut card_in, &mut current_card),
+                        None => {
+                            step_up = Some((id, until));
+                            self.show(Pattern::StepUp);
+                        }
+                    }
+                }
+                Input::Reader(ReaderEvent::CardRemoved { .. }) => {
+                    card_in = None;
+                    self.removed(current_card.take())
+                }
                 Input::Reader(ReaderEvent::ReaderAdded { .. }) => self.link.report(&self.terminal, |r| r.reader_present = true),
                 Input::Reader(ReaderEvent::ReaderRemoved { .. }) => {
                     self.link.report(&self.terminal, |r| *r = Default::default());
@@ -102,8 +143,34 @@ impl Worker {
         }
     }
 
+    /// A step-up tap at `reader`, answering step-up `id` once.
+    fn step_up(
+        &mut self,
+        reader: &str,
+        id: [u8; 16],
+        done: &mut std::collections::VecDeque<[u8; 16]>,
+        card_in: &mut Option<String>,
+        current: &mut Option<[u8; 16]>,
+    ) {
+        if done.len() >= 64 {
+            done.pop_front();
+        }
+        done.push_back(id);
+        self.show(Pattern::StepUp);
+        let (result, _) = self.tap(reader, Some(id));
+        self.finish(&result);
+        if result == TapResult::CardRemoved {
+            *card_in = None;
+            self.removed(current.take());
+        }
+    }
+
     fn finish(&self, result: &TapResult) {
         match result {
+            TapResult::SteppedUp(who) => {
+                tracing::info!(terminal = %self.terminal, operator = %who, "step-up proven");
+                self.show(Pattern::Granted);
+            }
             TapResult::Granted(g) => {
                 tracing::info!(terminal = %self.terminal, operator = %g.operator_id, "access granted");
                 self.show(Pattern::Granted);
@@ -161,7 +228,7 @@ impl Worker {
     }
 
     /// One badge tap. Returns the result and the card's UUID.
-    fn tap(&mut self, reader: &str) -> (TapResult, Option<[u8; 16]>) {
+    fn tap(&mut self, reader: &str, step_up: Option<[u8; 16]>) -> (TapResult, Option<[u8; 16]>) {
         self.link.report(&self.terminal, |r| {
             r.reader_present = true;
             r.card_present = true;
@@ -198,6 +265,7 @@ impl Worker {
                     around: &mut around,
                     clock: &SystemClock,
                     memory: &self.memory,
+                    step_up,
                 };
                 let outcome = self.rt.block_on(tap.run(&mut piv));
                 // Whatever happened, the next person gets no verified PIN:

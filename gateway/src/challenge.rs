@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pivgate_proto::card_message::{ApprovalMessage, CardMessage};
+use pivgate_proto::card_message::{ApprovalMessage, CardMessage, StepUpMessage};
 use sha2::{Digest, Sha256};
 
 use crate::model::{KeyAlgorithm, Mechanism};
@@ -32,6 +32,16 @@ pub enum Purpose {
         request: [u8; 16],
         /// SHA-256 of the request as stored then.
         request_sha256: [u8; 32],
+    },
+    /// The operator at an unlocked terminal proving again before an
+    /// action (see `step_up.rs`).
+    StepUp {
+        /// The step-up.
+        id: [u8; 16],
+        /// The action, in words.
+        action: String,
+        /// SHA-256 of its parameters.
+        params_sha256: [u8; 32],
     },
 }
 
@@ -109,7 +119,8 @@ impl Challenges {
         self.ttl
     }
 
-    /// Issues a challenge for a badge tap (an unlock or an enrolment).
+    /// Issues a challenge for a badge tap (an unlock, an enrolment or a
+    /// step-up).
     #[allow(clippy::too_many_arguments)]
     pub fn issue(
         &self,
@@ -139,8 +150,17 @@ impl Challenges {
             purpose,
             expires: now + self.ttl,
         };
+        let step_up = match &pending.purpose {
+            Purpose::StepUp { id, action, params_sha256 } => Some((*id, action.clone(), *params_sha256)),
+            _ => None,
+        };
         self.insert(pending, random, now, |challenge_id, nonce| {
-            CardMessage { challenge_id, nonce, gateway_id, agent, terminal, card_uuid, mechanism: mechanism.code(), certificate_sha256, unix_ms }.encode()
+            let tap = CardMessage { challenge_id, nonce, gateway_id, agent, terminal, card_uuid, mechanism: mechanism.code(), certificate_sha256, unix_ms };
+            match &step_up {
+                // A step-up's message is never a tap's: its own domain.
+                Some((step_up_id, action, params_sha256)) => StepUpMessage { tap, step_up_id: *step_up_id, action, params_sha256: *params_sha256 }.encode(),
+                None => tap.encode(),
+            }
         })
     }
 

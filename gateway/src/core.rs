@@ -20,6 +20,7 @@ use crate::model::{
     uuid_text, Agent, AuditKind, Card, DenyKey, Event, IdentityRule, KeyAlgorithm, LockReason, Mechanism, Operator, Session, Slot, Terminal, TerminalPolicy,
 };
 use crate::pki::Caller;
+use crate::step_up::{step_up_holder, step_up_policy_of};
 use crate::store::{AuditEntry, AuditRecord, Change, Store};
 use crate::verify::{self, CardTrust, Deny};
 
@@ -141,6 +142,11 @@ pub enum Complete {
         /// Its operator.
         operator: Operator,
     },
+    /// A step-up was proven (the session is unchanged).
+    SteppedUp {
+        /// Who proved.
+        operator: Operator,
+    },
     /// Refused.
     Denied(Deny, String),
 }
@@ -151,6 +157,8 @@ enum Decided {
     Unlock(Pending, Operator, verify::Validation),
     /// A card in an enrolment window.
     Enrol(Pending, crate::model::EnrolmentWindow),
+    /// A step-up's proof, checked like a tap's.
+    StepUp(Pending, Box<Card>, Operator),
 }
 
 /// The gateway's state.
@@ -170,6 +178,8 @@ pub struct Gateway {
     pub lifecycle: crate::config::LifecycleConfig,
     /// What session clocks keep in memory (activity, card removals).
     pub clocks: crate::policy::Clocks,
+    /// Step-ups waiting and their tokens.
+    pub step_ups: crate::step_up::StepUps,
     /// Challenges.
     pub challenges: Challenges,
     /// Clock.
@@ -269,6 +279,8 @@ pub struct BeginRequest {
     pub certificate: Option<Vec<u8>>,
     /// Requested mechanism, if any.
     pub mechanism: Option<Mechanism>,
+    /// The step-up this proof answers (none: a tap that unlocks).
+    pub step_up: Option<[u8; 16]>,
 }
 
 impl Gateway {
@@ -276,7 +288,7 @@ impl Gateway {
         self.clock.system().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     }
 
-    fn count(&self, outcome: &'static str) {
+    pub(crate) fn count(&self, outcome: &'static str) {
         if let Ok(mut m) = self.counters.outcomes.lock() {
             *m.entry(outcome).or_insert(0) += 1;
         }
@@ -462,6 +474,14 @@ impl Gateway {
         let Some(terminal) = self.bound_terminal(&caller.name, &req.terminal)? else {
             return denied(Deny::TerminalNotBound, "terminal unknown or not bound to this agent");
         };
+        // A step-up answers one waiting at this terminal (see `step_up.rs`).
+        let wanted = match req.step_up {
+            Some(id) => match self.step_ups.wanted(&id, self.clock.instant()) {
+                Some(w) if w.asked.terminal == req.terminal => Some(w),
+                _ => return denied(Deny::StepUpUnknown, "no such step-up waits at this terminal"),
+            },
+            None => None,
+        };
         // Which enrolled card this is: the agent's hint (a CHUID GUID, or
         // the id it learned) or the CHUID's FASC-N; else the certificate,
         // when offered, by its key (any card) or its card UUID (FIPS 201
@@ -485,6 +505,14 @@ impl Gateway {
             (None, None) => None,
         };
         let Some(card) = card else {
+            // A step-up is proven with a PIN key: its certificate, to find
+            // the card by.
+            if wanted.is_some() {
+                return match offered {
+                    Some(_) => denied(Deny::UnknownCard, "card not enrolled"),
+                    None => Ok(Ok(BeginCheck::NeedCertificate(Slot::PivAuthentication))),
+                };
+            }
             // A card no one enrolled, tapped into this terminal's enrolment
             // window: its 9A key proves possession and the PIN, and the
             // proof enrols it (see `lifecycle.rs`).
@@ -541,27 +569,32 @@ impl Gateway {
                 }
             }
         }
+        let step_up_policy;
+        let (mechanism, overlay, purpose) = match &wanted {
+            Some(w) => {
+                if let Err(why) = step_up_holder(&terminal, &card, w) {
+                    return denied(Deny::StepUpOtherOperator, why);
+                }
+                step_up_policy = step_up_policy_of(&terminal);
+                let purpose = Purpose::StepUp { id: w.asked.id, action: w.asked.action.clone(), params_sha256: w.params_sha256 };
+                (Some(Mechanism::CardAndPin), Overlay { policy: Some((&req.terminal, &step_up_policy)), ..Default::default() }, purpose)
+            }
+            None => (req.mechanism, Overlay::default(), Purpose::Unlock),
+        };
         let ask = Ask {
             agent: &caller.name,
             terminal: &req.terminal,
             card: card.uuid,
-            mechanism: req.mechanism,
+            mechanism,
             certificate: Certificate::Offered(req.certificate.as_deref()),
             check: Check::Full,
-            overlay: &Overlay::default(),
+            overlay: &overlay,
             session_roles: None,
         };
         match self.authorize(&ask)? {
             Verdict::Allowed(a) => {
                 let algorithm = a.info.as_ref().map(|i| i.algorithm).ok_or_else(|| Error::Transaction("a full check without the certificate".into()))?;
-                Ok(Ok(BeginCheck::Ready {
-                    card: a.card.uuid,
-                    mechanism: a.mechanism,
-                    algorithm,
-                    der: a.certificate,
-                    supplied: a.supplied,
-                    purpose: Purpose::Unlock,
-                }))
+                Ok(Ok(BeginCheck::Ready { card: a.card.uuid, mechanism: a.mechanism, algorithm, der: a.certificate, supplied: a.supplied, purpose }))
             }
             Verdict::NeedCertificate(slot) => Ok(Ok(BeginCheck::NeedCertificate(slot))),
             Verdict::Refused(d, why) => denied(d, why),
@@ -575,6 +608,10 @@ impl Gateway {
         match self.begin_check(caller, &req)? {
             Err((deny, detail)) => {
                 let (d, text) = self.deny(caller, t, "begin", deny, detail).await?;
+                // The application hears that its step-up was refused.
+                if let Some(id) = req.step_up.filter(|_| d != Deny::StepUpUnknown) {
+                    self.step_up_refused(caller, &id, d, &text).await?;
+                }
                 Ok(Begin::Denied(d, text))
             }
             Ok(BeginCheck::NeedCertificate(slot)) => Ok(Begin::CertificateNeeded(slot)),
@@ -613,6 +650,7 @@ impl Gateway {
                 Ok(Complete::Denied(d, text))
             }
             Ok(Decided::Enrol(p, window)) => self.complete_enrolment(caller, p, window, signature).await,
+            Ok(Decided::StepUp(p, card, operator)) => self.complete_step_up(caller, p, &card, &operator).await,
             Ok(Decided::Unlock(p, operator, validation)) => {
                 // Re-check, under the ledger lock, everything an
                 // administrator may have changed since the checks above: a
@@ -728,7 +766,17 @@ impl Gateway {
                 return Ok(Ok(Decided::Enrol(p, w)));
             }
             Purpose::Approve { .. } => return d(Deny::ChallengeMismatch, "an approval's challenge is not a badge tap's"),
+            Purpose::StepUp { .. } => {}
         }
+        let step_up_policy;
+        let overlay = match &p.purpose {
+            Purpose::StepUp { .. } => {
+                let t = self.store.terminal(terminal)?.ok_or_else(|| Error::NotFound(format!("terminal {terminal}")))?;
+                step_up_policy = step_up_policy_of(&t);
+                Overlay { policy: Some((terminal, &step_up_policy)), ..Default::default() }
+            }
+            _ => Overlay::default(),
+        };
         let ask = Ask {
             agent: &caller.name,
             terminal,
@@ -736,7 +784,7 @@ impl Gateway {
             mechanism: Some(p.mechanism),
             certificate: Certificate::Pinned(&p.certificate),
             check: Check::Full,
-            overlay: &Overlay::default(),
+            overlay: &overlay,
             session_roles: None,
         };
         let allowed = match self.authorize(&ask)? {
@@ -759,6 +807,9 @@ impl Gateway {
                 }
             }
             return d(deny, "signature refused");
+        }
+        if matches!(p.purpose, Purpose::StepUp { .. }) {
+            return Ok(Ok(Decided::StepUp(p, Box::new(card), operator)));
         }
         Ok(Ok(Decided::Unlock(p, operator, validation)))
     }

@@ -111,7 +111,7 @@ fn uuid() -> [u8; 16] {
 }
 
 fn begin_req(terminal: &str) -> BeginRequest {
-    BeginRequest { terminal: terminal.into(), card_uuid: Some(uuid()), fascn: None, certificate: None, mechanism: None }
+    BeginRequest { terminal: terminal.into(), card_uuid: Some(uuid()), fascn: None, certificate: None, mechanism: None, step_up: None }
 }
 
 /// The card signs the message as the agent would have it (PIN verified
@@ -152,7 +152,7 @@ async fn tap(b: &Bench) -> Complete {
 fn denied(c: &Complete) -> Option<Deny> {
     match c {
         Complete::Denied(d, _) => Some(*d),
-        Complete::Granted { .. } | Complete::Enrolled { .. } => None,
+        Complete::Granted { .. } | Complete::Enrolled { .. } | Complete::SteppedUp { .. } => None,
     }
 }
 
@@ -720,19 +720,24 @@ fn nine_a(p: &Profile) -> Vec<u8> {
 /// A tap of `p` at `terminal` as the agent makes it: the hint, then the
 /// certificate when asked; the card signs what the challenge asks.
 async fn tap_with(b: &Bench, p: &Profile, terminal: &str) -> Complete {
-    let mut req = BeginRequest { terminal: terminal.into(), card_uuid: Some(p.chuid.guid), fascn: None, certificate: None, mechanism: None };
+    tap_for(b, p, terminal, None).await.1
+}
+
+/// [`tap_with`] for a step-up (or not): also the message the card signed.
+async fn tap_for(b: &Bench, p: &Profile, terminal: &str, step_up: Option<[u8; 16]>) -> (Vec<u8>, Complete) {
+    let mut req = BeginRequest { terminal: terminal.into(), card_uuid: Some(p.chuid.guid), fascn: None, certificate: None, mechanism: None, step_up };
     loop {
         match b.gw.begin(&agent(), req.clone()).await.unwrap() {
             Begin::Challenge { id, message, mechanism, .. } => {
                 let sig = profile_signs(p, &message, mechanism);
-                return b.gw.complete(&agent(), &id, terminal, &sig).await.unwrap();
+                return (message.clone(), b.gw.complete(&agent(), &id, terminal, &sig).await.unwrap());
             }
             Begin::CertificateNeeded(slot) if req.certificate.is_none() => {
                 req.certificate =
                     Some(p.certificates[&if slot == Slot::PivAuthentication { CardSlot::Authentication } else { CardSlot::CardAuthentication }].clone())
             }
             Begin::CertificateNeeded(s) => panic!("{s:?} asked for twice"),
-            Begin::Denied(d, why) => return Complete::Denied(d, why),
+            Begin::Denied(d, why) => return (vec![], Complete::Denied(d, why)),
         }
     }
 }
@@ -1100,4 +1105,87 @@ async fn a_tap_cannot_add_a_key_to_an_approved_privileged_card() {
     let d = denied(&tap_with(&b, &card, T).await);
     assert_eq!(d, Some(Deny::CardPending), "a key joined an approved privileged card by a tap");
     assert!(!b.gw.store.card(&card.chuid.guid).unwrap().unwrap().certificates.contains_key(&Slot::CardAuthentication));
+}
+
+// ---- step-up ----
+
+const ACTION: &str = "reconfigure intercom 4";
+
+fn params() -> [u8; 32] {
+    sha2::Sha256::digest(b"{\"intercom\":4,\"gain\":7}").into()
+}
+
+#[tokio::test]
+async fn a_step_up_is_proven_by_the_operators_card_and_pin_and_its_token_honoured_once() {
+    let b = bench(|_| {}).await;
+    // Asked of the operator at an unlocked terminal only.
+    let e = b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(60)).err().unwrap();
+    assert!(matches!(e, Error::Precondition(_)), "{e}");
+    assert!(denied(&tap(&b).await).is_none());
+    let (wanted, mut rx) = b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(60)).unwrap();
+    assert_eq!(b.gw.step_ups.waiting_at(&[T.to_string()], b.gw.clock.instant()).len(), 1, "the agent is told");
+    let (message, done) = tap_for(&b, card_profile(), T, Some(wanted.asked.id)).await;
+    assert!(matches!(done, Complete::SteppedUp { ref operator } if operator.id == "op-1"), "{:?}", denied(&done));
+    // The card signed the action's words and parameters, with its PIN key,
+    // under the step-up domain: never a tap's message.
+    let m = pivgate_proto::card_message::parse_step_up(&message).unwrap();
+    assert_eq!((m.action, m.params_sha256, m.step_up_id), (ACTION, params(), wanted.asked.id));
+    assert_eq!(m.tap.mechanism, pivgate_proto::card_message::MECHANISM_CARD_AND_PIN);
+    assert!(pivgate_proto::card_message::parse(&message).is_err());
+    let Some(crate::step_up::Outcome::Granted(proof)) = rx.wait_for(Option::is_some).await.unwrap().clone() else { panic!("not granted") };
+    // The grant was durable before the application heard of it.
+    let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().rev().find(|r| r.kind == "stepup.granted").expect("a grant record");
+    assert_eq!((rec.detail["action"].as_str(), rec.detail["operator"].as_str()), (Some(ACTION), Some("op-1")));
+    // For that action and those parameters, once.
+    let p = b.gw.redeem_step_up(&app(), &proof.token, T, ACTION, &params()).await.unwrap();
+    assert_eq!((p.operator_id.as_str(), p.card), ("op-1", uuid()));
+    let e = b.gw.redeem_step_up(&app(), &proof.token, T, ACTION, &params()).await.unwrap_err();
+    assert!(matches!(e, Error::Precondition(_)), "replayed: {e}");
+    assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "stepup.replayed"));
+    // The step-up is over: its id proves nothing more.
+    assert_eq!(denied(&tap_for(&b, card_profile(), T, Some(wanted.asked.id)).await.1), Some(Deny::StepUpUnknown));
+    // The session is as it was.
+    assert!(locked_for(&b).is_none());
+}
+
+#[tokio::test]
+async fn a_step_up_by_another_operators_card_is_refused_and_the_application_hears_it() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    b.gw.add_operator(&admin(), Operator { id: "op-3".into(), name: "Op Three".into(), roles: vec!["dispatcher".into()], enabled: true }).await.unwrap();
+    let other = other_card();
+    b.gw.enrol_card(&admin(), "op-3", &nine_a(&other), Slot::PivAuthentication, None).await.unwrap();
+    let (wanted, mut rx) = b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(60)).unwrap();
+    let (_, done) = tap_for(&b, &other, T, Some(wanted.asked.id)).await;
+    assert_eq!(denied(&done), Some(Deny::StepUpOtherOperator));
+    assert!(matches!(rx.wait_for(Option::is_some).await.unwrap().clone(), Some(crate::step_up::Outcome::Denied(Deny::StepUpOtherOperator, _))));
+    // And the other operator's session did not begin: op-1's holds.
+    assert!(matches!(b.gw.store.terminal(T).unwrap().unwrap().session, Session::Unlocked { ref operator_id, .. } if operator_id == "op-1"));
+    // At a terminal unlocked card only, a step-up still needs the PIN key.
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly], ..Default::default() }).await.unwrap();
+    assert!(denied(&tap_with(&b, card_profile(), T).await).is_none(), "not unlocked card only");
+    let (wanted, _rx) = b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(60)).unwrap();
+    let Begin::Challenge { mechanism, message, .. } = b.gw.begin(&agent(), BeginRequest { step_up: Some(wanted.asked.id), ..begin_req(T) }).await.unwrap()
+    else {
+        panic!("no challenge")
+    };
+    assert_eq!(mechanism, Mechanism::CardAndPin, "a step-up is card and PIN at a card-only terminal too");
+    assert!(pivgate_proto::card_message::parse_step_up(&message).is_ok());
+}
+
+#[tokio::test]
+async fn a_step_up_nobody_proves_times_out_and_a_newer_one_supersedes_the_waiting_one() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    let (first, rx1) = b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(60)).unwrap();
+    let (second, mut rx2) = b.gw.ask_step_up(&app(), T, "open door 2", &params(), Duration::from_secs(60)).unwrap();
+    assert_eq!(*rx1.borrow(), Some(crate::step_up::Outcome::Superseded));
+    assert_eq!(denied(&tap_for(&b, card_profile(), T, Some(first.asked.id)).await.1), Some(Deny::StepUpUnknown));
+    assert!(b.gw.step_up_timed_out(&app(), &second).await.unwrap());
+    assert_eq!(rx2.wait_for(Option::is_some).await.unwrap().clone(), Some(crate::step_up::Outcome::TimedOut));
+    assert_eq!(denied(&tap_for(&b, card_profile(), T, Some(second.asked.id)).await.1), Some(Deny::StepUpUnknown));
+    assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "stepup.denied" && r.detail["why"] == "timed out"));
+    // Bad words or digests are refused before anything waits.
+    assert!(matches!(b.gw.ask_step_up(&app(), T, "", &params(), Duration::from_secs(60)), Err(Error::InvalidRequest(_))));
+    assert!(matches!(b.gw.ask_step_up(&app(), T, ACTION, &[1; 31], Duration::from_secs(60)), Err(Error::InvalidRequest(_))));
 }

@@ -26,6 +26,10 @@ pub enum Error {
     /// The object exists already.
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// The request is well formed but the state does not allow it (a
+    /// step-up at a locked terminal, a token presented twice).
+    #[error("failed precondition: {0}")]
+    Precondition(String),
     /// Too many outstanding challenges or watchers.
     #[error("resource exhausted: {0}")]
     Exhausted(&'static str),
@@ -79,6 +83,7 @@ impl From<Error> for Status {
             Error::InvalidRequest(_) => Status::new(Code::InvalidArgument, e.to_string()),
             Error::NotFound(_) => Status::new(Code::NotFound, e.to_string()),
             Error::AlreadyExists(_) => Status::new(Code::AlreadyExists, e.to_string()),
+            Error::Precondition(_) => Status::new(Code::FailedPrecondition, e.to_string()),
             Error::Exhausted(_) => Status::new(Code::ResourceExhausted, e.to_string()),
             // Internal details stay in the gateway's log.
             other => {

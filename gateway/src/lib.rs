@@ -36,6 +36,7 @@ pub mod pki;
 pub mod policy;
 pub mod service;
 pub mod station;
+pub mod step_up;
 pub mod store;
 pub mod tls;
 pub mod verify;
@@ -146,6 +147,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         max_temporary_days: config.cards.max_temporary_days,
         lifecycle: config.lifecycle.clone(),
         clocks: Default::default(),
+        step_ups: Default::default(),
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
         clock,
         random,

@@ -224,6 +224,7 @@ impl Bounded for pb::BeginAuthenticationRequest {
         // Empty: a card without a CHUID the agent has not met.
         exactly("card_uuid", &self.card_uuid, 16, true)?;
         exactly("fascn", &self.fascn, 25, true)?;
+        exactly("step_up_id", &self.step_up_id, 16, true)?;
         bytes("certificate", &self.certificate, CERTIFICATE_MAX)
     }
 }
@@ -414,6 +415,23 @@ impl Bounded for pb::AssignTerminalRequest {
 impl Bounded for pb::ReportActivityRequest {
     fn check(&self) -> Result<(), Status> {
         identifier("terminal_id", &self.terminal_id)
+    }
+}
+
+impl Bounded for pb::StepUpRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("terminal_id", &self.terminal_id)?;
+        bytes("action", self.action.as_bytes(), pivgate_proto::card_message::ACTION_MAX)?;
+        exactly("params_sha256", &self.params_sha256, 32, false)
+    }
+}
+
+impl Bounded for pb::RedeemStepUpRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("terminal_id", &self.terminal_id)?;
+        exactly("token", &self.token, 32, false)?;
+        bytes("action", self.action.as_bytes(), pivgate_proto::card_message::ACTION_MAX)?;
+        exactly("params_sha256", &self.params_sha256, 32, false)
     }
 }
 

@@ -746,11 +746,19 @@ pub enum AuditKind {
     ActivityReporting,
     /// An administrator certificate was asked for (a second administrator approves).
     AskAdminCertificate,
+    /// A step-up was proven (card and PIN) at a terminal.
+    StepUpGranted,
+    /// A step-up was refused, timed out or superseded.
+    StepUpDenied,
+    /// A step-up token was redeemed.
+    StepUpRedeemed,
+    /// A step-up token was refused (presented again, or for another action).
+    StepUpReplayed,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 27] = [
+    pub const ALL: [AuditKind; 31] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -778,6 +786,10 @@ impl AuditKind {
         AuditKind::AssignTerminal,
         AuditKind::ActivityReporting,
         AuditKind::AskAdminCertificate,
+        AuditKind::StepUpGranted,
+        AuditKind::StepUpDenied,
+        AuditKind::StepUpRedeemed,
+        AuditKind::StepUpReplayed,
     ];
 
     /// The name stored in the record.
@@ -810,6 +822,10 @@ impl AuditKind {
             AuditKind::AssignTerminal => "admin.assign_terminal",
             AuditKind::ActivityReporting => "terminal.activity_reporting",
             AuditKind::AskAdminCertificate => "admin.ask_admin_certificate",
+            AuditKind::StepUpGranted => "stepup.granted",
+            AuditKind::StepUpDenied => "stepup.denied",
+            AuditKind::StepUpRedeemed => "stepup.redeemed",
+            AuditKind::StepUpReplayed => "stepup.replayed",
         }
     }
 

@@ -79,6 +79,10 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
         Deny::CardPending => R::CardPending,
         Deny::EnrolmentRefused => R::EnrolmentRefused,
         Deny::OutsideHours => R::OutsideHours,
+        Deny::StepUpOtherOperator => R::StepUpOtherOperator,
+        Deny::StepUpUnknown => R::StepUpUnknown,
+        Deny::Throttled => R::Throttled,
+        Deny::LockedOut => R::LockedOut,
     }
 }
 
@@ -266,6 +270,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // Locks of this agent's terminals are pushed as they happen (an
         // administrator's lock, a revocation), not only with heartbeats.
         let mut live = gw.store.subscribe();
+        let mut step_ups = gw.step_ups.subscribe();
         let heartbeat = (gw.agent_grace.as_millis() / 3).min(u128::from(u32::MAX)) as u32;
         let mut stopping = gw.stopping.subscribe();
         tokio::spawn(async move {
@@ -293,7 +298,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             .map(|t| (t.terminal_id.clone(), t.card_present, t.card_uuid.as_slice().try_into().ok()))
                             .collect();
                         match gw.presence(&caller, &reports).await {
-                            Ok(locked) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked }),
+                            // Step-ups waiting ride on every heartbeat: a
+                            // push the agent missed is not lost.
+                            Ok(locked) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked, step_ups: step_ups_pb(&gw, &caller.name, None) }),
                             Err(e) => Err(Status::from(e)),
                         }
                     }
@@ -304,10 +311,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                         };
                         match gw.presence_push(&caller.name, live) {
-                            Ok(Some(locked)) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked }),
+                            Ok(Some(locked)) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked, step_ups: vec![] }),
                             Ok(None) => continue,
                             Err(e) => Err(Status::from(e)),
                         }
+                    }
+                    asked = step_ups.recv() => {
+                        let asked = match asked {
+                            Ok(a) => Some(a),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        };
+                        let ups = step_ups_pb(&gw, &caller.name, asked.as_ref());
+                        if ups.is_empty() {
+                            continue;
+                        }
+                        Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: vec![], step_ups: ups })
                     }
                     _ = tx.closed() => break,
                 };
@@ -333,6 +352,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             fascn: (!r.fascn.is_empty()).then_some(r.fascn),
             certificate: (!r.certificate.is_empty()).then_some(r.certificate),
             mechanism: mechanism_from(r.requested_mechanism)?,
+            step_up: if r.step_up_id.is_empty() { None } else { Some(card_uuid(&r.step_up_id)?) },
         };
         use pb::begin_authentication_response::Outcome;
         let outcome = match self.0.begin(&caller, begin).await? {
@@ -364,6 +384,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 operator_id: operator.id,
                 operator_name: operator.name,
             }),
+            Complete::SteppedUp { operator } => Outcome::SteppedUp(pb::SteppedUp { operator_id: operator.id }),
             Complete::Denied(d, detail) => Outcome::Denied(denial(d, detail)),
         };
         Ok(Response::new(pb::CompleteAuthenticationResponse { outcome: Some(outcome) }))
@@ -531,6 +552,57 @@ impl pb::access_service_server::AccessService for AccessApi {
         Ok(Response::new(pb::ReportActivityResponse { idle_timeout_s }))
     }
 
+    async fn step_up(&self, req: Request<pb::StepUpRequest>) -> Result<Response<pb::StepUpResponse>, Status> {
+        use crate::step_up::Outcome;
+        let caller = authorize(&self.0, &req, &[Role::Application], "AccessService.StepUp").await?;
+        let r = req.into_inner();
+        let wait = if r.timeout_ms == 0 { crate::step_up::WAIT_DEFAULT } else { std::time::Duration::from_millis(r.timeout_ms.into()) };
+        let (wanted, mut rx) = self.0.ask_step_up(&caller, &r.terminal_id, &r.action, &r.params_sha256, wait)?;
+        // An application that hangs up ends its step-up: the agent stops
+        // prompting at the next heartbeat.
+        let gw = self.0.clone();
+        let id = wanted.asked.id;
+        let _hung_up = scopeguard(move || {
+            gw.step_ups.finish(&id, Outcome::TimedOut, gw.clock.instant());
+        });
+        let left = wanted.asked.expires.saturating_duration_since(self.0.clock.instant());
+        let outcome = match tokio::time::timeout(left, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(o)) => o.clone(),
+            _ => None,
+        };
+        let outcome = match outcome {
+            Some(o) => o,
+            None => {
+                self.0.step_up_timed_out(&caller, &wanted).await?;
+                Outcome::TimedOut
+            }
+        };
+        let mut resp = pb::StepUpResponse::default();
+        match outcome {
+            Outcome::Granted(p) => {
+                resp.set_outcome(pb::StepUpOutcome::Granted);
+                resp.token = p.token.to_vec();
+                resp.operator_id = p.operator_id;
+                resp.token_ttl_ms = p.expires.saturating_duration_since(self.0.clock.instant()).as_millis() as u32;
+            }
+            Outcome::Denied(d, detail) => {
+                resp.set_outcome(pb::StepUpOutcome::Denied);
+                resp.set_deny_reason(deny_reason(d));
+                resp.detail = detail;
+            }
+            Outcome::TimedOut => resp.set_outcome(pb::StepUpOutcome::TimedOut),
+            Outcome::Superseded => resp.set_outcome(pb::StepUpOutcome::Superseded),
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn redeem_step_up(&self, req: Request<pb::RedeemStepUpRequest>) -> Result<Response<pb::RedeemStepUpResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.RedeemStepUp").await?;
+        let r = req.into_inner();
+        let p = self.0.redeem_step_up(&caller, &r.token, &r.terminal_id, &r.action, &r.params_sha256).await?;
+        Ok(Response::new(pb::RedeemStepUpResponse { operator_id: p.operator_id, card_uuid: p.card.to_vec(), proven_unix_ms: p.proven_ms }))
+    }
+
     async fn get_audit_head(&self, req: Request<pb::GetAuditHeadRequest>) -> Result<Response<pb::GetAuditHeadResponse>, Status> {
         authorize(&self.0, &req, &[Role::Application, Role::Admin], "AccessService.GetAuditHead").await?;
         let checkpoint = self.0.store.latest_checkpoint().map_err(Status::from)?.as_ref().map(checkpoint_pb);
@@ -541,6 +613,40 @@ impl pb::access_service_server::AccessService for AccessApi {
 
 /// The Admin API.
 pub struct AdminApi(pub Arc<Gateway>);
+
+/// The step-ups waiting at `agent`'s terminals (`only`: just this one, if
+/// it is at one of them).
+fn step_ups_pb(gw: &Gateway, agent: &str, only: Option<&crate::step_up::Asked>) -> Vec<pb::StepUpAsk> {
+    let terminals = gw.store.agent(agent).ok().flatten().map(|a| a.terminals).unwrap_or_default();
+    let now = gw.clock.instant();
+    let asked = match only {
+        Some(a) if terminals.contains(&a.terminal) && a.expires > now => vec![a.clone()],
+        Some(_) => vec![],
+        None => gw.step_ups.waiting_at(&terminals, now),
+    };
+    asked
+        .into_iter()
+        .map(|a| pb::StepUpAsk {
+            step_up_id: a.id.to_vec(),
+            terminal_id: a.terminal,
+            action: a.action,
+            expires_in_ms: a.expires.saturating_duration_since(now).as_millis() as u32,
+        })
+        .collect()
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
 
 /// A signed checkpoint as the API shows it.
 pub fn checkpoint_pb(c: &crate::audit::Checkpoint) -> pb::AuditCheckpoint {

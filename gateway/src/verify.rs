@@ -62,6 +62,16 @@ pub enum Deny {
     EnrolmentRefused,
     /// Outside the terminal's hours.
     OutsideHours,
+    /// A step-up proven by a card of another operator than the one at the
+    /// terminal, or the terminal no longer theirs.
+    StepUpOtherOperator,
+    /// The step-up is no longer waiting.
+    StepUpUnknown,
+    /// Too many failed proofs lately: wait (see `throttle.rs`).
+    Throttled,
+    /// The operator is locked out after consecutive failures, until an
+    /// administrator lifts it.
+    LockedOut,
 }
 
 impl Deny {
@@ -100,6 +110,10 @@ impl Deny {
             Deny::CardPending => "card_pending",
             Deny::EnrolmentRefused => "enrolment_refused",
             Deny::OutsideHours => "outside_hours",
+            Deny::StepUpOtherOperator => "step_up_other_operator",
+            Deny::StepUpUnknown => "step_up_unknown",
+            Deny::Throttled => "throttled",
+            Deny::LockedOut => "locked_out",
         }
     }
 }

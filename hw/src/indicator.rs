@@ -31,6 +31,10 @@ pub enum Pattern {
     /// The card was enrolled; the terminal stays locked (green blinks
     /// three times with short beeps, then off).
     Enrolled,
+    /// An application asks the operator at the terminal to prove again
+    /// (card and PIN) before a risky action (green blinks twice with
+    /// beeps, then amber steady).
+    StepUp,
 }
 
 /// One step of a pattern.
@@ -85,6 +89,7 @@ impl Pattern {
                 step(true, false, true, 120),
                 step(false, false, false, 0),
             ],
+            Pattern::StepUp => vec![step(true, false, true, 80), step(false, false, false, 80), step(true, false, true, 80), step(true, true, false, 0)],
         }
     }
 }

@@ -22,6 +22,10 @@
 //! kind ever parses as the other, so no agent can be made to sign an
 //! approval and no approver's tool a badge tap.
 //!
+//! A step-up (a fresh proof before a risky action) signs a
+//! [`StepUpMessage`] under [`STEP_UP_DOMAIN`]: a tap's fields and the
+//! action's words and parameter digest.
+//!
 //! This module knows no protobuf and no cryptography: it is the one
 //! definition of the bytes, shared by the gateway (which encodes and
 //! verifies), the agent and `pivgatectl` (which check before they sign).
@@ -31,6 +35,13 @@ pub const DOMAIN: &[u8] = b"pivgate.v1 card authentication\0";
 
 /// The domain prefix of an approval an administrator's badge signs.
 pub const APPROVAL_DOMAIN: &[u8] = b"pivgate.v1 approval\0";
+
+/// The domain prefix of a step-up: a fresh proof by the operator at an
+/// unlocked terminal before a risky action, naming the action.
+pub const STEP_UP_DOMAIN: &[u8] = b"pivgate.v1 step-up\0";
+
+/// The longest action text a step-up names, bytes.
+pub const ACTION_MAX: usize = 200;
 
 /// The longest message either side accepts.
 pub const MAX_LEN: usize = 1024;
@@ -141,27 +152,26 @@ impl CardMessage<'_> {
     /// The encoding described in the module documentation.
     pub fn encode(&self) -> Vec<u8> {
         let unix = self.unix_ms.to_be_bytes();
-        encode_fields(
-            DOMAIN,
-            &[
-                &self.challenge_id,
-                &self.nonce,
-                &self.gateway_id,
-                self.agent.as_bytes(),
-                self.terminal.as_bytes(),
-                &self.card_uuid,
-                std::slice::from_ref(&self.mechanism),
-                &self.certificate_sha256,
-                &unix,
-            ],
-        )
+        encode_fields(DOMAIN, &self.fields(&unix))
+    }
+
+    fn fields<'s>(&'s self, unix: &'s [u8; 8]) -> [&'s [u8]; 9] {
+        [
+            &self.challenge_id,
+            &self.nonce,
+            &self.gateway_id,
+            self.agent.as_bytes(),
+            self.terminal.as_bytes(),
+            &self.card_uuid,
+            std::slice::from_ref(&self.mechanism),
+            &self.certificate_sha256,
+            unix,
+        ]
     }
 }
 
-/// Parses a message, borrowing its text fields.
-pub fn parse(bytes: &[u8]) -> Result<CardMessage<'_>, MessageError> {
-    let mut f = Fields::after(DOMAIN, bytes)?;
-    let m = CardMessage {
+fn read_tap<'a>(f: &mut Fields<'a>) -> Result<CardMessage<'a>, MessageError> {
+    Ok(CardMessage {
         challenge_id: f.fixed()?,
         nonce: f.fixed()?,
         gateway_id: f.fixed()?,
@@ -174,8 +184,53 @@ pub fn parse(bytes: &[u8]) -> Result<CardMessage<'_>, MessageError> {
         },
         certificate_sha256: f.fixed()?,
         unix_ms: i64::from_be_bytes(f.fixed()?),
-    };
+    })
+}
+
+/// Parses a message, borrowing its text fields.
+pub fn parse(bytes: &[u8]) -> Result<CardMessage<'_>, MessageError> {
+    let mut f = Fields::after(DOMAIN, bytes)?;
+    let m = read_tap(&mut f)?;
     f.end()?;
+    Ok(m)
+}
+
+/// What the operator's card signs for a step-up: the prefix
+/// [`STEP_UP_DOMAIN`], the nine fields of a tap ([`CardMessage`], its
+/// mechanism always card and PIN), then the step-up id (16 bytes), the
+/// action in words (UTF-8, at most [`ACTION_MAX`] bytes) and the SHA-256 of
+/// the action's parameters as the application computed them (32).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepUpMessage<'a> {
+    /// The tap's fields.
+    pub tap: CardMessage<'a>,
+    /// The step-up asked.
+    pub step_up_id: [u8; 16],
+    /// The action, as the application named it.
+    pub action: &'a str,
+    /// SHA-256 of the action's parameters.
+    pub params_sha256: [u8; 32],
+}
+
+impl StepUpMessage<'_> {
+    /// The encoding described above.
+    pub fn encode(&self) -> Vec<u8> {
+        let unix = self.tap.unix_ms.to_be_bytes();
+        let mut fields = self.tap.fields(&unix).to_vec();
+        fields.extend([self.step_up_id.as_slice(), self.action.as_bytes(), self.params_sha256.as_slice()]);
+        encode_fields(STEP_UP_DOMAIN, &fields)
+    }
+}
+
+/// Parses a step-up message.
+pub fn parse_step_up(bytes: &[u8]) -> Result<StepUpMessage<'_>, MessageError> {
+    let mut f = Fields::after(STEP_UP_DOMAIN, bytes)?;
+    let tap = read_tap(&mut f)?;
+    let m = StepUpMessage { tap, step_up_id: f.fixed()?, action: f.text()?, params_sha256: f.fixed()? };
+    f.end()?;
+    if m.tap.mechanism != MECHANISM_CARD_AND_PIN || m.action.len() > ACTION_MAX {
+        return Err(MessageError::Malformed);
+    }
     Ok(m)
 }
 
@@ -315,6 +370,24 @@ mod tests {
         for n in APPROVAL_DOMAIN.len()..bytes.len() {
             assert_eq!(parse_approval(&bytes[..n]).unwrap_err(), MessageError::Malformed, "cut at {n}");
         }
+    }
+
+    #[test]
+    fn a_step_up_is_never_a_tap_nor_an_approval() {
+        let m = StepUpMessage { tap: sample(), step_up_id: [7; 16], action: "change intercom 4 configuration", params_sha256: [8; 32] };
+        let bytes = m.encode();
+        assert_eq!(parse_step_up(&bytes).unwrap(), m);
+        assert_eq!(parse(&bytes).unwrap_err(), MessageError::NotPivgate);
+        assert_eq!(parse_approval(&bytes).unwrap_err(), MessageError::NotPivgate);
+        assert_eq!(parse_step_up(&sample().encode()).unwrap_err(), MessageError::NotPivgate);
+        for n in STEP_UP_DOMAIN.len()..bytes.len() {
+            assert_eq!(parse_step_up(&bytes[..n]).unwrap_err(), MessageError::Malformed, "cut at {n}");
+        }
+        // Always the PIN key; an action of bounded length.
+        let card_only = StepUpMessage { tap: CardMessage { mechanism: MECHANISM_CARD_ONLY, ..sample() }, ..m.clone() };
+        assert_eq!(parse_step_up(&card_only.encode()).unwrap_err(), MessageError::Malformed);
+        let long = "x".repeat(ACTION_MAX + 1);
+        assert_eq!(parse_step_up(&StepUpMessage { action: &long, ..m }.encode()).unwrap_err(), MessageError::Malformed);
     }
 
     #[test]

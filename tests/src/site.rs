@@ -262,6 +262,8 @@ pub enum Tap {
     Denied(pb::DenyReason),
     /// Enrolled in the terminal's enrolment window.
     Enrolled(pivgate_agent::tap::Enrolled),
+    /// A step-up proven, by this operator.
+    SteppedUp(String),
 }
 
 /// Keys typed in one go, as the operator does once asked: the PIN and `#`,
@@ -308,6 +310,7 @@ impl AtTerminal {
             around: &mut self.around,
             clock: &SystemClock,
             memory: &self.memory,
+            step_up: None,
         }
     }
 }
@@ -330,6 +333,7 @@ pub async fn tap(agent: &mut AgentClient, terminal: &str, card: &mut VirtualCard
         TapResult::Granted(g) => Ok(Tap::Granted(g)),
         TapResult::Denied(d) => Ok(Tap::Denied(d)),
         TapResult::Enrolled(e) => Ok(Tap::Enrolled(e)),
+        TapResult::SteppedUp(who) => Ok(Tap::SteppedUp(who)),
         r => Err(ended(r)),
     }
 }
@@ -386,6 +390,7 @@ pub async fn complete(agent: &mut AgentClient, terminal: &str, c: &Challenge, si
     match flow.complete(c, signature).await.map_err(ended)? {
         Completed::Granted(g) => Ok(Tap::Granted(g)),
         Completed::Enrolled(e) => Ok(Tap::Enrolled(e)),
+        Completed::SteppedUp(who) => Ok(Tap::SteppedUp(who)),
         Completed::Denied(d) => Ok(Tap::Denied(d)),
     }
 }

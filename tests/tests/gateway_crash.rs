@@ -75,6 +75,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_success() -> Result<()>
                         Ok(Tap::Granted(g)) => acked.lock().unwrap().push((terminal.clone(), g.sequence)),
                         Ok(Tap::Denied(d)) => panic!("cycle {cycle}: a valid proof was denied: {d:?}"),
                         Ok(Tap::Enrolled(e)) => panic!("cycle {cycle}: an enrolled card was enrolled again: {e:?}"),
+                        Ok(Tap::SteppedUp(who)) => panic!("cycle {cycle}: a tap that asked no step-up stepped up ({who})"),
                         Err(_) => return n, // the gateway died under us
                     }
                     if agent.rpc().report_card_removed(pb::ReportCardRemovedRequest { terminal_id: terminal.clone(), card_uuid: vec![] }).await.is_err() {

@@ -46,7 +46,7 @@ impl pb::agent_service_server::AgentService for Impostor {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(Ok(_)) = input.next().await {
-                if tx.send(Ok(pb::PresenceResponse { heartbeat_interval_ms: 1000, lock_terminals: vec![] })).await.is_err() {
+                if tx.send(Ok(pb::PresenceResponse { heartbeat_interval_ms: 1000, lock_terminals: vec![], step_ups: vec![] })).await.is_err() {
                     break;
                 }
             }

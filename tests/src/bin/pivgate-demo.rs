@@ -46,6 +46,7 @@ impl Indicator for Say {
             Pattern::PinBlocked => "shows RED (blinking): the card's PIN is blocked",
             Pattern::GatewayUnreachable => "shows RED (slow blink): gateway unreachable, nothing will unlock",
             Pattern::Enrolled => "shows GREEN (three blinks): card enrolled, the terminal stays locked",
+            Pattern::StepUp => "shows GREEN (two blinks), then AMBER: prove again (card and PIN) for the action asked",
             Pattern::Idle => "is idle",
         };
         println!("agent: {} {line}", self.0);
