@@ -352,6 +352,12 @@ impl Gateway for Calls {
         })
     }
 
+    async fn pin_failed(&mut self, challenge_id: Vec<u8>, terminal: String, wrong: u32) -> Result<(), GatewayError> {
+        let req = pb::ReportPinFailureRequest { challenge_id, terminal_id: terminal, wrong_pins: wrong };
+        let mut c = self.client.clone();
+        self.call(c.report_pin_failure(req)).await.map(|_| ())
+    }
+
     async fn complete(&mut self, req: CompleteRequest) -> Result<Completed, GatewayError> {
         let req = pb::CompleteAuthenticationRequest { challenge_id: req.challenge_id, terminal_id: req.terminal, signature: req.signature };
         let mut c = self.client.clone();

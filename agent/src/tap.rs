@@ -163,6 +163,9 @@ pub trait Gateway {
     fn begin(&mut self, req: BeginRequest) -> impl Future<Output = Result<Begun, GatewayError>> + Send;
     /// CompleteAuthentication.
     fn complete(&mut self, req: CompleteRequest) -> impl Future<Output = Result<Completed, GatewayError>> + Send;
+    /// ReportPinFailure: the card refused `wrong` PINs typed for the
+    /// challenge, which it never signed.
+    fn pin_failed(&mut self, challenge_id: Vec<u8>, terminal: String, wrong: u32) -> impl Future<Output = Result<(), GatewayError>> + Send;
 }
 
 /// What is around the reader: the indicators, and whether the card is
@@ -351,7 +354,16 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
         let challenge = self.begin(piv, &mut id).await?;
         // From here the card may hold a verified PIN: it is reset at the end.
         *pin_asked = challenge.pin_required;
-        let (signature, named) = self.sign_for(piv, &id, &challenge)?;
+        let mut wrong = 0;
+        let signed = self.sign_for(piv, &id, &challenge, &mut wrong);
+        // The gateway counts wrong PINs too (its throttle is the second
+        // line behind the card's counter), for a challenge never signed.
+        if signed.is_err() && wrong > 0 {
+            if let Err(e) = self.gateway.pin_failed(challenge.id.clone(), self.terminal.to_string(), wrong).await {
+                tracing::warn!(terminal = %self.terminal, error = %e, "could not report wrong PINs to the gateway");
+            }
+        }
+        let (signature, named) = signed?;
         *card = Some(named);
         let tries = challenge.pin_required.then_some(TRIES_FULL);
         match self.complete(&challenge, signature).await? {
@@ -448,11 +460,11 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
     /// Checks the challenge is this tap's, gets the PIN to the card when the
     /// challenge needs it, and has the card sign.
     pub fn sign(&mut self, piv: &mut PivClient<T>, id: &Identified, challenge: &Challenge) -> Step<Vec<u8>> {
-        self.sign_for(piv, id, challenge).map(|(s, _)| s)
+        self.sign_for(piv, id, challenge, &mut 0).map(|(s, _)| s)
     }
 
     /// [`Tap::sign`], also returning the card id the message names.
-    fn sign_for(&mut self, piv: &mut PivClient<T>, id: &Identified, challenge: &Challenge) -> Step<(Vec<u8>, [u8; 16])> {
+    fn sign_for(&mut self, piv: &mut PivClient<T>, id: &Identified, challenge: &Challenge, wrong: &mut u32) -> Step<(Vec<u8>, [u8; 16])> {
         // The card signs only a pivgate message for this very tap; checked
         // before the PIN is even asked for.
         let known = id.known_ids();
@@ -481,7 +493,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
         }
         if challenge.pin_required {
             let remembered = id.memo.and_then(|m| m.pin_tries);
-            let verified = self.verify_pin(piv, remembered, self.clock.now() + challenge.expires_in);
+            let verified = self.verify_pin(piv, remembered, self.clock.now() + challenge.expires_in, wrong);
             if let Some(h) = id.handle {
                 match &verified {
                     Ok(()) => self.memory.pin_tries(h, TRIES_FULL),
@@ -511,7 +523,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
     /// wrongly elsewhere since may then block on a wrong PIN without the
     /// last-try warning; the card still counts, so nothing is lost but the
     /// warning.
-    fn verify_pin(&mut self, piv: &mut PivClient<T>, remembered: Option<u8>, expires: Instant) -> Step<()> {
+    fn verify_pin(&mut self, piv: &mut PivClient<T>, remembered: Option<u8>, expires: Instant, wrong: &mut u32) -> Step<()> {
         let mut last_wrong = None;
         let mut known = remembered.filter(|t| *t >= 2);
         let gave_up = |last_wrong: Option<u8>| last_wrong.map(|tries| TapResult::WrongPin { tries }).unwrap_or(TapResult::NoPin);
@@ -548,6 +560,7 @@ impl<T: Transport, G: Gateway, C: Clock + ?Sized, S: Surroundings + ?Sized> Tap<
             match outcome {
                 Ok(()) => return Ok(()),
                 Err(pivgate_hw::Error::WrongPin { tries }) => {
+                    *wrong += 1;
                     tracing::info!(terminal = %self.terminal, tries_left = tries, "wrong PIN");
                     self.around.show(Pattern::Denied);
                     last_wrong = Some(tries);

@@ -116,6 +116,7 @@ struct ScriptedGateway {
     clock: VirtualClock,
     begins: Vec<BeginRequest>,
     completions: Vec<CompleteRequest>,
+    pin_failures: Vec<u32>,
     verifying_keys: std::collections::BTreeMap<Slot, p256::ecdsa::VerifyingKey>,
     last: Option<(Slot, Vec<u8>)>,
 }
@@ -137,6 +138,7 @@ impl ScriptedGateway {
             clock: clock.clone(),
             begins: vec![],
             completions: vec![],
+            pin_failures: vec![],
             verifying_keys,
             last: None,
         }
@@ -185,6 +187,12 @@ impl Gateway for ScriptedGateway {
         self.last = Some((slot, message.clone()));
         Ok(Begun::Challenge(Challenge { id: vec![7; 16], message, slot, algorithm: Algorithm::EccP256, pin_required, expires_in: Duration::from_secs(30) }))
     }
+    async fn pin_failed(&mut self, challenge_id: Vec<u8>, terminal: String, wrong: u32) -> Result<(), GatewayError> {
+        assert_eq!((challenge_id.as_slice(), terminal.as_str()), ([7; 16].as_slice(), TERMINAL));
+        self.pin_failures.push(wrong);
+        Ok(())
+    }
+
     async fn complete(&mut self, req: CompleteRequest) -> Result<Completed, GatewayError> {
         self.completions.push(req.clone());
         if self.plan == Plan::DenyAtComplete {
@@ -343,6 +351,8 @@ fn a_wrong_pin_asks_again_and_the_tries_left_come_back() {
     assert_eq!(r.card.pin_tries(), 2);
     assert_eq!(r.around.shown.iter().filter(|p| **p == Pattern::EnterPin).count(), 2, "{:?}", r.around.shown);
     assert!(r.gateway.completions.is_empty(), "a signature went to the gateway without a PIN");
+    // The gateway hears of the wrong PIN, for the challenge never signed.
+    assert_eq!(r.gateway.pin_failures, [1]);
 }
 
 #[test]
@@ -350,6 +360,7 @@ fn a_wrong_pin_then_the_right_one_unlocks() {
     let r = run(Setup::new(Plan::Grant, vec![Act::Keys("000000#"), Act::Keys("123456#")]));
     assert!(matches!(r.outcome.result, TapResult::Granted(_)), "{:?}", r.outcome.result);
     assert_eq!(r.card.pin_tries(), 3, "a right PIN resets the counter");
+    assert!(r.gateway.pin_failures.is_empty(), "a challenge that was signed is not reported");
 }
 
 #[test]

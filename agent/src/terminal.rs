@@ -135,10 +135,16 @@ impl Worker {
                 }
                 Input::Reader(ReaderEvent::ReaderAdded { .. }) => self.link.report(&self.terminal, |r| r.reader_present = true),
                 Input::Reader(ReaderEvent::ReaderRemoved { .. }) => {
+                    card_in = None;
                     self.link.report(&self.terminal, |r| *r = Default::default());
                 }
                 Input::Reader(_) => {}
-                Input::Locked => self.show(Pattern::Idle),
+                // A lock ends any step-up: the terminal is no longer the
+                // operator's, and the next card is an unlock.
+                Input::Locked => {
+                    step_up = None;
+                    self.show(Pattern::Idle)
+                }
             }
         }
     }
@@ -152,12 +158,17 @@ impl Worker {
         card_in: &mut Option<String>,
         current: &mut Option<[u8; 16]>,
     ) {
-        if done.len() >= 64 {
-            done.pop_front();
-        }
-        done.push_back(id);
         self.show(Pattern::StepUp);
         let (result, _) = self.tap(reader, Some(id));
+        // Answered for good (proven, refused, or declined at the PIN) unless
+        // nothing reached the gateway (the card pulled, the link down, a
+        // card error): the heartbeats' repeat asks again.
+        if !matches!(result, TapResult::CardRemoved | TapResult::GatewayUnreachable | TapResult::CardError(_)) {
+            if done.len() >= 64 {
+                done.pop_front();
+            }
+            done.push_back(id);
+        }
         self.finish(&result);
         if result == TapResult::CardRemoved {
             *card_in = None;

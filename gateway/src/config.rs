@@ -34,6 +34,9 @@
 //! approval = "badge"
 //! enrolment_window_max_s = 900
 //! request_ttl_h = 72
+//! lockout_after = 10
+//! free_failures = 3
+//! max_delay_s = 300
 //! ```
 
 use std::collections::BTreeMap;
@@ -102,11 +105,29 @@ pub struct LifecycleConfig {
     pub enrolment_window_max_s: u64,
     /// How long a request waits for its approval, hours (1 to 720).
     pub request_ttl_h: u64,
+    /// Consecutive failed proofs or wrong PINs after which an operator is
+    /// locked out until an administrator lifts it (1 to 100).
+    pub lockout_after: u32,
+    /// Failures in a row (per card, operator or terminal) before delays
+    /// start (0 to 10).
+    pub free_failures: u32,
+    /// The longest delay after failures, seconds (1 to 3600); a terminal's
+    /// own delay is at most 30 s, so one attacker cannot keep a console
+    /// from its operators.
+    pub max_delay_s: u64,
 }
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
-        LifecycleConfig { privileged_roles: vec![], approval: ApprovalProof::Certificate, enrolment_window_max_s: 900, request_ttl_h: 72 }
+        LifecycleConfig {
+            privileged_roles: vec![],
+            approval: ApprovalProof::Certificate,
+            enrolment_window_max_s: 900,
+            request_ttl_h: 72,
+            lockout_after: 10,
+            free_failures: 3,
+            max_delay_s: 300,
+        }
     }
 }
 
@@ -356,6 +377,15 @@ impl Config {
         }
         if !(1..=720).contains(&lc.request_ttl_h) {
             return Err(Error::Config("lifecycle.request_ttl_h must be 1 to 720".into()));
+        }
+        if !(1..=100).contains(&lc.lockout_after) {
+            return Err(Error::Config("lifecycle.lockout_after must be 1 to 100".into()));
+        }
+        if lc.free_failures > 10 {
+            return Err(Error::Config("lifecycle.free_failures must be 0 to 10".into()));
+        }
+        if !(1..=3600).contains(&lc.max_delay_s) {
+            return Err(Error::Config("lifecycle.max_delay_s must be 1 to 3600".into()));
         }
         if let Some(r) = lc.privileged_roles.iter().find(|r| r.is_empty() || r.len() > 128) {
             return Err(Error::Config(format!("lifecycle.privileged_roles: {r:?} is not a role name")));

@@ -159,6 +159,18 @@ enum Decided {
     Enrol(Pending, crate::model::EnrolmentWindow),
     /// A step-up's proof, checked like a tap's.
     StepUp(Pending, Box<Card>, Operator),
+    /// A signature the card's key did not make (or made with the wrong
+    /// key): refused, and counted against the card, operator and terminal.
+    BadProof {
+        /// Why.
+        deny: Deny,
+        /// In words.
+        why: &'static str,
+        /// The challenge.
+        pending: Pending,
+        /// Its card's operator.
+        operator: String,
+    },
 }
 
 /// The gateway's state.
@@ -180,6 +192,8 @@ pub struct Gateway {
     pub clocks: crate::policy::Clocks,
     /// Step-ups waiting and their tokens.
     pub step_ups: crate::step_up::StepUps,
+    /// Failures in a row, by card, operator and terminal.
+    pub throttle: crate::throttle::Throttle,
     /// Challenges.
     pub challenges: Challenges,
     /// Clock.
@@ -569,6 +583,11 @@ impl Gateway {
                 }
             }
         }
+        // Failures lately slow the next proof; an operator locked out
+        // proves nothing until an administrator lifts it.
+        if let Some((d, why)) = self.throttled(card.uuid, &card.operator_id, &req.terminal)? {
+            return denied(d, &why);
+        }
         let step_up_policy;
         let (mechanism, overlay, purpose) = match &wanted {
             Some(w) => {
@@ -651,6 +670,14 @@ impl Gateway {
             }
             Ok(Decided::Enrol(p, window)) => self.complete_enrolment(caller, p, window, signature).await,
             Ok(Decided::StepUp(p, card, operator)) => self.complete_step_up(caller, p, &card, &operator).await,
+            Ok(Decided::BadProof { deny, why, pending, operator }) => {
+                let (d, text) = self.deny(caller, terminal, "complete", deny, json!({ "why": why, "card_uuid": uuid_text(&pending.card_uuid) })).await?;
+                self.failures(caller, Some(pending.card_uuid), Some(&operator), terminal, 1).await?;
+                if let Purpose::StepUp { id, .. } = &pending.purpose {
+                    self.step_up_refused(caller, id, d, &text).await?;
+                }
+                Ok(Complete::Denied(d, text))
+            }
             Ok(Decided::Unlock(p, operator, validation)) => {
                 // Re-check, under the ledger lock, everything an
                 // administrator may have changed since the checks above: a
@@ -732,6 +759,7 @@ impl Gateway {
                     return Ok(Complete::Denied(d, text));
                 };
                 let operator = self.store.operator(&operator.id)?.unwrap_or(operator);
+                self.proof_succeeded(p.card_uuid, &operator.id, &p.terminal);
                 let _ = self.take_removal(&p.terminal);
                 self.count("granted");
                 // Watch this agent for silence from now on, stream or not.
@@ -801,12 +829,13 @@ impl Gateway {
                 if let Some(other) = card.certificates.get(&Slot::CardAuthentication) {
                     if let Ok(o) = verify::inspect(other) {
                         if verify::verify_signature(o.algorithm, &o.spki, &p.message, signature).is_ok() {
-                            return d(Deny::MechanismNotAllowed, "signed with the card authentication key where the PIN was required");
+                            let why = "signed with the card authentication key where the PIN was required";
+                            return Ok(Ok(Decided::BadProof { deny: Deny::MechanismNotAllowed, why, pending: p, operator: operator.id }));
                         }
                     }
                 }
             }
-            return d(deny, "signature refused");
+            return Ok(Ok(Decided::BadProof { deny, why: "signature refused", pending: p, operator: operator.id }));
         }
         if matches!(p.purpose, Purpose::StepUp { .. }) {
             return Ok(Ok(Decided::StepUp(p, Box::new(card), operator)));

@@ -1189,3 +1189,109 @@ async fn a_step_up_nobody_proves_times_out_and_a_newer_one_supersedes_the_waitin
     assert!(matches!(b.gw.ask_step_up(&app(), T, "", &params(), Duration::from_secs(60)), Err(Error::InvalidRequest(_))));
     assert!(matches!(b.gw.ask_step_up(&app(), T, ACTION, &[1; 31], Duration::from_secs(60)), Err(Error::InvalidRequest(_))));
 }
+
+// ---- throttling ----
+
+/// A tap whose signature is not the card's: a failed proof.
+async fn bad_proof(b: &Bench) -> Option<Deny> {
+    match b.gw.begin(&agent(), begin_req(T)).await.unwrap() {
+        Begin::Challenge { id, .. } => denied(&b.gw.complete(&agent(), &id, T, &[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]).await.unwrap()),
+        Begin::Denied(d, _) => Some(d),
+        Begin::CertificateNeeded(s) => panic!("{s:?} asked for"),
+    }
+}
+
+#[tokio::test]
+async fn failed_proofs_slow_the_next_ones_and_lock_the_operator_out_until_an_administrator_lifts_it() {
+    let b = bench(|c| {
+        c.lifecycle.lockout_after = 6;
+        c.lifecycle.free_failures = 2;
+    })
+    .await;
+    // Two free failures; the third starts a delay the next tap meets.
+    assert_eq!(bad_proof(&b).await, Some(Deny::BadSignature));
+    assert_eq!(bad_proof(&b).await, Some(Deny::BadSignature));
+    assert_eq!(bad_proof(&b).await, Some(Deny::BadSignature));
+    assert_eq!(bad_proof(&b).await, Some(Deny::Throttled), "no delay after three failures in a row");
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::Throttled), "the right card waits too");
+    // The delay grows: 1 s, then 2 s, then 4 s.
+    for wait in [1, 2, 4] {
+        b.clock.advance(Duration::from_secs(wait));
+        assert_eq!(bad_proof(&b).await, Some(Deny::BadSignature), "after {wait} s");
+    }
+    // Six in a row: locked out, durably, audited and counted; the right
+    // card and PIN prove nothing now, however long one waits.
+    b.clock.advance(Duration::from_secs(600));
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::LockedOut));
+    let l = b.gw.store.lockout("op-1").unwrap().expect("a stored lockout");
+    assert_eq!((l.failures, l.terminal.as_str()), (6, T));
+    assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "auth.lockout" && r.detail["operator"] == "op-1"));
+    assert!(crate::metrics::render(&b.gw).contains("pivgate_lockouts_total 1"));
+    // An administrator lifts it: the card works, and counting starts again.
+    assert!(b.gw.lift_lockout(&admin(), "op-1", "the operator was at the console; cleared with them").await.unwrap());
+    assert!(!b.gw.lift_lockout(&admin(), "op-1", "again").await.unwrap());
+    assert!(denied(&tap(&b).await).is_none());
+    assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "admin.lift_lockout"));
+}
+
+#[tokio::test]
+async fn wrong_pins_count_only_when_reported_for_a_challenge_of_this_agent_there_and_only_once() {
+    let b = bench(|c| {
+        c.lifecycle.lockout_after = 4;
+        c.lifecycle.free_failures = 10;
+    })
+    .await;
+    let Begin::Challenge { id, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("no challenge") };
+    // Another agent, another terminal, a made-up challenge: refused.
+    let other = Caller { role: Role::Agent, name: "pi-2".into() };
+    assert!(matches!(b.gw.report_pin_failures(&other, &id, T, 3).await, Err(Error::InvalidRequest(_))));
+    assert!(matches!(b.gw.report_pin_failures(&agent(), &id, "lobby", 3).await, Err(Error::InvalidRequest(_))));
+    assert!(matches!(b.gw.report_pin_failures(&agent(), &[9; 16], T, 3).await, Err(Error::InvalidRequest(_))));
+    b.gw.report_pin_failures(&agent(), &id, T, 3).await.unwrap();
+    // Taken once: the same challenge is neither reported again nor signed.
+    assert!(matches!(b.gw.report_pin_failures(&agent(), &id, T, 3).await, Err(Error::InvalidRequest(_))));
+    assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &card_signs(b"x", Mechanism::CardAndPin)).await.unwrap()), Some(Deny::ChallengeReplayed));
+    // The fourth wrong PIN in a row locks the operator out.
+    let Begin::Challenge { id, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("no challenge") };
+    b.gw.report_pin_failures(&agent(), &id, T, 1).await.unwrap();
+    assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::LockedOut));
+    assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "auth.pin_failed"));
+}
+
+#[tokio::test]
+async fn a_success_clears_the_failures_before_it() {
+    let b = bench(|c| {
+        c.lifecycle.lockout_after = 3;
+        c.lifecycle.free_failures = 5;
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(bad_proof(&b).await, Some(Deny::BadSignature));
+        assert_eq!(bad_proof(&b).await, Some(Deny::BadSignature));
+        assert!(denied(&tap(&b).await).is_none(), "two failures then the right card and PIN");
+    }
+    assert!(b.gw.store.lockout("op-1").unwrap().is_none(), "failures not in a row locked the operator out");
+}
+
+#[tokio::test]
+async fn a_step_up_token_outlives_no_lock_and_no_application_swaps_another_ones_step_up() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    // Another application cannot replace a waiting step-up under the
+    // operator's PIN; its own asks are bounded too.
+    let (wanted, mut rx) = b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(120)).unwrap();
+    let other = Caller { role: Role::Application, name: "door-controller".into() };
+    assert!(matches!(b.gw.ask_step_up(&other, T, "open every door", &params(), Duration::from_secs(60)), Err(Error::Precondition(_))));
+    // The wait never outlasts the server's call timeout.
+    assert!(wanted.asked.expires <= b.gw.clock.instant() + Duration::from_secs(b.gw.limits.call_timeout_s));
+    assert!(matches!(tap_for(&b, card_profile(), T, Some(wanted.asked.id)).await.1, Complete::SteppedUp { .. }));
+    let Some(crate::step_up::Outcome::Granted(proof)) = rx.wait_for(Option::is_some).await.unwrap().clone() else { panic!("not granted") };
+    // The terminal locks before the token is used: it is worth nothing.
+    assert!(b.gw.lock_if(&admin().to_string(), T, LockReason::Administrator, |_| true).await.unwrap());
+    let e = b.gw.redeem_step_up(&app(), &proof.token, T, ACTION, &params()).await.unwrap_err();
+    assert!(matches!(e, Error::Precondition(ref m) if m.contains("no longer unlocked")), "{e}");
+    // One caller's burst of asks is cut short.
+    assert!(denied(&tap(&b).await).is_none());
+    let refused = (0..20).filter(|_| matches!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)), Err(Error::Exhausted(_)))).count();
+    assert!(refused >= 9, "{refused} of 20 asks refused");
+}

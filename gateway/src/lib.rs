@@ -38,6 +38,7 @@ pub mod service;
 pub mod station;
 pub mod step_up;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod verify;
 
@@ -123,6 +124,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
     }
     let trust = verify::CardTrust::new(&anchors, &intermediates, config.card_policy()).map_err(|e| Error::Config(format!("cards: {e}")))?;
     let store = store::Store::open(&config.data_dir.join("db"))?;
+    store.open_bootstrap_if_new()?;
     // The database's folder name, durable, before the first start counts
     // as complete.
     std::fs::File::open(&config.data_dir)?.sync_all()?;
@@ -148,6 +150,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         lifecycle: config.lifecycle.clone(),
         clocks: Default::default(),
         step_ups: Default::default(),
+        throttle: Default::default(),
         challenges: challenge::Challenges::new(Duration::from_secs(config.challenge_ttl_s), 100_000, gateway_id),
         clock,
         random,

@@ -545,7 +545,7 @@ impl Gateway {
         let now = self.now_ms();
         let mut out = None;
         self.commit_with(|| {
-            let bootstrap = self.store.admins()?.is_empty();
+            let bootstrap = self.store.bootstrap_open()?;
             if bootstrap && name == caller.name {
                 return Err(Error::InvalidRequest(format!(
                     "the bootstrap pair is two administrators: the second administrator certificate must name someone other than {name}"
@@ -565,11 +565,16 @@ impl Gateway {
                     }
                     let mut id = [0u8; 16];
                     self.random.fill(&mut id)?;
+                    let existing = self.store.admins()?.into_iter().any(|a| a.name == name) || name == crate::pki::FIRST_ADMIN;
                     let r = Request {
                         id,
                         kind: kind.clone(),
                         requested_by: by.clone(),
-                        reason: format!("administrator certificate for {name}"),
+                        reason: if existing {
+                            format!("a NEW KEY for the EXISTING administrator {name}: confirm with {name} in person")
+                        } else {
+                            format!("administrator certificate for {name}")
+                        },
                         created_ms: now,
                         expires_ms: now + self.lifecycle.request_ttl_h as i64 * 3_600_000,
                         state: RequestState::Pending,
@@ -599,6 +604,9 @@ impl Gateway {
             let detail = json!({ "role": "Admin", "name": name, "public_key_sha256": public_key_sha256, "bootstrap": bootstrap,
                 "request": record.request, "approved_by": approved_by });
             let mut changes = vec![Change::Admin(record)];
+            if bootstrap {
+                changes.push(Change::BootstrapSpent);
+            }
             if let Some(mut r) = request {
                 r.fulfilled_ms = Some(now);
                 changes.push(Change::Request(r));

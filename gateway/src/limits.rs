@@ -418,6 +418,20 @@ impl Bounded for pb::ReportActivityRequest {
     }
 }
 
+impl Bounded for pb::ReportPinFailureRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("terminal_id", &self.terminal_id)?;
+        exactly("challenge_id", &self.challenge_id, 16, false)
+    }
+}
+
+impl Bounded for pb::LiftLockoutRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("operator_id", &self.operator_id)?;
+        text("reason", &self.reason)
+    }
+}
+
 impl Bounded for pb::StepUpRequest {
     fn check(&self) -> Result<(), Status> {
         identifier("terminal_id", &self.terminal_id)?;

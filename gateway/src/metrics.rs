@@ -33,6 +33,11 @@ pub struct Counters {
     pub tls_rejected: std::sync::atomic::AtomicU64,
     /// Refusal audit records suppressed by the per-caller budget.
     pub audit_suppressed: std::sync::atomic::AtomicU64,
+    /// Operators locked out after consecutive failures.
+    pub lockouts: std::sync::atomic::AtomicU64,
+    /// Failures (refused proofs, wrong PINs reported) counted by the
+    /// throttle.
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 /// Renders the Prometheus metrics.
@@ -70,6 +75,12 @@ pub fn render(gw: &Gateway) -> String {
     let _ = writeln!(s, "# HELP pivgate_audit_suppressed_total Refusals past their caller's audit budget: counted and summarised, not recorded one by one.");
     let _ =
         writeln!(s, "# TYPE pivgate_audit_suppressed_total counter\npivgate_audit_suppressed_total {}", gw.counters.audit_suppressed.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# HELP pivgate_lockouts_total Operators locked out after consecutive failures.");
+    let _ = writeln!(s, "# TYPE pivgate_lockouts_total counter\npivgate_lockouts_total {}", gw.counters.lockouts.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# HELP pivgate_throttled_failures_total Refused proofs and reported wrong PINs counted by the throttle.");
+    let _ = writeln!(s, "# TYPE pivgate_throttled_failures_total counter\npivgate_throttled_failures_total {}", gw.counters.failures.load(Ordering::Relaxed));
+    let locked_out = gw.store.lockouts().map(|l| l.len()).unwrap_or(0);
+    let _ = writeln!(s, "# TYPE pivgate_operators_locked_out gauge\npivgate_operators_locked_out {locked_out}");
     let unlocked = gw.store.terminals().map(|t| t.iter().filter(|t| matches!(t.session, model::Session::Unlocked { .. })).count()).unwrap_or(0);
     let _ = writeln!(s, "# TYPE pivgate_unlocked_terminals gauge\npivgate_unlocked_terminals {unlocked}");
     let _ = writeln!(s, "# HELP pivgate_crl_refused_total CRLs refused, by reason (the CRL held before stays in force).");

@@ -296,6 +296,21 @@ pub struct Request {
     pub fulfilled_ms: Option<i64>,
 }
 
+/// An operator locked out after consecutive failures (see `throttle.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lockout {
+    /// The operator.
+    pub operator_id: String,
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// Failures in a row that reached the limit.
+    pub failures: u32,
+    /// Where the last one was.
+    pub terminal: String,
+    /// Who reported or saw it (an agent's identity).
+    pub by: String,
+}
+
 /// An administrator certificate the gateway issued through the Admin API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminRecord {
@@ -754,11 +769,17 @@ pub enum AuditKind {
     StepUpRedeemed,
     /// A step-up token was refused (presented again, or for another action).
     StepUpReplayed,
+    /// An operator was locked out after consecutive failures.
+    Lockout,
+    /// An administrator lifted an operator's lockout.
+    LiftLockout,
+    /// An agent reported wrong PINs for a challenge.
+    PinFailed,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 31] = [
+    pub const ALL: [AuditKind; 34] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -790,6 +811,9 @@ impl AuditKind {
         AuditKind::StepUpDenied,
         AuditKind::StepUpRedeemed,
         AuditKind::StepUpReplayed,
+        AuditKind::Lockout,
+        AuditKind::LiftLockout,
+        AuditKind::PinFailed,
     ];
 
     /// The name stored in the record.
@@ -826,6 +850,9 @@ impl AuditKind {
             AuditKind::StepUpDenied => "stepup.denied",
             AuditKind::StepUpRedeemed => "stepup.redeemed",
             AuditKind::StepUpReplayed => "stepup.replayed",
+            AuditKind::Lockout => "auth.lockout",
+            AuditKind::LiftLockout => "admin.lift_lockout",
+            AuditKind::PinFailed => "auth.pin_failed",
         }
     }
 

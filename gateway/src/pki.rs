@@ -80,6 +80,9 @@ pub fn caller_from_cert(der: &[u8]) -> Option<Caller> {
     })
 }
 
+/// The name of the first administrator, made at first start.
+pub const FIRST_ADMIN: &str = "admin";
+
 /// Names of the files in the data folder.
 pub struct Files {
     /// Service CA certificate.
@@ -297,7 +300,7 @@ pub fn bootstrap(dir: &Path, server_names: &[String]) -> Result<bool> {
     }
     let ca = ServiceCa::generate(&hostname())?;
     let (server_cert, server_key) = ca.issue_server(server_names)?;
-    let (admin_cert, admin_key) = ca.issue_client_with_key(Role::Admin, "admin", 365)?;
+    let (admin_cert, admin_key) = ca.issue_client_with_key(Role::Admin, FIRST_ADMIN, 365)?;
     let staged = |path: &Path| path.with_file_name(format!(".{}.new", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let parts: [(&PathBuf, &str); 6] = [
         (&files.ca_key, &ca.key_pem),

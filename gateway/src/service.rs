@@ -390,6 +390,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(pb::CompleteAuthenticationResponse { outcome: Some(outcome) }))
     }
 
+    async fn report_pin_failure(&self, req: Request<pb::ReportPinFailureRequest>) -> Result<Response<pb::ReportPinFailureResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.ReportPinFailure").await?;
+        let r = req.into_inner();
+        self.0.report_pin_failures(&caller, &r.challenge_id, &r.terminal_id, r.wrong_pins).await?;
+        Ok(Response::new(pb::ReportPinFailureResponse {}))
+    }
+
     async fn report_card_removed(&self, req: Request<pb::ReportCardRemovedRequest>) -> Result<Response<pb::ReportCardRemovedResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Agent], "AgentService.ReportCardRemoved").await?;
         let r = req.into_inner();
@@ -1082,6 +1089,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
             rewritten: findings.iter().any(|f| matches!(f, Finding::Rewritten { .. })),
             findings: findings.iter().map(|f| f.to_string()).collect(),
         }))
+    }
+
+    async fn lift_lockout(&self, req: Request<pb::LiftLockoutRequest>) -> Result<Response<pb::LiftLockoutResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.LiftLockout").await?;
+        let r = req.into_inner();
+        let was_locked_out = self.0.lift_lockout(&caller, &r.operator_id, &r.reason).await?;
+        Ok(Response::new(pb::LiftLockoutResponse { was_locked_out }))
     }
 
     async fn issue_certificate(&self, req: Request<pb::IssueCertificateRequest>) -> Result<Response<pb::IssueCertificateResponse>, Status> {

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 
+use crate::authorize::{Ask, Certificate, Check, Overlay, Verdict};
 use crate::challenge::{Pending, Purpose};
 use crate::core::{Complete, Gateway};
 use crate::error::{Error, Result};
@@ -128,6 +129,9 @@ struct Waiting {
     done: watch::Sender<Option<Outcome>>,
 }
 
+/// A step-up taken out of the waiting ones by a proof being committed.
+pub struct Claimed(Waiting);
+
 struct Token {
     proof: Proof,
     redeemed: bool,
@@ -137,7 +141,13 @@ struct Token {
 struct Inner {
     waiting: HashMap<[u8; 16], Waiting>,
     tokens: HashMap<[u8; 32], Token>,
+    /// Asks per caller: a token bucket (tokens, last refill).
+    asks: HashMap<String, (f64, Instant)>,
 }
+
+/// Step-ups a caller may ask at once, and per second after.
+const ASK_BURST: f64 = 10.0;
+const ASK_RATE: f64 = 1.0;
 
 /// The step-ups waiting and the tokens issued.
 pub struct StepUps {
@@ -166,6 +176,25 @@ impl StepUps {
     pub fn ask(&self, wanted: Wanted, now: Instant) -> Result<watch::Receiver<Option<Outcome>>> {
         let mut g = self.inner.lock().map_err(|_| locked())?;
         g.waiting.retain(|_, w| w.wanted.asked.expires > now || w.done.receiver_count() > 0);
+        // Only the application that asked replaces its step-up: another
+        // one's is not swapped under the operator's PIN.
+        if let Some(w) = g
+            .waiting
+            .values()
+            .find(|w| w.wanted.asked.terminal == wanted.asked.terminal && w.wanted.asked.expires > now && w.wanted.asked_by != wanted.asked_by)
+        {
+            return Err(Error::Precondition(format!("a step-up asked by {} waits at terminal {}", w.wanted.asked_by, wanted.asked.terminal)));
+        }
+        if g.asks.len() > WAITING_MAX {
+            g.asks.retain(|_, (tokens, at)| *tokens < ASK_BURST && now.saturating_duration_since(*at) < Duration::from_secs(60));
+        }
+        let bucket = g.asks.entry(wanted.asked_by.clone()).or_insert((ASK_BURST, now));
+        let refill = now.saturating_duration_since(bucket.1).as_secs_f64() * ASK_RATE;
+        *bucket = ((bucket.0 + refill).min(ASK_BURST), now);
+        if bucket.0 < 1.0 {
+            return Err(Error::Exhausted("too many step-ups asked by this caller"));
+        }
+        bucket.0 -= 1.0;
         let older: Vec<[u8; 16]> = g.waiting.iter().filter(|(_, w)| w.wanted.asked.terminal == wanted.asked.terminal).map(|(id, _)| *id).collect();
         for id in older {
             if let Some(w) = g.waiting.remove(&id) {
@@ -195,11 +224,33 @@ impl StepUps {
         g.waiting.values().filter(|w| w.wanted.asked.expires > now && terminals.contains(&w.wanted.asked.terminal)).map(|w| w.wanted.asked.clone()).collect()
     }
 
+    /// Takes step-up `id` out of the waiting ones (under the ledger lock,
+    /// so two proofs cannot both be granted): what [`StepUps::deliver`]
+    /// ends. `None` if it no longer waits.
+    pub fn claim(&self, id: &[u8; 16], now: Instant) -> Option<Claimed> {
+        let mut g = self.inner.lock().ok()?;
+        if g.waiting.get(id).is_none_or(|w| w.wanted.asked.expires <= now) {
+            return None;
+        }
+        g.waiting.remove(id).map(Claimed)
+    }
+
+    /// Ends a claimed step-up with `outcome`.
+    pub fn deliver(&self, claimed: Claimed, outcome: Outcome, now: Instant) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        Self::end(&mut g, claimed.0, outcome, now);
+    }
+
     /// Ends step-up `id` with `outcome` (a grant's token becomes
     /// redeemable). Returns false if it was no longer waiting.
     pub fn finish(&self, id: &[u8; 16], outcome: Outcome, now: Instant) -> bool {
         let Ok(mut g) = self.inner.lock() else { return false };
         let Some(w) = g.waiting.remove(id) else { return false };
+        Self::end(&mut g, w, outcome, now);
+        true
+    }
+
+    fn end(g: &mut Inner, w: Waiting, outcome: Outcome, now: Instant) {
         if let Outcome::Granted(p) = &outcome {
             if g.tokens.len() >= TOKENS_MAX {
                 g.tokens.retain(|_, t| t.proof.expires > now);
@@ -209,7 +260,6 @@ impl StepUps {
             }
         }
         let _ = w.done.send(Some(outcome));
-        true
     }
 
     /// Honours `token` once, for the terminal, action and parameters it
@@ -286,8 +336,10 @@ impl Gateway {
         let mut id = [0u8; 16];
         self.random.fill(&mut id)?;
         let now = self.clock.instant();
+        // The call must answer before the server's own call timeout ends it.
+        let max = WAIT_MAX.min(Duration::from_secs(self.limits.call_timeout_s).saturating_sub(Duration::from_secs(2))).max(WAIT_MIN);
         let wanted = Wanted {
-            asked: Asked { id, terminal: terminal.to_string(), action: action.to_string(), expires: now + wait.clamp(WAIT_MIN, WAIT_MAX) },
+            asked: Asked { id, terminal: terminal.to_string(), action: action.to_string(), expires: now + wait.clamp(WAIT_MIN, max) },
             operator_id: operator_id.clone(),
             params_sha256,
             asked_by: caller.to_string(),
@@ -345,13 +397,34 @@ impl Gateway {
             if let Err(why) = step_up_holder(&t, card, &w) {
                 return refuse(Deny::StepUpOtherOperator, why);
             }
+            // Judged again under the ledger lock, as an unlock is: a
+            // revocation or suspension lands before this grant or after.
+            let policy = step_up_policy_of(&t);
+            let ask = Ask {
+                agent: &caller.name,
+                terminal: &p.terminal,
+                card: card.uuid,
+                mechanism: Some(Mechanism::CardAndPin),
+                certificate: Certificate::Pinned(&p.certificate),
+                check: Check::Full,
+                overlay: &Overlay { policy: Some((&p.terminal, &policy)), ..Default::default() },
+                session_roles: None,
+            };
+            match self.authorize(&ask)? {
+                Verdict::Allowed(_) => {}
+                Verdict::Refused(d, why) => return refuse(d, why),
+                Verdict::NeedCertificate(_) | Verdict::SessionRoleRemoved => return refuse(Deny::UnknownCard, "certificate no longer enrolled"),
+            }
+            // Claimed last, under the lock: a second proof of the same
+            // step-up finds it gone.
+            let Some(claimed) = self.step_ups.claim(id, now) else { return refuse(Deny::StepUpUnknown, "the step-up is no longer waiting") };
             let detail = json!({ "step_up": hex::encode(id), "action": action, "params_sha256": hex::encode(params_sha256),
                 "operator": operator.id, "card_uuid": uuid_text(&card.uuid), "asked_by": w.asked_by });
-            proven = Some(w);
+            proven = Some((w, claimed));
             Ok(Some((AuditEntry { kind: AuditKind::StepUpGranted, actor: caller.to_string(), terminal_id: p.terminal.clone(), detail }, vec![])))
         })
         .await?;
-        let Some(w) = proven else {
+        let Some((w, claimed)) = proven else {
             let (d, why) = refused.unwrap_or((Deny::StepUpUnknown, "state changed"));
             let (d, text) = self.deny(caller, &p.terminal, "step_up", d, json!({ "why": why, "step_up": hex::encode(id) })).await?;
             self.step_up_refused(caller, id, d, &text).await?;
@@ -368,10 +441,10 @@ impl Gateway {
             proven_ms: self.now_ms(),
             expires: self.clock.instant() + TOKEN_TTL,
         };
-        if !self.step_ups.finish(id, Outcome::Granted(proof), self.clock.instant()) {
-            tracing::warn!(terminal = %p.terminal, "a step-up was proven after its application stopped waiting");
-        }
+        // Durable in the audit log: now the token exists.
+        self.step_ups.deliver(claimed, Outcome::Granted(proof), self.clock.instant());
         self.count("step_up_granted");
+        self.proof_succeeded(card.uuid, &operator.id, &p.terminal);
         tracing::info!(terminal = %p.terminal, operator = %operator.id, action = %w.asked.action, "step-up proven");
         Ok(Complete::SteppedUp { operator: operator.clone() })
     }
@@ -386,6 +459,17 @@ impl Gateway {
             detail: json!({ "action": action, "why": why }),
         };
         match self.step_ups.redeem(token, terminal, action, params_sha256, self.clock.instant()) {
+            // The operator who proved must still hold the terminal: a token
+            // outlives no lock, revocation or change of operator.
+            Ok(p)
+                if !self
+                    .store
+                    .terminal(terminal)?
+                    .is_some_and(|t| matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == p.operator_id)) =>
+            {
+                self.audit_refusal(&caller.to_string(), refused("the operator who proved no longer holds the terminal")).await?;
+                Err(Error::Precondition("the terminal is no longer unlocked by the operator who proved: ask for a new step-up".into()))
+            }
             Ok(p) => {
                 let detail = json!({ "step_up": hex::encode(p.step_up), "action": p.action, "operator": p.operator_id });
                 self.commit(AuditEntry { kind: AuditKind::StepUpRedeemed, actor: caller.to_string(), terminal_id: terminal.to_string(), detail }, vec![])

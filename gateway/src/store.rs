@@ -143,6 +143,16 @@ pub enum Change {
     Group(crate::model::TerminalGroup),
     /// Records an administrator certificate issued.
     Admin(crate::model::AdminRecord),
+    /// The bootstrap pair is spent: every administrator certificate from
+    /// now on needs a second administrator.
+    BootstrapSpent,
+    /// Locks an operator out (`Some`) or lifts it (`None`).
+    Lockout {
+        /// The operator.
+        operator: String,
+        /// The lockout.
+        lockout: Option<crate::model::Lockout>,
+    },
     /// The newest thisUpdate (Unix seconds) accepted for a CRL key
     /// ([`crate::verify::CrlKey::id`]): a restart never goes back to an
     /// older CRL.
@@ -566,6 +576,9 @@ impl Store {
                 Change::Request(r) => put!(T_LIFECYCLE, request_key(&r.id), enc(r)?),
                 Change::Group(g) => put!(T_LIFECYCLE, group_key(&g.id), enc(g)?),
                 Change::Admin(a) => put!(T_LIFECYCLE, admin_key(&a.name), enc(a)?),
+                Change::BootstrapSpent => put!(T_LIFECYCLE, BOOTSTRAP.to_vec(), b"spent".to_vec()),
+                Change::Lockout { operator, lockout: Some(l) } => put!(T_LIFECYCLE, lockout_key(operator), enc(l)?),
+                Change::Lockout { operator, lockout: None } => writes.push((T_LIFECYCLE, lockout_key(operator), None)),
             }
         }
         // The record names the events it comes with, and their hashes, so
@@ -913,10 +926,37 @@ impl Store {
         self.lifecycle.scan_prefix(b"r/").map(|r| dec(&r?.1)).collect()
     }
 
+    /// On a new database (no audit record yet), opens the bootstrap pair:
+    /// one administrator certificate may be issued without a second
+    /// administrator. A database from before has it closed, so an upgrade
+    /// never opens it again.
+    pub fn open_bootstrap_if_new(&self) -> Result<()> {
+        if self.audit_head()?.0 == 0 && self.lifecycle.get(BOOTSTRAP)?.is_none() {
+            self.lifecycle.insert(BOOTSTRAP, b"open".as_slice())?;
+            self.lifecycle.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the bootstrap pair is still open.
+    pub fn bootstrap_open(&self) -> Result<bool> {
+        Ok(self.lifecycle.get(BOOTSTRAP)?.is_some_and(|v| v.as_ref() == b"open"))
+    }
+
     /// The administrator certificates issued through the Admin API, by
     /// name (the newest for each name).
     pub fn admins(&self) -> Result<Vec<crate::model::AdminRecord>> {
         self.lifecycle.scan_prefix(b"a/").map(|r| dec(&r?.1)).collect()
+    }
+
+    /// The operator's lockout, if locked out.
+    pub fn lockout(&self, operator: &str) -> Result<Option<crate::model::Lockout>> {
+        self.lifecycle.get(lockout_key(operator))?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every lockout, by operator.
+    pub fn lockouts(&self) -> Result<Vec<crate::model::Lockout>> {
+        self.lifecycle.scan_prefix(b"l/").map(|r| dec(&r?.1)).collect()
     }
 
     /// A terminal group.
@@ -979,6 +1019,14 @@ fn group_key(id: &str) -> Vec<u8> {
     [b"g/".as_slice(), id.as_bytes()].concat()
 }
 
+/// Whether the bootstrap pair is still open ("open") or spent. A database
+/// made before this key existed has none: closed.
+const BOOTSTRAP: &[u8] = b"m/bootstrap";
+
+fn lockout_key(operator: &str) -> Vec<u8> {
+    [b"l/".as_slice(), operator.as_bytes()].concat()
+}
+
 fn admin_key(name: &str) -> Vec<u8> {
     [b"a/".as_slice(), name.as_bytes()].concat()
 }
@@ -1013,6 +1061,37 @@ mod tests {
         assert_eq!(store.audit_head().unwrap().0, 1);
         assert_eq!(store.blob_files(), 0);
         drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_bootstrap_pair_is_open_on_a_new_database_only_never_on_one_upgraded() {
+        let dir = std::env::temp_dir().join(format!("pivgate-store-bootstrap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let entry = || AuditEntry {
+            kind: crate::model::AuditKind::IssueCertificate,
+            actor: "admin:admin".into(),
+            terminal_id: String::new(),
+            detail: serde_json::json!({}),
+        };
+        {
+            let store = Store::open(&dir.join("new")).unwrap();
+            store.open_bootstrap_if_new().unwrap();
+            assert!(store.bootstrap_open().unwrap());
+            // Spent once: closed, across a restart too.
+            store.record(entry(), vec![Change::BootstrapSpent], 0).unwrap();
+            assert!(!store.bootstrap_open().unwrap());
+        }
+        let store = Store::open(&dir.join("new")).unwrap();
+        store.open_bootstrap_if_new().unwrap();
+        assert!(!store.bootstrap_open().unwrap(), "a restart opened the bootstrap again");
+        // A database from before the bootstrap key (administrator
+        // certificates issued, no record of them): closed.
+        let old = Store::open(&dir.join("old")).unwrap();
+        old.record(entry(), vec![], 0).unwrap();
+        old.open_bootstrap_if_new().unwrap();
+        assert!(!old.bootstrap_open().unwrap(), "an upgrade opened the bootstrap");
+        drop((store, old));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

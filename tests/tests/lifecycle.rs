@@ -321,3 +321,43 @@ async fn past_the_bootstrap_pair_an_administrator_certificate_needs_a_second_adm
     assert!(issued[0].detail_json.contains("admin:second"), "{}", issued[0].detail_json);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_pins_at_the_keypad_lock_the_operator_out_until_an_administrator_lifts_it() -> Result<()> {
+    let r = reader()?;
+    let site = Site::start(|c, _| {
+        c.lifecycle.lockout_after = 2;
+        c.lifecycle.free_failures = 5;
+    })
+    .await?;
+    let mut admin = site.admin_client().await?;
+    admin.add_operator(&operator("op-7", &["dispatcher"])).await?;
+    let badge = site.card(Algorithm::EccP256)?;
+    admin.enrol_card("op-7", &badge.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    let agent = start_agent(&site, "pi-1", &[TerminalSpec { id: TERMINAL, reader: &r.name, keypad: true }]).await?;
+    // Two taps, each a wrong PIN and then giving up: the card counts them,
+    // and so does the gateway, from the agent's reports.
+    let (result, card) = at_terminal(&agent, &r, badge.card(), "111111#*").await?;
+    assert_eq!(result, TapResult::WrongPin { tries: 2 });
+    let (result, card) = at_terminal(&agent, &r, card, "222222#*").await?;
+    assert_eq!(result, TapResult::WrongPin { tries: 1 });
+    // Locked out: even the right PIN is not asked for.
+    let inserted = vpcd::insert(card, r.addr)?;
+    assert_eq!(agent.next_result(TERMINAL, T).await?, TapResult::Denied(pb::DenyReason::LockedOut));
+    let card = inserted.remove();
+    let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, &r.name, false, T)? {
+        bail!("pcscd still sees a card in {}", r.name);
+    }
+    let records = site.audit_after(0).await?;
+    assert_eq!(records.iter().filter(|r| r.kind == "auth.pin_failed").count(), 2);
+    assert!(records.iter().any(|r| r.kind == "auth.lockout" && r.detail_json.contains("op-7")), "no lockout record");
+    // An administrator lifts it, and the right PIN unlocks.
+    let root = write_credentials(&site.admin_credentials()?, &scratch("root-admin-lockout"))?;
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["operator", "unlock", "op-7", "--reason", "verified at the desk"], ""));
+    assert!(ok && said.contains("lifted"), "{said}");
+    let (result, card) = at_terminal(&agent, &r, card, "123456#").await?;
+    assert_granted(result, "op-7");
+    assert_eq!(card.pin_tries(), 3, "the card's own counter reset by the right PIN");
+    agent.stop().await
+}

@@ -75,6 +75,10 @@ impl pb::agent_service_server::AgentService for Impostor {
     async fn report_card_removed(&self, _: Request<pb::ReportCardRemovedRequest>) -> Result<Response<pb::ReportCardRemovedResponse>, Status> {
         Ok(Response::new(pb::ReportCardRemovedResponse { locked: false }))
     }
+
+    async fn report_pin_failure(&self, _: Request<pb::ReportPinFailureRequest>) -> Result<Response<pb::ReportPinFailureResponse>, Status> {
+        Ok(Response::new(pb::ReportPinFailureResponse {}))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,14 @@ enum OperatorCmd {
     List,
     /// Show an operator and their cards.
     Show { id: String },
+    /// Lift an operator's lockout (after lifecycle.lockout_after failures
+    /// in a row).
+    Unlock {
+        id: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -538,11 +546,11 @@ enum RoleArg {
 
 #[derive(Subcommand)]
 enum CertCmd {
-    /// Have the service CA certify a key: the one in OUT_DIR/NAME-key.pem
-    /// (made there if absent), or, with --public-key, one its holder keeps.
-    /// An administrator certificate past the bootstrap pair waits for a
-    /// second administrator (`request approve`): run the same command again
-    /// after to get it.
+    /// Have the service CA certify a key: a new one made in
+    /// OUT_DIR/NAME-key.pem, or, with --public-key, one its holder keeps
+    /// (always, for an administrator). An administrator certificate past
+    /// the bootstrap pair waits for a second administrator (`request
+    /// approve`): run the same command again after to get it.
     Issue {
         #[arg(long, value_enum)]
         role: RoleArg,
@@ -568,22 +576,15 @@ enum CertCmd {
     },
 }
 
-/// The key in OUT_DIR/NAME-key.pem,
-/// made (P-256, mode 0600) if absent: asking again after an approval
-/// certifies the same key.
-fn key_in(dir: &std::path::Path, name: &str) -> Result<rcgen::KeyPair> {
+/// A new P-256 key in OUT_DIR/NAME-key.pem (mode 0600); an existing file
+/// is never overwritten nor reused.
+fn new_key(dir: &std::path::Path, name: &str) -> Result<rcgen::KeyPair> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!("{name}-key.pem"));
-    let key = if path.exists() {
-        let pem = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-        rcgen::KeyPair::from_pem(&pem).with_context(|| format!("{}: not a private key", path.display()))?
-    } else {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| path.display().to_string())?;
-        f.write_all(key.serialize_pem().as_bytes())?;
-        f.sync_all()?;
-        key
-    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| path.display().to_string())?;
+    f.write_all(key.serialize_pem().as_bytes())?;
+    f.sync_all()?;
     Ok(key)
 }
 
@@ -686,6 +687,10 @@ async fn main() -> Result<()> {
                 }
                 page_token = r.next_page_token;
             }
+        }
+        Command::Operator(OperatorCmd::Unlock { id, reason }) => {
+            let r = admin.lift_lockout(pb::LiftLockoutRequest { operator_id: id.clone(), reason }).await?.into_inner();
+            writeln!(out, "{id}: {}", if r.was_locked_out { "lockout lifted" } else { "was not locked out" })?;
         }
         Command::Operator(OperatorCmd::Show { id }) => {
             let r = admin.get_operator(pb::GetOperatorRequest { operator_id: id }).await?.into_inner();
@@ -963,9 +968,14 @@ async fn main() -> Result<()> {
                 RoleArg::Admin => Role::Admin,
             };
             std::fs::create_dir_all(&out_dir)?;
-            let spki = match public_key {
-                Some(path) => read_public_key(&path)?,
-                None => rcgen::PublicKeyData::subject_public_key_info(&key_in(&out_dir, &name)?),
+            let spki = match (public_key, role) {
+                (Some(path), _) => read_public_key(&path)?,
+                // An administrator's key is made by its holder (`cert key`),
+                // never on the asker's machine.
+                (None, Role::Admin) => {
+                    bail!("an administrator certificate is for a key its holder made: --public-key FILE (from `pivgatectl cert key` run by them)")
+                }
+                (None, _) => rcgen::PublicKeyData::subject_public_key_info(&new_key(&out_dir, &name)?),
             };
             match typed.issue_certificate(role, &name, &spki, days).await? {
                 Issued::Certificate { certificate_pem, ca_pem } => {
@@ -982,7 +992,7 @@ async fn main() -> Result<()> {
         Command::Cert(CertCmd::Key { name, out_dir }) => {
             std::fs::create_dir_all(&out_dir)?;
             use rcgen::PublicKeyData;
-            let key = key_in(&out_dir, &name)?;
+            let key = new_key(&out_dir, &name)?;
             let spki = key.subject_public_key_info();
             std::fs::write(out_dir.join(format!("{name}.pub")), key.public_key_pem())?;
             writeln!(out, "wrote {0}/{name}-key.pem and {0}/{name}.pub; public key SHA-256 {1}", out_dir.display(), hex_sha256(&spki))?;
