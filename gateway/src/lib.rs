@@ -34,6 +34,7 @@ pub mod model;
 pub mod net;
 pub mod pki;
 pub mod policy;
+pub mod review;
 pub mod service;
 pub mod station;
 pub mod step_up;

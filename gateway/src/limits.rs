@@ -432,6 +432,12 @@ impl Bounded for pb::LiftLockoutRequest {
     }
 }
 
+impl Bounded for pb::ReviewRequest {
+    fn check(&self) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
 impl Bounded for pb::StepUpRequest {
     fn check(&self) -> Result<(), Status> {
         identifier("terminal_id", &self.terminal_id)?;

@@ -1091,6 +1091,20 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
+    async fn review(&self, req: Request<pb::ReviewRequest>) -> Result<Response<pb::ReviewResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin], "AdminService.Review").await?;
+        // Reads every card and terminal: off the async workers.
+        let gw = self.0.clone();
+        let items = tokio::task::spawn_blocking(move || gw.review()).await.map_err(|_| Status::internal("review stopped"))??;
+        let truncated = items.len() > 5000;
+        let items = items
+            .into_iter()
+            .take(5000)
+            .map(|i| pb::ReviewItem { kind: i.kind.into(), subject: i.subject, detail: i.detail, until_unix_ms: i.until_ms, resolve: i.resolve })
+            .collect();
+        Ok(Response::new(pb::ReviewResponse { items, truncated }))
+    }
+
     async fn lift_lockout(&self, req: Request<pb::LiftLockoutRequest>) -> Result<Response<pb::LiftLockoutResponse>, Status> {
         let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.LiftLockout").await?;
         let r = req.into_inner();

@@ -106,6 +106,15 @@ impl Throttle {
         operator
     }
 
+    /// Every key with at least `min` failures in a row, by key.
+    pub fn repeated(&self, min: u32) -> Vec<(Key, u32)> {
+        let Ok(g) = self.counts.lock() else { return vec![] };
+        let mut v: Vec<(Key, u32)> = g.iter().filter(|(_, c)| c.failures >= min).map(|(k, c)| (k.clone(), c.failures)).collect();
+        v.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+        v.truncate(1000);
+        v
+    }
+
     /// A success: the count of each of `keys` starts again.
     pub fn succeeded(&self, keys: &[Key]) {
         if let Ok(mut g) = self.counts.lock() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use pivgate_agent::terminal::TapResult;
 use pivgate_gateway::client::{connect, Admin};
-use pivgate_gateway::model::{Operator, Slot as GwSlot};
+use pivgate_gateway::model::{Operator, Slot as GwSlot, TerminalPolicy};
 use pivgate_hw::indicator::Pattern;
 use pivgate_hw::piv::{Algorithm, Slot};
 use pivgate_proto::v1 as pb;
@@ -360,4 +360,93 @@ async fn wrong_pins_at_the_keypad_lock_the_operator_out_until_an_administrator_l
     assert_granted(result, "op-7");
     assert_eq!(card.pin_tries(), 3, "the card's own counter reset by the right PIN");
     agent.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_review_lists_each_exception_made_and_nothing_else() -> Result<()> {
+    let site = Site::start(|c, _| {
+        c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
+        c.lifecycle.lockout_after = 1;
+    })
+    .await?;
+    let root_files = write_credentials(&site.admin_credentials()?, &scratch("root-admin-review"))?;
+    let review = |site: &Site| -> Result<Vec<(String, String)>> {
+        let (ok, said) = tokio::task::block_in_place(|| ctl(site, &root_files, &["review", "--json"], ""));
+        if !ok {
+            bail!("review: {said}");
+        }
+        let mut rows = Vec::new();
+        for line in said.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            assert!(!v["resolve"].as_str().unwrap_or_default().is_empty(), "no way to resolve {line}");
+            rows.push((v["kind"].as_str().unwrap_or_default().to_string(), v["subject"].as_str().unwrap_or_default().to_string()));
+        }
+        rows.sort();
+        Ok(rows)
+    };
+    let mut root = site.admin_client().await?;
+    // Nothing out of the ordinary: an operator with an active card.
+    root.add_operator(&operator("op-1", &["dispatcher"])).await?;
+    let fine = site.card(Algorithm::EccP256)?;
+    root.enrol_card("op-1", &fine.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    assert_eq!(review(&site)?, vec![], "an ordinary site has exceptions");
+
+    let mut expected: Vec<(String, String)> = Vec::new();
+    fn want(expected: &mut Vec<(String, String)>, kind: &str, subject: &str) {
+        expected.push((kind.to_string(), subject.to_string()));
+    }
+    // An operator with no card.
+    root.add_operator(&operator("op-2", &["dispatcher"])).await?;
+    want(&mut expected, "operator_without_card", "op-2");
+    // A temporary card.
+    root.add_operator(&operator("op-3", &["dispatcher"])).await?;
+    let temp = site.card(Algorithm::EccP256)?;
+    let req = pb::EnrolCardRequest {
+        operator_id: "op-3".into(),
+        certificate: temp.certificates[&Slot::Authentication].clone(),
+        slot: pb::KeySlot::PivAuthentication as i32,
+        temporary_days: 3,
+        ..Default::default()
+    };
+    let card = root.rpc().enrol_card(req).await?.into_inner().card.unwrap_or_default();
+    want(&mut expected, "temporary_card", &card.card_uuid);
+    // A suspended card (and so an operator without an active one).
+    root.add_operator(&operator("op-4", &["dispatcher"])).await?;
+    let s = site.card(Algorithm::EccP256)?;
+    let card = root.enrol_card("op-4", &s.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    root.suspend_card(&card.card_uuid, "left in a locker").await?;
+    want(&mut expected, "suspended_card", &card.card_uuid);
+    want(&mut expected, "operator_without_card", "op-4");
+    // A privileged card waiting, then approved by a second administrator
+    // (whose certificate is listed, issued in the bootstrap pair).
+    root.add_operator(&operator("ic-1", &["intercom-admin"])).await?;
+    let ic = site.card(Algorithm::EccP256)?;
+    let card = root.enrol_card("ic-1", &ic.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    let mut now = expected.clone();
+    now.extend([("operator_without_card".to_string(), "ic-1".to_string()), ("pending_request".to_string(), card.pending_request.clone())]);
+    now.sort();
+    assert_eq!(review(&site)?, now);
+    let second = site.issue(pb::ServiceRole::Admin, "second").await?;
+    Admin::new(connect(&site.addr, "localhost", &second).await?).approve(&card.pending_request).await?;
+    want(&mut expected, "privileged_card", &card.card_uuid);
+    want(&mut expected, "admin_certificate", "second");
+    // A lockout (lockout_after = 1): one wrong PIN.
+    root.add_operator(&operator("op-5", &["dispatcher"])).await?;
+    let l = site.card(Algorithm::EccP256)?;
+    root.enrol_card("op-5", &l.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    let mut agent = site.agent("pi-1", &[TERMINAL, "ic-panel-1"]).await?;
+    assert!(tap(&mut agent, TERMINAL, &mut l.card(), "000000", pb::Mechanism::Unspecified).await.is_err(), "a wrong PIN unlocked");
+    want(&mut expected, "locked_out", "op-5");
+    // A terminal of a group with a policy of its own, weaker.
+    let panels = TerminalPolicy { allowed_roles: vec!["intercom-admin".into()], ..Default::default() };
+    root.set_terminal_group("panels", &panels).await?;
+    root.assign_terminal("ic-panel-1", Some("panels")).await?;
+    root.set_terminal_policy("ic-panel-1", &TerminalPolicy::default()).await?;
+    want(&mut expected, "weaker_terminal", "ic-panel-1");
+    expected.sort();
+    assert_eq!(review(&site)?, expected);
+    // The table for people says the same, with the ways to resolve.
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root_files, &["review"], ""));
+    assert!(ok && said.contains("pivgatectl operator unlock op-5"), "{said}");
+    Ok(())
 }

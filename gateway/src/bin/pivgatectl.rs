@@ -97,6 +97,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The exceptions to look at (temporary and expiring cards, suspended
+    /// cards, operators without a card, lockouts, privileged cards,
+    /// requests waiting, administrators, weaker terminals), each with how
+    /// to resolve it: a table, or JSON lines with --json.
+    Review {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print lock and unlock events as they happen.
     Watch {
         /// Start after this sequence number.
@@ -996,6 +1004,24 @@ async fn main() -> Result<()> {
             let spki = key.subject_public_key_info();
             std::fs::write(out_dir.join(format!("{name}.pub")), key.public_key_pem())?;
             writeln!(out, "wrote {0}/{name}-key.pem and {0}/{name}.pub; public key SHA-256 {1}", out_dir.display(), hex_sha256(&spki))?;
+        }
+        Command::Review { json } => {
+            let r = admin.review(pb::ReviewRequest {}).await?.into_inner();
+            for i in &r.items {
+                if json {
+                    let line =
+                        serde_json::json!({ "kind": i.kind, "subject": i.subject, "detail": i.detail, "until_unix_ms": i.until_unix_ms, "resolve": i.resolve });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{:<22} {:<38} {}\n{:<22} {:<38} -> {}", i.kind, i.subject, i.detail, "", "", i.resolve)?;
+                }
+            }
+            if r.truncated {
+                writeln!(out, "(more than {} exceptions: resolve these first)", r.items.len())?;
+            }
+            if r.items.is_empty() && !json {
+                writeln!(out, "no exceptions")?;
+            }
         }
         Command::Watch { after, terminal } => {
             let mut access = AccessServiceClient::new(channel);
