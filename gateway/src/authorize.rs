@@ -145,6 +145,12 @@ impl Gateway {
         if card.expires_ms.is_some_and(|end| self.now_ms() >= end) {
             return Ok(Refused(Deny::CardExpired, "temporary card past its end"));
         }
+        // A break-glass card works only where and while its grant holds.
+        if let Some(id) = card.break_glass {
+            if !self.store.break_glass(&id)?.is_some_and(|g| g.holds(ask.terminal, self.now_ms())) {
+                return Ok(Refused(Deny::NotAuthorized, "a break-glass card, and its grant does not hold at this terminal now"));
+            }
+        }
         let operator = match overlay.operator {
             Some(o) if o.id == card.operator_id => Some(o.clone()),
             _ => self.store.operator(&card.operator_id)?,

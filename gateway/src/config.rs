@@ -111,6 +111,8 @@ pub struct LifecycleConfig {
     /// Failures in a row (per card, operator or terminal) before delays
     /// start (0 to 10).
     pub free_failures: u32,
+    /// The longest a break-glass grant holds, hours (1 to 72).
+    pub break_glass_max_h: u32,
     /// The longest delay after failures, seconds (1 to 3600); a terminal's
     /// own delay is at most 30 s, so one attacker cannot keep a console
     /// from its operators.
@@ -127,6 +129,7 @@ impl Default for LifecycleConfig {
             lockout_after: 10,
             free_failures: 3,
             max_delay_s: 300,
+            break_glass_max_h: 8,
         }
     }
 }
@@ -383,6 +386,9 @@ impl Config {
         }
         if lc.free_failures > 10 {
             return Err(Error::Config("lifecycle.free_failures must be 0 to 10".into()));
+        }
+        if !(1..=72).contains(&lc.break_glass_max_h) {
+            return Err(Error::Config("lifecycle.break_glass_max_h must be 1 to 72".into()));
         }
         if !(1..=3600).contains(&lc.max_delay_s) {
             return Err(Error::Config("lifecycle.max_delay_s must be 1 to 3600".into()));

@@ -735,6 +735,8 @@ impl Gateway {
                                 ..term
                             },
                         });
+                        // Every use of a break-glass grant is on record as one.
+                        let break_glass = card.break_glass.map(hex::encode);
                         let mut certificate_added = false;
                         if p.supplied && !card.certificates.contains_key(&p.mechanism.slot()) {
                             // Proven by this very signature: keep it.
@@ -749,6 +751,7 @@ impl Gateway {
                             "revocation_source": validation.revocation_source,
                             "crl_age_s": validation.crl_age_s,
                             "certificate_added": certificate_added,
+                            "break_glass": break_glass,
                         });
                         Ok(Some((AuditEntry { kind: AuditKind::AuthGranted, actor: caller.to_string(), terminal_id: p.terminal.clone(), detail }, changes)))
                     })

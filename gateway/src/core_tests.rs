@@ -1295,3 +1295,59 @@ async fn a_step_up_token_outlives_no_lock_and_no_application_swaps_another_ones_
     let refused = (0..20).filter(|_| matches!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)), Err(Error::Exhausted(_)))).count();
     assert!(refused >= 9, "{refused} of 20 asks refused");
 }
+
+// ---- break-glass ----
+
+#[tokio::test]
+async fn break_glass_takes_two_administrators_holds_only_where_and_while_granted_and_every_use_is_on_record() {
+    let b = privileged_bench(false).await;
+    let loaner = other_card();
+    let terminals = vec![T.to_string()];
+    let ask = crate::break_glass::BreakGlassAsk {
+        operator_id: "op-2",
+        terminals: &terminals,
+        hours: 2,
+        certificate: &nine_a(&loaner),
+        reason: "badge left at home, night shift",
+    };
+    // Bounded: never past lifecycle.break_glass_max_h, never without a reason.
+    assert!(matches!(b.gw.ask_break_glass(&admin(), &crate::break_glass::BreakGlassAsk { hours: 9, ..ask }).await, Err(Error::InvalidRequest(_))));
+    assert!(matches!(b.gw.ask_break_glass(&admin(), &crate::break_glass::BreakGlassAsk { reason: " ", ..ask }).await, Err(Error::InvalidRequest(_))));
+    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    // Nothing until a second administrator approves: the card is unknown.
+    assert_eq!(denied(&tap_with(&b, &loaner, T).await), Some(Deny::UnknownCard));
+    assert!(matches!(b.gw.approve(&admin(), r.id, None).await, Err(Error::PermissionDenied(_))), "the asker approved");
+    assert!(matches!(b.gw.approve(&admin_named("op-2"), r.id, None).await, Err(Error::PermissionDenied(_))), "the operator approved");
+    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    // In force: at the named terminal only, as the operator, on record.
+    assert!(matches!(tap_with(&b, &loaner, T).await, Complete::Granted { ref operator, .. } if operator.id == "op-2"));
+    let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().rev().find(|r| r.kind == "auth.granted").unwrap();
+    assert_eq!(rec.detail["break_glass"], hex::encode(r.id));
+    assert_eq!(denied(&tap_with(&b, &loaner, "lobby").await), Some(Deny::NotAuthorized));
+    let items = b.gw.review().unwrap();
+    assert!(items.iter().any(|i| i.kind == "break_glass" && i.subject == hex::encode(r.id) && i.detail.starts_with("IN FORCE")), "{items:?}");
+    // It ends on its own: the session locks at the sweep, the card is refused.
+    b.clock.advance(Duration::from_secs(2 * 3600 + 1));
+    b.gw.sweep().await.unwrap();
+    assert!(locked_for(&b).is_some(), "a break-glass session outlived its grant");
+    assert!(denied(&tap_with(&b, &loaner, T).await).is_some());
+    // Still in the review, as ended, for 30 days.
+    assert!(b.gw.review().unwrap().iter().any(|i| i.kind == "break_glass" && i.detail.starts_with("ended")));
+}
+
+#[tokio::test]
+async fn a_break_glass_ended_early_revokes_its_card_and_locks_its_session() {
+    let b = privileged_bench(false).await;
+    let loaner = other_card();
+    let terminals = vec![T.to_string()];
+    let ask = crate::break_glass::BreakGlassAsk { operator_id: "op-2", terminals: &terminals, hours: 4, certificate: &nine_a(&loaner), reason: "lost badge" };
+    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    assert!(denied(&tap_with(&b, &loaner, T).await).is_none());
+    assert_eq!(b.gw.end_break_glass(&admin(), r.id, "badge found").await.unwrap(), [T.to_string()]);
+    assert_eq!(locked_for(&b), Some(LockReason::Revoked));
+    assert_eq!(denied(&tap_with(&b, &loaner, T).await), Some(Deny::NotAuthorized));
+    assert!(b.gw.store.denied(crate::model::DenyKey::Card(loaner.chuid.guid)).unwrap(), "the card is not revoked");
+    assert!(matches!(b.gw.end_break_glass(&admin(), r.id, "again").await, Err(Error::InvalidRequest(_))));
+    assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "admin.end_break_glass"));
+}

@@ -20,6 +20,7 @@ pub mod attest;
 pub mod audit;
 mod authorize;
 pub mod backup;
+pub mod break_glass;
 pub mod challenge;
 pub mod client;
 pub mod config;

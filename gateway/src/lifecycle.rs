@@ -485,6 +485,11 @@ impl Gateway {
                 }
                 // Issued when the asker asks again.
                 RequestKind::AdminCertificate { .. } => approval(vec![]),
+                RequestKind::BreakGlass { .. } => {
+                    let (granted, approval) = self.grant_break_glass(&r, caller, badge_card, now)?;
+                    changes.extend(granted);
+                    approval
+                }
             };
             r.state = RequestState::Approved(approval);
             let detail = json!({ "request": hex::encode(id), "summary": r.kind.summary(), "requested_by": r.requested_by, "reason": r.reason,
@@ -511,7 +516,7 @@ impl Gateway {
             let mut changes = vec![Change::Request(r.clone())];
             let card = match &r.kind {
                 RequestKind::CardApproval { card, .. } => self.store.card(card)?.filter(|c| c.pending == Some(id)),
-                RequestKind::AdminCertificate { .. } => None,
+                RequestKind::AdminCertificate { .. } | RequestKind::BreakGlass { .. } => None,
             };
             if let Some(mut card) = card {
                 card.pending = None;

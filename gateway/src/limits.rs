@@ -432,6 +432,22 @@ impl Bounded for pb::LiftLockoutRequest {
     }
 }
 
+impl Bounded for pb::RequestBreakGlassRequest {
+    fn check(&self) -> Result<(), Status> {
+        identifier("operator_id", &self.operator_id)?;
+        identifiers("terminal_ids", &self.terminal_ids, 64)?;
+        bytes("certificate", &self.certificate, CERTIFICATE_MAX)?;
+        text("reason", &self.reason)
+    }
+}
+
+impl Bounded for pb::EndBreakGlassRequest {
+    fn check(&self) -> Result<(), Status> {
+        request_id_len(&self.request_id)?;
+        text("reason", &self.reason)
+    }
+}
+
 impl Bounded for pb::ReviewRequest {
     fn check(&self) -> Result<(), Status> {
         Ok(())

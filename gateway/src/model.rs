@@ -143,6 +143,10 @@ pub struct Card {
     /// an asker enrolled proves no second person for their requests.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub key_enrolled_by: BTreeMap<Slot, String>,
+    /// The break-glass grant this temporary card exists for: it works only
+    /// where and while that grant holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<[u8; 16]>,
 }
 
 /// How many notes a card's history keeps.
@@ -163,6 +167,7 @@ impl Card {
             approval: None,
             pending: None,
             key_enrolled_by: Default::default(),
+            break_glass: None,
             history: Vec::new(),
         }
     }
@@ -296,6 +301,40 @@ pub struct Request {
     pub fulfilled_ms: Option<i64>,
 }
 
+/// A break-glass grant in force (or ended): approved by a second
+/// administrator, for one operator at named terminals, with one temporary
+/// card, until a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakGlass {
+    /// The request that made it.
+    pub id: [u8; 16],
+    /// The operator.
+    pub operator_id: String,
+    /// Where it holds.
+    pub terminals: Vec<String>,
+    /// The temporary card it holds for.
+    pub card: [u8; 16],
+    /// Who asked, who approved.
+    pub asked_by: String,
+    /// See `asked_by`.
+    pub approved_by: String,
+    /// Why, in the asker's words.
+    pub reason: String,
+    /// From and until, Unix ms.
+    pub from_ms: i64,
+    /// See `from_ms`.
+    pub until_ms: i64,
+    /// Ended before its time: by whom, when, why.
+    pub ended: Option<(String, i64, String)>,
+}
+
+impl BreakGlass {
+    /// Whether it holds at `terminal` at `now_ms`.
+    pub fn holds(&self, terminal: &str, now_ms: i64) -> bool {
+        self.ended.is_none() && now_ms < self.until_ms && self.terminals.iter().any(|t| t == terminal)
+    }
+}
+
 /// An operator locked out after consecutive failures (see `throttle.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lockout {
@@ -356,6 +395,19 @@ pub enum RequestKind {
         /// Validity, days.
         validity_days: u32,
     },
+    /// Break-glass: time-limited access for an operator who cannot use
+    /// their card, at named terminals, with a temporary card (its PIN the
+    /// operator's), in force once approved.
+    BreakGlass {
+        /// The operator.
+        operator_id: String,
+        /// Where.
+        terminals: Vec<String>,
+        /// For how long from approval, hours.
+        hours: u32,
+        /// The temporary card's 9A certificate (DER).
+        certificate: Vec<u8>,
+    },
 }
 
 impl RequestKind {
@@ -364,6 +416,7 @@ impl RequestKind {
         match self {
             RequestKind::CardApproval { operator_id, .. } => operator_id,
             RequestKind::AdminCertificate { name, .. } => name,
+            RequestKind::BreakGlass { operator_id, .. } => operator_id,
         }
     }
 
@@ -373,6 +426,11 @@ impl RequestKind {
             RequestKind::CardApproval { card, operator_id, roles, .. } => {
                 format!("approve card {} for operator {operator_id} (privileged roles: {})", uuid_text(card), roles.join(", "))
             }
+            RequestKind::BreakGlass { operator_id, terminals, hours, certificate } => format!(
+                "BREAK-GLASS: operator {operator_id} at {} for {hours} h with a temporary card (certificate SHA-256 {})",
+                terminals.join(", "),
+                hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(certificate)[..8])
+            ),
             RequestKind::AdminCertificate { name, public_key_sha256, validity_days } => format!(
                 "issue an administrator certificate named {name} for {validity_days} days to the key with SHA-256 {public_key_sha256} (confirm the fingerprint with the key's holder)"
             ),
@@ -775,11 +833,15 @@ pub enum AuditKind {
     LiftLockout,
     /// An agent reported wrong PINs for a challenge.
     PinFailed,
+    /// Break-glass access was asked for (a second administrator approves).
+    AskBreakGlass,
+    /// A break-glass grant was ended before its time.
+    EndBreakGlass,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 34] = [
+    pub const ALL: [AuditKind; 36] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -814,6 +876,8 @@ impl AuditKind {
         AuditKind::Lockout,
         AuditKind::LiftLockout,
         AuditKind::PinFailed,
+        AuditKind::AskBreakGlass,
+        AuditKind::EndBreakGlass,
     ];
 
     /// The name stored in the record.
@@ -853,6 +917,8 @@ impl AuditKind {
             AuditKind::Lockout => "auth.lockout",
             AuditKind::LiftLockout => "admin.lift_lockout",
             AuditKind::PinFailed => "auth.pin_failed",
+            AuditKind::AskBreakGlass => "admin.ask_break_glass",
+            AuditKind::EndBreakGlass => "admin.end_break_glass",
         }
     }
 

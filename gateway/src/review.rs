@@ -13,7 +13,7 @@ pub const EXPIRING_MS: i64 = 30 * 86_400_000;
 /// One exception.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Item {
-    /// What kind: `temporary_card`, `expiring_certificate`,
+    /// What kind: `break_glass`, `temporary_card`, `expiring_certificate`,
     /// `suspended_card`, `operator_without_card`, `locked_out`,
     /// `repeated_failures`, `privileged_card`, `pending_request`,
     /// `admin_certificate`, `weaker_terminal`.
@@ -51,7 +51,8 @@ impl Gateway {
             if matches!(state, CardState::Revoked | CardState::Expired) {
                 continue;
             }
-            if let Some(end) = c.expires_ms {
+            // (A break-glass card is listed with its grant.)
+            if let Some(end) = c.expires_ms.filter(|_| c.break_glass.is_none()) {
                 push(
                     "temporary_card",
                     id.clone(),
@@ -149,6 +150,37 @@ impl Gateway {
                 format!("an administrator certificate, key SHA-256 {}: {how}", &a.public_key_sha256[..16]),
                 0,
                 "check every administrator is a person the site knows".into(),
+            );
+        }
+        for g in self.store.break_glasses()? {
+            let ended = g.ended.as_ref().map(|(_, at, _)| *at).unwrap_or(g.until_ms).min(g.until_ms);
+            if now - ended > EXPIRING_MS {
+                continue;
+            }
+            let id = hex::encode(g.id);
+            let state = match &g.ended {
+                Some((by, _, why)) => format!("ended by {by} ({why})"),
+                None if now >= g.until_ms => "ended at its time".to_string(),
+                None => "IN FORCE".to_string(),
+            };
+            let resolve = if g.ended.is_none() && now < g.until_ms {
+                format!("ends by itself; end it now with `pivgatectl break-glass end {id} --reason ...`")
+            } else {
+                "check each use (auth.granted records naming it) with the operator".into()
+            };
+            push(
+                "break_glass",
+                id,
+                format!(
+                    "{state}: operator {} at {}, asked by {}, approved by {}: {}",
+                    g.operator_id,
+                    g.terminals.join(", "),
+                    g.asked_by,
+                    g.approved_by,
+                    g.reason
+                ),
+                g.until_ms,
+                resolve,
             );
         }
         let groups = self.store.groups()?;

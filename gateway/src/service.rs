@@ -690,6 +690,9 @@ pub(crate) fn request_pb(gw: &Gateway, r: &model::Request) -> pb::ApprovalReques
     let (kind, card_uuid, operator_id) = match &r.kind {
         model::RequestKind::CardApproval { card, operator_id, .. } => ("card_approval", uuid_text(card), operator_id.clone()),
         model::RequestKind::AdminCertificate { name, .. } => ("admin_certificate", String::new(), name.clone()),
+        model::RequestKind::BreakGlass { operator_id, certificate, .. } => {
+            ("break_glass", crate::verify::inspect(certificate).ok().and_then(|i| i.uuid).map(|u| uuid_text(&u)).unwrap_or_default(), operator_id.clone())
+        }
     };
     let (decided_by, badge_signed) = match &r.state {
         model::RequestState::Approved(a) => (a.by.clone(), a.badge.is_some()),
@@ -1103,6 +1106,29 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .map(|i| pb::ReviewItem { kind: i.kind.into(), subject: i.subject, detail: i.detail, until_unix_ms: i.until_ms, resolve: i.resolve })
             .collect();
         Ok(Response::new(pb::ReviewResponse { items, truncated }))
+    }
+
+    async fn request_break_glass(&self, req: Request<pb::RequestBreakGlassRequest>) -> Result<Response<pb::RequestBreakGlassResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.RequestBreakGlass").await?;
+        let r = req.into_inner();
+        let ask = crate::break_glass::BreakGlassAsk {
+            operator_id: &r.operator_id,
+            terminals: &r.terminal_ids,
+            hours: r.hours,
+            certificate: &r.certificate,
+            reason: &r.reason,
+        };
+        let request = self.0.ask_break_glass(&caller, &ask).await?;
+        Ok(Response::new(pb::RequestBreakGlassResponse { request: Some(request_pb(&self.0, &request)) }))
+    }
+
+    async fn end_break_glass(&self, req: Request<pb::EndBreakGlassRequest>) -> Result<Response<pb::EndBreakGlassResponse>, Status> {
+        let caller = authorize(&self.0, &req, &[Role::Admin], "AdminService.EndBreakGlass").await?;
+        let r = req.into_inner();
+        let id: [u8; 16] =
+            hex::decode(&r.request_id).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| Status::invalid_argument("request_id: 32 hex digits"))?;
+        let locked_terminals = self.0.end_break_glass(&caller, id, &r.reason).await?;
+        Ok(Response::new(pb::EndBreakGlassResponse { locked_terminals }))
     }
 
     async fn lift_lockout(&self, req: Request<pb::LiftLockoutRequest>) -> Result<Response<pb::LiftLockoutResponse>, Status> {

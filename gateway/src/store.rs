@@ -143,6 +143,8 @@ pub enum Change {
     Group(crate::model::TerminalGroup),
     /// Records an administrator certificate issued.
     Admin(crate::model::AdminRecord),
+    /// Creates or replaces a break-glass grant.
+    BreakGlass(crate::model::BreakGlass),
     /// The bootstrap pair is spent: every administrator certificate from
     /// now on needs a second administrator.
     BootstrapSpent,
@@ -576,6 +578,7 @@ impl Store {
                 Change::Request(r) => put!(T_LIFECYCLE, request_key(&r.id), enc(r)?),
                 Change::Group(g) => put!(T_LIFECYCLE, group_key(&g.id), enc(g)?),
                 Change::Admin(a) => put!(T_LIFECYCLE, admin_key(&a.name), enc(a)?),
+                Change::BreakGlass(b) => put!(T_LIFECYCLE, break_glass_key(&b.id), enc(b)?),
                 Change::BootstrapSpent => put!(T_LIFECYCLE, BOOTSTRAP.to_vec(), b"spent".to_vec()),
                 Change::Lockout { operator, lockout: Some(l) } => put!(T_LIFECYCLE, lockout_key(operator), enc(l)?),
                 Change::Lockout { operator, lockout: None } => writes.push((T_LIFECYCLE, lockout_key(operator), None)),
@@ -949,6 +952,16 @@ impl Store {
         self.lifecycle.scan_prefix(b"a/").map(|r| dec(&r?.1)).collect()
     }
 
+    /// A break-glass grant.
+    pub fn break_glass(&self, id: &[u8; 16]) -> Result<Option<crate::model::BreakGlass>> {
+        self.lifecycle.get(break_glass_key(id))?.map(|v| dec(&v)).transpose()
+    }
+
+    /// Every break-glass grant, by id.
+    pub fn break_glasses(&self) -> Result<Vec<crate::model::BreakGlass>> {
+        self.lifecycle.scan_prefix(b"b/").map(|r| dec(&r?.1)).collect()
+    }
+
     /// The operator's lockout, if locked out.
     pub fn lockout(&self, operator: &str) -> Result<Option<crate::model::Lockout>> {
         self.lifecycle.get(lockout_key(operator))?.map(|v| dec(&v)).transpose()
@@ -1022,6 +1035,10 @@ fn group_key(id: &str) -> Vec<u8> {
 /// Whether the bootstrap pair is still open ("open") or spent. A database
 /// made before this key existed has none: closed.
 const BOOTSTRAP: &[u8] = b"m/bootstrap";
+
+fn break_glass_key(id: &[u8; 16]) -> Vec<u8> {
+    [b"b/".as_slice(), id].concat()
+}
 
 fn lockout_key(operator: &str) -> Vec<u8> {
     [b"l/".as_slice(), operator.as_bytes()].concat()

@@ -450,3 +450,58 @@ async fn the_review_lists_each_exception_made_and_nothing_else() -> Result<()> {
     assert!(ok && said.contains("pivgatectl operator unlock op-5"), "{said}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_takes_two_administrators_works_only_while_granted_and_is_in_the_review() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let root = write_credentials(&site.admin_credentials()?, &scratch("root-admin-bg"))?;
+    let second = write_credentials(&site.issue(pb::ServiceRole::Admin, "second").await?, &scratch("second-admin-bg"))?;
+    let mut admin = site.admin_client().await?;
+    admin.add_operator(&operator("op-9", &["dispatcher"])).await?;
+    let mut agent = site.agent("pi-1", &[TERMINAL, "lobby"]).await?;
+    let loaner = site.card(Algorithm::EccP256)?;
+    let cert = scratch("loaner").join("9a.der");
+    std::fs::create_dir_all(cert.parent().unwrap_or(std::path::Path::new(".")))?;
+    std::fs::write(&cert, &loaner.certificates[&Slot::Authentication])?;
+    let ask = [
+        "break-glass",
+        "request",
+        "--operator",
+        "op-9",
+        "--terminal",
+        TERMINAL,
+        "--hours",
+        "1",
+        "--cert",
+        &cert.display().to_string(),
+        "--reason",
+        "badge at home",
+    ];
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &ask, ""));
+    assert!(ok && said.contains("BREAK-GLASS"), "{said}");
+    let id = said.split_whitespace().nth(1).unwrap_or_default().to_string();
+    // Nothing until a second administrator approves, and never the asker.
+    let Tap::Denied(d) = tap(&mut agent, TERMINAL, &mut loaner.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("unlocked before approval") };
+    assert_eq!(d, pb::DenyReason::UnknownCard);
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["request", "approve", &id], ""));
+    assert!(!ok && said.contains("own request"), "{said}");
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &second, &["request", "approve", &id], ""));
+    assert!(ok, "{said}");
+    // In force at the named terminal, as the operator; not elsewhere.
+    let Tap::Granted(g) = tap(&mut agent, TERMINAL, &mut loaner.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("break-glass refused") };
+    assert_eq!(g.operator_id, "op-9");
+    let Tap::Denied(_) = tap(&mut agent, "lobby", &mut loaner.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("break-glass held elsewhere") };
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["review", "--json"], ""));
+    assert!(ok && said.lines().any(|l| l.contains("\"break_glass\"") && l.contains(&id) && l.contains("IN FORCE")), "{said}");
+    // Ended now: the session locks and the card is refused.
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["break-glass", "end", &id, "--reason", "badge brought in"], ""));
+    assert!(ok && said.contains(TERMINAL), "{said}");
+    assert!(!unlocked(&site).await?, "the break-glass session outlived its end");
+    let Tap::Denied(_) = tap(&mut agent, TERMINAL, &mut loaner.card(), "123456", pb::Mechanism::Unspecified).await? else {
+        bail!("an ended break-glass unlocked")
+    };
+    let records = site.audit_after(0).await?;
+    let uses = records.iter().filter(|r| r.kind == "auth.granted" && r.detail_json.contains(&id)).count();
+    assert_eq!(uses, 1, "each use on record, naming the grant");
+    Ok(())
+}

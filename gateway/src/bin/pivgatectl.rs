@@ -89,6 +89,9 @@ enum Command {
     /// Terminal groups and their policy.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Break-glass access for an operator who cannot use their card.
+    #[command(subcommand, name = "break-glass")]
+    BreakGlass(BreakGlassCmd),
     /// Take a consistent backup of the gateway's state and audit log (no
     /// private keys: keep a copy of the data folder's key files apart).
     /// Restore with `pivgate-gateway restore FILE --keys DIR --data-dir NEW`.
@@ -553,6 +556,33 @@ enum RoleArg {
 }
 
 #[derive(Subcommand)]
+enum BreakGlassCmd {
+    /// Ask for time-limited access with a temporary card (its 9A
+    /// certificate; the operator sets its PIN); a second administrator
+    /// approves it with `request approve`.
+    Request {
+        #[arg(long)]
+        operator: String,
+        /// A terminal it holds at (repeat).
+        #[arg(long = "terminal", required = true)]
+        terminals: Vec<String>,
+        #[arg(long)]
+        hours: u32,
+        /// The temporary card's 9A certificate (PEM or DER).
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        reason: String,
+    },
+    /// End a grant now: its card is revoked and its sessions lock.
+    End {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum CertCmd {
     /// Have the service CA certify a key: a new one made in
     /// OUT_DIR/NAME-key.pem, or, with --public-key, one its holder keeps
@@ -1004,6 +1034,16 @@ async fn main() -> Result<()> {
             let spki = key.subject_public_key_info();
             std::fs::write(out_dir.join(format!("{name}.pub")), key.public_key_pem())?;
             writeln!(out, "wrote {0}/{name}-key.pem and {0}/{name}.pub; public key SHA-256 {1}", out_dir.display(), hex_sha256(&spki))?;
+        }
+        Command::BreakGlass(BreakGlassCmd::Request { operator, terminals, hours, cert, reason }) => {
+            let req = pb::RequestBreakGlassRequest { operator_id: operator, terminal_ids: terminals, hours, certificate: read_certificate(&cert)?, reason };
+            let r = admin.request_break_glass(req).await?.into_inner().request.unwrap_or_default();
+            writeln!(out, "request {} {}: {}", r.request_id, r.state, r.summary)?;
+            writeln!(out, "a second administrator approves it: pivgatectl request approve {}", r.request_id)?;
+        }
+        Command::BreakGlass(BreakGlassCmd::End { id, reason }) => {
+            let r = admin.end_break_glass(pb::EndBreakGlassRequest { request_id: id.clone(), reason }).await?.into_inner();
+            writeln!(out, "break-glass {id} ended; locked: {}", if r.locked_terminals.is_empty() { "none".into() } else { r.locked_terminals.join(", ") })?;
         }
         Command::Review { json } => {
             let r = admin.review(pb::ReviewRequest {}).await?.into_inner();
