@@ -145,7 +145,8 @@ impl Gateway {
         if card.expires_ms.is_some_and(|end| self.now_ms() >= end) {
             return Ok(Refused(Deny::CardExpired, "temporary card past its end"));
         }
-        // A break-glass card works only where and while its grant holds.
+        // A break-glass card works only where and while its grant holds,
+        // and only with its PIN.
         if let Some(id) = card.break_glass {
             if !self.store.break_glass(&id)?.is_some_and(|g| g.holds(ask.terminal, self.now_ms())) {
                 return Ok(Refused(Deny::NotAuthorized, "a break-glass card, and its grant does not hold at this terminal now"));
@@ -158,6 +159,11 @@ impl Gateway {
         let Some(operator) = operator else { return Ok(Refused(Deny::UnknownCard, "card's operator no longer exists")) };
         if !operator.enabled {
             return Ok(Refused(Deny::OperatorDisabled, "operator disabled"));
+        }
+        // A lockout refuses every new proof, checked again at the grant
+        // under the ledger lock; a session already open stands.
+        if ask.session_roles.is_none() && self.store.lockout(&operator.id)?.is_some() {
+            return Ok(Refused(Deny::LockedOut, "operator locked out after consecutive failures: an administrator lifts it"));
         }
         // A privileged role's holder proves themselves only with a card a
         // second administrator approved for it.
@@ -184,6 +190,9 @@ impl Gateway {
                 None => return Ok(Refused(Deny::MechanismNotAllowed, "terminal allows no mechanism")),
             },
         };
+        if card.break_glass.is_some() && mechanism != crate::model::Mechanism::CardAndPin {
+            return Ok(Refused(Deny::MechanismNotAllowed, "a break-glass card proves with its PIN only"));
+        }
         let slot = mechanism.slot();
         let same_key = |a: &[u8], b: &[u8]| matches!((verify::inspect(a), verify::inspect(b)), (Ok(x), Ok(y)) if x.spki == y.spki);
         let (certificate, supplied) = match (ask.certificate, card.certificates.get(&slot)) {

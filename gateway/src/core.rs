@@ -672,7 +672,8 @@ impl Gateway {
             Ok(Decided::StepUp(p, card, operator)) => self.complete_step_up(caller, p, &card, &operator).await,
             Ok(Decided::BadProof { deny, why, pending, operator }) => {
                 let (d, text) = self.deny(caller, terminal, "complete", deny, json!({ "why": why, "card_uuid": uuid_text(&pending.card_uuid) })).await?;
-                self.failures(caller, Some(pending.card_uuid), Some(&operator), terminal, 1).await?;
+                let issued = pending.expires.checked_sub(self.challenges.ttl()).unwrap_or(pending.expires);
+                self.failures(caller, Some(pending.card_uuid), Some(&operator), terminal, 1, issued).await?;
                 if let Purpose::StepUp { id, .. } = &pending.purpose {
                     self.step_up_refused(caller, id, d, &text).await?;
                 }

@@ -1237,7 +1237,7 @@ async fn failed_proofs_slow_the_next_ones_and_lock_the_operator_out_until_an_adm
 #[tokio::test]
 async fn wrong_pins_count_only_when_reported_for_a_challenge_of_this_agent_there_and_only_once() {
     let b = bench(|c| {
-        c.lifecycle.lockout_after = 4;
+        c.lifecycle.lockout_after = 2;
         c.lifecycle.free_failures = 10;
     })
     .await;
@@ -1251,7 +1251,9 @@ async fn wrong_pins_count_only_when_reported_for_a_challenge_of_this_agent_there
     // Taken once: the same challenge is neither reported again nor signed.
     assert!(matches!(b.gw.report_pin_failures(&agent(), &id, T, 3).await, Err(Error::InvalidRequest(_))));
     assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &card_signs(b"x", Mechanism::CardAndPin)).await.unwrap()), Some(Deny::ChallengeReplayed));
-    // The fourth wrong PIN in a row locks the operator out.
+    // Three wrong PINs for one challenge are one failure; a second
+    // challenge failed locks the operator out.
+    assert!(b.gw.store.lockout("op-1").unwrap().is_none(), "one report counted as many");
     let Begin::Challenge { id, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("no challenge") };
     b.gw.report_pin_failures(&agent(), &id, T, 1).await.unwrap();
     assert_eq!(denied(&tap_with(&b, card_profile(), T).await), Some(Deny::LockedOut));
@@ -1350,4 +1352,63 @@ async fn a_break_glass_ended_early_revokes_its_card_and_locks_its_session() {
     assert!(b.gw.store.denied(crate::model::DenyKey::Card(loaner.chuid.guid)).unwrap(), "the card is not revoked");
     assert!(matches!(b.gw.end_break_glass(&admin(), r.id, "again").await, Err(Error::InvalidRequest(_))));
     assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "admin.end_break_glass"));
+}
+
+#[tokio::test]
+async fn challenges_gathered_up_front_count_once_and_a_lockout_refuses_one_issued_before_it() {
+    let b = bench(|c| {
+        c.lifecycle.lockout_after = 2;
+        c.lifecycle.free_failures = 10;
+    })
+    .await;
+    // The attack: challenges for the victim's card gathered first (a
+    // hostile agent, or a card copying its CHUID), then all failed.
+    let mut gathered = vec![];
+    for _ in 0..5 {
+        let Begin::Challenge { id, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("no challenge") };
+        gathered.push(id);
+    }
+    b.clock.advance(Duration::from_secs(1));
+    for id in &gathered {
+        b.gw.report_pin_failures(&agent(), id, T, 3).await.unwrap();
+    }
+    assert!(b.gw.store.lockout("op-1").unwrap().is_none(), "five gathered challenges counted as five failures");
+    // A challenge taken now, then a second failure after it: locked out,
+    // and the challenge taken before is refused at its grant.
+    let Begin::Challenge { id: early, message, mechanism, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("no challenge") };
+    b.clock.advance(Duration::from_secs(1));
+    let Begin::Challenge { id, .. } = b.gw.begin(&agent(), begin_req(T)).await.unwrap() else { panic!("no challenge") };
+    b.gw.report_pin_failures(&agent(), &id, T, 1).await.unwrap();
+    assert!(b.gw.store.lockout("op-1").unwrap().is_some());
+    let done = b.gw.complete(&agent(), &early, T, &card_signs(&message, mechanism)).await.unwrap();
+    assert_eq!(denied(&done), Some(Deny::LockedOut));
+}
+
+#[tokio::test]
+async fn a_break_glass_card_proves_with_its_pin_only_and_approves_nothing() {
+    let b = privileged_bench(false).await;
+    let loaner = other_card();
+    let terminals = vec![T.to_string()];
+    let ask =
+        crate::break_glass::BreakGlassAsk { operator_id: "op-2", terminals: &terminals, hours: 2, certificate: &nine_a(&loaner), reason: "badge at home" };
+    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    // Card only, even where the terminal allows it: refused, and its 9E
+    // key is never taken from a tap.
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly, Mechanism::CardAndPin], ..Default::default() }).await.unwrap();
+    let card_only = BeginRequest { card_uuid: Some(loaner.chuid.guid), mechanism: Some(Mechanism::CardOnly), ..begin_req(T) };
+    let Begin::Denied(d, _) = b.gw.begin(&agent(), card_only.clone()).await.unwrap() else { panic!("a break-glass card was offered card only") };
+    assert_eq!(d, Deny::MechanismNotAllowed);
+    let with_9e = BeginRequest { certificate: Some(loaner.certificates[&CardSlot::CardAuthentication].clone()), ..card_only };
+    assert!(matches!(b.gw.begin(&agent(), with_9e).await.unwrap(), Begin::Denied(Deny::MechanismNotAllowed, _)));
+    // And an operator who is also an administrator cannot approve with it.
+    b.gw.add_operator(&admin(), Operator { id: "third".into(), name: "Third".into(), roles: vec![], enabled: true }).await.unwrap();
+    let other = other_card();
+    let ask = crate::break_glass::BreakGlassAsk { operator_id: "third", terminals: &terminals, hours: 2, certificate: &nine_a(&other), reason: "x" };
+    let r2 = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    b.gw.approve(&admin_named("second"), r2.id, None).await.unwrap();
+    let _bootstrap = b.gw.issue_certificate(&admin(), Role::Admin, "second", &service_key(), 30).await.unwrap();
+    let Issued::Pending(open) = b.gw.issue_certificate(&admin(), Role::Admin, "fourth", &service_key(), 30).await.unwrap() else { panic!("issued alone") };
+    let e = b.gw.begin_approval(&admin_named("third"), open.id, &nine_a(&other)).err().unwrap();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("break-glass")), "{e}");
 }

@@ -371,6 +371,9 @@ impl Gateway {
         if card.certificates.get(&Slot::PivAuthentication).and_then(|d| verify::inspect(d).ok()).is_none_or(|e| e.spki != info.spki) {
             return Err(refused("the key is not the card's 9A (card and PIN) key".into()));
         }
+        if card.break_glass.is_some() {
+            return Err(refused("a break-glass card approves nothing".into()));
+        }
         if self.require_attested_pin_key && !card.attested.get(&Slot::PivAuthentication).is_some_and(|a| a.key_sha256 == info.key_sha256 && a.is_pin_key()) {
             return Err(refused("this site requires the 9A key to be attested as asking for the PIN (cards.require_attested_pin_key)".into()));
         }

@@ -7,16 +7,32 @@ use crate::core::Gateway;
 use crate::error::Result;
 use crate::model::{uuid_text, CardState, DenyKey, Session};
 
+/// Every kind, the ways in first.
+pub const KINDS: [&str; 12] = [
+    "break_glass",
+    "enrolment_window",
+    "locked_out",
+    "repeated_failures",
+    "pending_request",
+    "privileged_card",
+    "admin_certificate",
+    "weaker_terminal",
+    "temporary_card",
+    "suspended_card",
+    "expiring_certificate",
+    "operator_without_card",
+];
+
+/// The most items of one kind listed.
+pub const PER_KIND: usize = 500;
+
 /// How far ahead an expiry is listed.
 pub const EXPIRING_MS: i64 = 30 * 86_400_000;
 
 /// One exception.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Item {
-    /// What kind: `break_glass`, `temporary_card`, `expiring_certificate`,
-    /// `suspended_card`, `operator_without_card`, `locked_out`,
-    /// `repeated_failures`, `privileged_card`, `pending_request`,
-    /// `admin_certificate`, `weaker_terminal`.
+    /// What kind: one of [`KINDS`].
     pub kind: &'static str,
     /// What it is about (a card, an operator, a terminal, a request).
     pub subject: String,
@@ -183,22 +199,57 @@ impl Gateway {
                 resolve,
             );
         }
+        for w in self.store.windows()?.into_iter().filter(|w| w.closes_ms > now) {
+            push(
+                "enrolment_window",
+                w.terminal.clone(),
+                format!("open for operator {} (opened by {}): the first unknown card proven there is enrolled", w.operator_id, w.opened_by),
+                w.closes_ms,
+                format!("closes by itself; close it now with `pivgatectl enrolment close --terminal {}`", w.terminal),
+            );
+        }
         let groups = self.store.groups()?;
+        let baseline = crate::model::TerminalPolicy::default();
         for t in self.store.terminals()? {
-            let Some(g) = t.group.as_ref().and_then(|g| groups.iter().find(|x| x.id == *g)) else { continue };
-            let weaker = t.policy.weaker_than(&g.policy);
+            // Against its group's policy, or the site's default without one.
+            let (against, weaker, resolve) = match t.group.as_ref().and_then(|g| groups.iter().find(|x| x.id == *g)) {
+                Some(g) => (
+                    format!("group {}", g.id),
+                    t.policy.weaker_than(&g.policy),
+                    format!("`pivgatectl terminal group {} --group {}` puts the group's policy back", t.id, g.id),
+                ),
+                None => (
+                    "the default policy".to_string(),
+                    t.policy.weaker_than(&baseline),
+                    format!("put {} in a group, or set its policy (`pivgatectl terminal policy {}`)", t.id, t.id),
+                ),
+            };
             if !weaker.is_empty() {
                 let unlocked = if matches!(t.session, Session::Unlocked { .. }) { " (unlocked now)" } else { "" };
-                push(
-                    "weaker_terminal",
-                    t.id.clone(),
-                    format!("weaker than group {}: {}{unlocked}", g.id, weaker.join("; ")),
-                    0,
-                    format!("`pivgatectl terminal group {} --group {}` puts the group's policy back", t.id, g.id),
-                );
+                push("weaker_terminal", t.id.clone(), format!("weaker than {against}: {}{unlocked}", weaker.join("; ")), 0, resolve);
             }
         }
-        items.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
-        Ok(items)
+        // The ways in first; a kind with very many items cannot push the
+        // others out: each is cut at PER_KIND, with a line saying so.
+        let rank = |k: &str| KINDS.iter().position(|x| *x == k).unwrap_or(KINDS.len());
+        items.sort_by(|a, b| (rank(a.kind), &a.subject).cmp(&(rank(b.kind), &b.subject)));
+        let mut out: Vec<Item> = Vec::new();
+        for kind in KINDS {
+            let of: Vec<Item> = items.iter().filter(|i| i.kind == kind).cloned().collect();
+            let more = of.len().saturating_sub(PER_KIND);
+            out.extend(of.into_iter().take(PER_KIND));
+            if more > 0 {
+                out.push(Item {
+                    kind,
+                    subject: format!("(+{more} more)"),
+                    detail: format!("{more} more of this kind not listed"),
+                    until_ms: 0,
+                    resolve: "resolve the ones listed first".into(),
+                });
+            }
+        }
+        // (A kind missing from KINDS is listed last, whole.)
+        out.extend(items.into_iter().filter(|i| !KINDS.contains(&i.kind)));
+        Ok(out)
     }
 }

@@ -83,17 +83,28 @@ impl Throttle {
         keys.iter().filter_map(|k| g.get(k).map(|c| (c.last + rules.delay(k, c.failures)).saturating_duration_since(now))).filter(|d| !d.is_zero()).max()
     }
 
-    /// Counts `n` failures against each of `keys`; returns the count of the
-    /// operator among them (0 if none).
-    pub fn failed(&self, keys: &[Key], n: u32, rules: Rules, now: Instant) -> u32 {
+    /// Counts `n` failures against each of `keys`, for a challenge issued
+    /// at `issued`; returns the count of the operator among them (0 if
+    /// none). A key's failures count one challenge at a time: a challenge
+    /// issued before the key's last failure adds nothing, so challenges
+    /// gathered up front and failed together count as one, and every
+    /// further try meets the delay at its begin.
+    pub fn failed(&self, keys: &[Key], n: u32, issued: Instant, rules: Rules, now: Instant) -> u32 {
         let Ok(mut g) = self.counts.lock() else { return 0 };
         if g.len() >= KEYS_MAX {
-            // Forget what no longer delays anything.
+            // Forget what no longer delays anything; then the oldest.
             g.retain(|k, c| c.last + rules.delay(k, c.failures).max(Duration::from_secs(3600)) > now);
+            while g.len() >= KEYS_MAX {
+                let Some(oldest) = g.iter().min_by_key(|(_, c)| c.last).map(|(k, _)| k.clone()) else { break };
+                g.remove(&oldest);
+            }
         }
         let mut operator = 0;
         for k in keys {
-            if g.len() >= KEYS_MAX && !g.contains_key(k) {
+            if g.get(k).is_some_and(|c| issued < c.last) {
+                if matches!(k, Key::Operator(_)) {
+                    operator = g.get(k).map(|c| c.failures).unwrap_or(0);
+                }
                 continue;
             }
             let c = g.entry(k.clone()).or_insert(Count { failures: 0, last: now });
@@ -104,6 +115,11 @@ impl Throttle {
             }
         }
         operator
+    }
+
+    /// The failures in a row counted for `key`.
+    pub fn count(&self, key: &Key) -> u32 {
+        self.counts.lock().ok().and_then(|g| g.get(key).map(|c| c.failures)).unwrap_or(0)
     }
 
     /// Every key with at least `min` failures in a row, by key.
@@ -150,14 +166,17 @@ impl Gateway {
     /// `n` failures by `card` (of `operator`, when known) at `terminal`,
     /// seen or reported by `by`: counted, and the operator locked out once
     /// their failures in a row reach `lifecycle.lockout_after`.
-    pub(crate) async fn failures(&self, by: &Caller, card: Option<[u8; 16]>, operator: Option<&str>, terminal: &str, n: u32) -> Result<()> {
-        let count = self.throttle.failed(&keys(card, operator, terminal), n, self.throttle_rules(), self.clock.instant());
+    pub(crate) async fn failures(&self, by: &Caller, card: Option<[u8; 16]>, operator: Option<&str>, terminal: &str, n: u32, issued: Instant) -> Result<()> {
+        let count = self.throttle.failed(&keys(card, operator, terminal), n, issued, self.throttle_rules(), self.clock.instant());
         self.counters.failures.fetch_add(u64::from(n), Ordering::Relaxed);
         let Some(operator) = operator.filter(|_| count >= self.lifecycle.lockout_after) else { return Ok(()) };
         let lockout = Lockout { operator_id: operator.to_string(), at_ms: self.now_ms(), failures: count, terminal: terminal.to_string(), by: by.to_string() };
         let locked = self
             .commit_with(|| {
-                if self.store.lockout(operator)?.is_some() {
+                // Read again under the ledger lock: a lift that landed since
+                // cleared the count, and stands.
+                let count = self.throttle.count(&Key::Operator(operator.to_string()));
+                if self.store.lockout(operator)?.is_some() || count < self.lifecycle.lockout_after {
                     return Ok(None);
                 }
                 let detail = json!({ "operator": operator, "failures": count, "limit": self.lifecycle.lockout_after,
@@ -193,7 +212,7 @@ impl Gateway {
             return Err(Error::InvalidRequest("the challenge asked for no PIN".into()));
         }
         // A card's own counter blocks it after a few: more is made up.
-        let wrong = wrong.clamp(1, 10);
+        let wrong = wrong.clamp(1, 3);
         let operator = self.store.card(&p.card_uuid)?.map(|c| c.operator_id);
         let detail = json!({ "card_uuid": uuid_text(&p.card_uuid), "operator": operator, "wrong_pins": wrong });
         self.audit_refusal(
@@ -201,14 +220,22 @@ impl Gateway {
             AuditEntry { kind: AuditKind::PinFailed, actor: caller.to_string(), terminal_id: terminal.to_string(), detail },
         )
         .await?;
-        self.failures(caller, Some(p.card_uuid), operator.as_deref(), terminal, wrong).await
+        let issued = p.expires.checked_sub(self.challenges.ttl()).unwrap_or(p.expires);
+        // One failure per challenge, however many PINs were typed for it
+        // (the card counts those): an agent's word cannot multiply it.
+        self.failures(caller, Some(p.card_uuid), operator.as_deref(), terminal, 1, issued).await
     }
 
     /// Lifts `operator`'s lockout (and clears their failure counts);
     /// whether they were locked out.
     pub async fn lift_lockout(&self, caller: &Caller, operator: &str, reason: &str) -> Result<bool> {
         let mut was = false;
+        let mut cleared = vec![Key::Operator(operator.to_string())];
+        cleared.extend(self.store.cards()?.into_iter().filter(|c| c.operator_id == operator).map(|c| Key::Card(c.uuid)));
         self.commit_with(|| {
+            // Cleared under the ledger lock, so a failure being counted
+            // now cannot lock the operator out again on the old count.
+            self.throttle.succeeded(&cleared);
             let Some(l) = self.store.lockout(operator)? else { return Ok(None) };
             was = true;
             let detail = json!({ "operator": operator, "reason": reason, "failures": l.failures, "locked_at_ms": l.at_ms, "terminal": l.terminal });
@@ -216,9 +243,6 @@ impl Gateway {
             Ok(Some((entry, vec![Change::Lockout { operator: operator.to_string(), lockout: None }])))
         })
         .await?;
-        let mut cleared = vec![Key::Operator(operator.to_string())];
-        cleared.extend(self.store.cards()?.into_iter().filter(|c| c.operator_id == operator).map(|c| Key::Card(c.uuid)));
-        self.throttle.succeeded(&cleared);
         Ok(was)
     }
 }
@@ -244,17 +268,20 @@ mod tests {
         let t = Throttle::default();
         let now = Instant::now();
         let keys = [Key::Card([1; 16]), Key::Operator("op-1".into()), Key::Terminal("t".into())];
-        assert_eq!(t.failed(&keys, 3, RULES, now), 3);
+        assert_eq!(t.failed(&keys, 3, now, RULES, now), 3);
         assert_eq!(t.wait(&keys, RULES, now), None, "three free failures");
-        assert_eq!(t.failed(&keys, 2, RULES, now), 5);
+        assert_eq!(t.failed(&keys, 2, now, RULES, now), 5);
         assert_eq!(t.wait(&keys, RULES, now), Some(Duration::from_secs(2)));
         assert_eq!(t.wait(&keys, RULES, now + Duration::from_secs(2)), None);
         // Another card of the same operator waits too; another operator's
         // card at another terminal does not.
         assert!(t.wait(&[Key::Card([2; 16]), Key::Operator("op-1".into())], RULES, now).is_some());
         assert_eq!(t.wait(&[Key::Card([3; 16]), Key::Operator("op-3".into()), Key::Terminal("u".into())], RULES, now), None);
+        // A challenge issued before the last failure adds nothing.
+        let earlier = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        assert_eq!(t.failed(&keys, 3, earlier, RULES, now + Duration::from_secs(1)), 5);
         t.succeeded(&keys);
         assert_eq!(t.wait(&keys, RULES, now), None);
-        assert_eq!(t.failed(&keys, 1, RULES, now), 1, "counting starts again");
+        assert_eq!(t.failed(&keys, 1, now, RULES, now), 1, "counting starts again");
     }
 }

@@ -505,3 +505,53 @@ async fn break_glass_takes_two_administrators_works_only_while_granted_and_is_in
     assert_eq!(uses, 1, "each use on record, naming the grant");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_locks_a_console_without_activity_and_not_one_with_activity() -> Result<()> {
+    let site = Site::start(|_, _| {}).await?;
+    let mut admin = site.admin_client().await?;
+    let mut agent = site.agent("pi-1", &[TERMINAL, "lobby"]).await?;
+    let idle = TerminalPolicy { idle_timeout_s: 3, ..Default::default() };
+    let mut cards = Vec::new();
+    for (op, terminal) in [("op-a", TERMINAL), ("op-b", "lobby")] {
+        admin.set_terminal_policy(terminal, &idle).await?;
+        admin.add_operator(&operator(op, &["dispatcher"])).await?;
+        let c = site.card(Algorithm::EccP256)?;
+        admin.enrol_card(op, &c.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+        let Tap::Granted(_) = tap(&mut agent, terminal, &mut c.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("{op} refused") };
+        cards.push(c);
+    }
+    let mut console = site.application("dispatch-console").await?;
+    let state = |mut c: pb::access_service_client::AccessServiceClient<tonic::transport::Channel>, t: &'static str| async move {
+        Ok::<_, anyhow::Error>(c.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: t.into() }).await?.into_inner().state.unwrap_or_default())
+    };
+    // Before any report, no idle timeout holds (the policy says so).
+    assert!(!state(console.clone(), "lobby").await?.idle_enforced);
+    // The console reports activity at both, then only at dispatch-01.
+    for t in [TERMINAL, "lobby"] {
+        let r = console.report_activity(pb::ReportActivityRequest { terminal_id: t.into() }).await?.into_inner();
+        assert_eq!(r.idle_timeout_s, 3);
+    }
+    assert!(state(console.clone(), "lobby").await?.idle_enforced);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        console.report_activity(pb::ReportActivityRequest { terminal_id: TERMINAL.into() }).await?;
+        let lobby = state(console.clone(), "lobby").await?;
+        if !lobby.unlocked {
+            assert_eq!(lobby.lock_reason(), pb::LockReason::IdleTimeout);
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the idle console never locked");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Two more idle timeouts of activity: dispatch-01 stays unlocked.
+    for _ in 0..12 {
+        console.report_activity(pb::ReportActivityRequest { terminal_id: TERMINAL.into() }).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let busy = state(console.clone(), TERMINAL).await?;
+    assert!(busy.unlocked, "a console with activity locked: {:?}", busy.lock_reason());
+    Ok(())
+}
