@@ -1006,6 +1006,13 @@ impl Gateway {
                 p.remove(&agent);
             }
         }
+        // Hourly: closed requests past their keeping forgotten.
+        let now_ms = self.now_ms();
+        let last = self.clocks.pruned_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms - last >= 3_600_000 {
+            self.clocks.pruned_ms.store(now_ms, std::sync::atomic::Ordering::Relaxed);
+            self.prune_requests().await?;
+        }
         self.lock_by_clocks().await
     }
 

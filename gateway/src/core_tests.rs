@@ -1412,3 +1412,26 @@ async fn a_break_glass_card_proves_with_its_pin_only_and_approves_nothing() {
     let e = b.gw.begin_approval(&admin_named("third"), open.id, &nine_a(&other)).err().unwrap();
     assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("break-glass")), "{e}");
 }
+
+#[tokio::test]
+async fn closed_requests_are_forgotten_thirty_days_after_and_open_ones_never() {
+    let b = privileged_bench(false).await;
+    b.gw.enrol_card(&admin(), "op-2", &nine_a(&other_card()), Slot::PivAuthentication, None).await.unwrap();
+    let refused = open_request(&b);
+    b.gw.refuse(&admin(), refused.id, "not this one").await.unwrap();
+    b.gw.enrol_card(&admin(), "op-2", &nine_a(&other_card()), Slot::PivAuthentication, None).await.unwrap();
+    let waiting = open_request(&b);
+    // Not yet: the refused one is kept for 30 days after its expiry.
+    b.gw.sweep().await.unwrap();
+    assert_eq!(b.gw.store.requests().unwrap().len(), 2);
+    b.clock.advance(Duration::from_secs(31 * 86_400 + 72 * 3600));
+    // (The waiting one lapsed long ago; a new one is open now.)
+    b.gw.enrol_card(&admin(), "op-2", &nine_a(&other_card()), Slot::PivAuthentication, None).await.unwrap();
+    let fresh = open_request(&b);
+    b.gw.sweep().await.unwrap();
+    let left: Vec<[u8; 16]> = b.gw.store.requests().unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(left, vec![fresh.id], "closed ones kept, or the open one forgotten");
+    assert_ne!(waiting.id, fresh.id);
+    let rec = b.gw.store.audit_after(0, 10_000).unwrap().into_iter().find(|r| r.kind == "lifecycle.prune_requests").expect("a prune record");
+    assert!(rec.detail["requests"].to_string().contains(&hex::encode(refused.id)));
+}

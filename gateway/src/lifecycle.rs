@@ -625,4 +625,28 @@ impl Gateway {
         .await?;
         out.ok_or_else(|| Error::Transaction("certificate not recorded".into()))
     }
+
+    // ---- housekeeping ----
+
+    /// Forgets requests closed (decided, withdrawn or lapsed) for 30 days:
+    /// the lifecycle tree stays the size of what is current; the audit log
+    /// keeps every request and decision. Returns how many.
+    pub async fn prune_requests(&self) -> Result<usize> {
+        const KEEP_MS: i64 = 30 * 86_400_000;
+        let now = self.now_ms();
+        let mut forgotten = 0;
+        self.commit_with(|| {
+            let old: Vec<[u8; 16]> =
+                self.store.requests()?.into_iter().filter(|r| !r.open(now) && now > r.expires_ms + KEEP_MS).map(|r| r.id).take(1000).collect();
+            forgotten = old.len();
+            if old.is_empty() {
+                return Ok(None);
+            }
+            let detail = json!({ "requests": old.iter().map(hex::encode).collect::<Vec<_>>() });
+            let entry = AuditEntry { kind: AuditKind::PruneRequests, actor: "gateway".into(), terminal_id: String::new(), detail };
+            Ok(Some((entry, old.into_iter().map(Change::ForgetRequest).collect())))
+        })
+        .await?;
+        Ok(forgotten)
+    }
 }

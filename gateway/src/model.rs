@@ -423,9 +423,14 @@ impl RequestKind {
     /// A line for the approver to read before the badge signs.
     pub fn summary(&self) -> String {
         match self {
-            RequestKind::CardApproval { card, operator_id, roles, .. } => {
-                format!("approve card {} for operator {operator_id} (privileged roles: {})", uuid_text(card), roles.join(", "))
-            }
+            // The certificates' digests too: a card tapped into a window by
+            // someone else is told apart before the badge signs.
+            RequestKind::CardApproval { card, operator_id, roles, certificates } => format!(
+                "approve card {} for operator {operator_id} (privileged roles: {}; certificates {})",
+                uuid_text(card),
+                roles.join(", "),
+                certificates.iter().map(|c| c.chars().take(36).collect::<String>()).collect::<Vec<_>>().join(", ")
+            ),
             RequestKind::BreakGlass { operator_id, terminals, hours, certificate } => format!(
                 "BREAK-GLASS: operator {operator_id} at {} for {hours} h with a temporary card (certificate SHA-256 {})",
                 terminals.join(", "),
@@ -837,11 +842,13 @@ pub enum AuditKind {
     AskBreakGlass,
     /// A break-glass grant was ended before its time.
     EndBreakGlass,
+    /// Requests closed for 30 days were forgotten (the audit log keeps them).
+    PruneRequests,
 }
 
 impl AuditKind {
     /// Every kind, for tests and readers of the log.
-    pub const ALL: [AuditKind; 36] = [
+    pub const ALL: [AuditKind; 37] = [
         AuditKind::AuthGranted,
         AuditKind::AuthDenied,
         AuditKind::SessionLocked,
@@ -878,6 +885,7 @@ impl AuditKind {
         AuditKind::PinFailed,
         AuditKind::AskBreakGlass,
         AuditKind::EndBreakGlass,
+        AuditKind::PruneRequests,
     ];
 
     /// The name stored in the record.
@@ -919,6 +927,7 @@ impl AuditKind {
             AuditKind::PinFailed => "auth.pin_failed",
             AuditKind::AskBreakGlass => "admin.ask_break_glass",
             AuditKind::EndBreakGlass => "admin.end_break_glass",
+            AuditKind::PruneRequests => "lifecycle.prune_requests",
         }
     }
 

@@ -49,6 +49,8 @@ pub struct Clocks {
     /// When this gateway started (Unix ms): the idle clock of a session
     /// older than that starts here.
     pub started_ms: std::sync::atomic::AtomicI64,
+    /// When closed requests were last pruned (Unix ms).
+    pub pruned_ms: std::sync::atomic::AtomicI64,
 }
 
 /// A policy as an administrator gives it, checked.

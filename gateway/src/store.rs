@@ -143,6 +143,8 @@ pub enum Change {
     Group(crate::model::TerminalGroup),
     /// Records an administrator certificate issued.
     Admin(crate::model::AdminRecord),
+    /// Forgets a closed request (its records stay in the audit log).
+    ForgetRequest([u8; 16]),
     /// Creates or replaces a break-glass grant.
     BreakGlass(crate::model::BreakGlass),
     /// The bootstrap pair is spent: every administrator certificate from
@@ -578,6 +580,7 @@ impl Store {
                 Change::Request(r) => put!(T_LIFECYCLE, request_key(&r.id), enc(r)?),
                 Change::Group(g) => put!(T_LIFECYCLE, group_key(&g.id), enc(g)?),
                 Change::Admin(a) => put!(T_LIFECYCLE, admin_key(&a.name), enc(a)?),
+                Change::ForgetRequest(id) => writes.push((T_LIFECYCLE, request_key(id), None)),
                 Change::BreakGlass(b) => put!(T_LIFECYCLE, break_glass_key(&b.id), enc(b)?),
                 Change::BootstrapSpent => put!(T_LIFECYCLE, BOOTSTRAP.to_vec(), b"spent".to_vec()),
                 Change::Lockout { operator, lockout: Some(l) } => put!(T_LIFECYCLE, lockout_key(operator), enc(l)?),
