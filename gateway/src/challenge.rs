@@ -258,18 +258,7 @@ impl Challenges {
     /// can never be taken again. A challenge of another agent or terminal
     /// is refused and left alone, so no agent can burn another's.
     pub fn take(&self, id: &[u8], agent: &str, terminal: &str, now: Instant) -> Result<Pending, Deny> {
-        let id: [u8; 16] = id.try_into().map_err(|_| Deny::ChallengeUnknown)?;
-        let mut g = self.inner.lock().map_err(|_| Deny::ChallengeUnknown)?;
-        if g.spent.contains_key(&id) {
-            return Err(Deny::ChallengeReplayed);
-        }
-        match g.pending.get(&id) {
-            None => return Err(Deny::ChallengeUnknown),
-            Some(p) if p.agent != agent || p.terminal != terminal => return Err(Deny::ChallengeMismatch),
-            Some(_) => {}
-        }
-        let p = g.pending.remove(&id).ok_or(Deny::ChallengeUnknown)?;
-        g.spent.insert(id, now);
+        let p = self.take_reported(id, agent, terminal, now)?;
         if now > p.expires {
             return Err(Deny::ChallengeExpired);
         }
