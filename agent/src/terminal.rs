@@ -103,7 +103,12 @@ impl Worker {
                 Input::Reader(ReaderEvent::CardInserted { reader, .. }) => {
                     card_in = Some(reader.clone());
                     match step_up.take().filter(|(_, until)| Instant::now() < *until) {
-                        Some((id, _)) => self.step_up(&reader, id, &mut done, &mut card_in, &mut current_card),
+                        Some((id, until)) => {
+                            if self.step_up(&reader, id, &mut done, &mut card_in, &mut current_card) {
+                                step_up = Some((id, until));
+                                self.show(Pattern::StepUp);
+                            }
+                        }
                         None => {
                             let (result, uuid) = self.tap(&reader, None);
                             current_card = uuid;
@@ -121,9 +126,11 @@ impl Worker {
                     }
                     tracing::info!(terminal = %self.terminal, action = %action, "step-up asked: prove again with card and PIN");
                     match card_in.clone() {
-                        // The card is in the reader: ask for its PIN now.
-                        Some(reader) => self.step_up(&reader, id, &mut done, &mut card_in, &mut current_card),
-                        None => {
+                        // The card is in the reader: ask for its PIN now. If
+                        // it has just left (its removal not yet seen here),
+                        // the step-up waits for the next card.
+                        Some(reader) if !self.step_up(&reader, id, &mut done, &mut card_in, &mut current_card) => {}
+                        _ => {
                             step_up = Some((id, until));
                             self.show(Pattern::StepUp);
                         }
@@ -149,7 +156,9 @@ impl Worker {
         }
     }
 
-    /// A step-up tap at `reader`, answering step-up `id` once.
+    /// A step-up tap at `reader`, answering step-up `id` once. Returns true
+    /// when the card had left before the gateway heard anything, so the
+    /// step-up still waits for a card.
     fn step_up(
         &mut self,
         reader: &str,
@@ -157,7 +166,7 @@ impl Worker {
         done: &mut std::collections::VecDeque<[u8; 16]>,
         card_in: &mut Option<String>,
         current: &mut Option<[u8; 16]>,
-    ) {
+    ) -> bool {
         self.show(Pattern::StepUp);
         let (result, _) = self.tap(reader, Some(id));
         // Answered for good (proven, refused, or declined at the PIN) unless
@@ -169,11 +178,13 @@ impl Worker {
             }
             done.push_back(id);
         }
-        self.finish(&result);
         if result == TapResult::CardRemoved {
             *card_in = None;
             self.removed(current.take());
+            return true;
         }
+        self.finish(&result);
+        false
     }
 
     fn finish(&self, result: &TapResult) {
@@ -251,7 +262,7 @@ impl Worker {
         };
         let mut card = match PcscCard::connect(&ctx, reader) {
             Ok(c) => c,
-            Err(e) => return (TapResult::CardError(e.to_string()), None),
+            Err(e) => return (e.into(), None),
         };
         let features = match &self.pin {
             PinSource::Pinpad => pcsc::pinpad::features(&card).unwrap_or_default(),
