@@ -18,7 +18,7 @@ use sha2::Digest;
 
 use crate::core::Gateway;
 use crate::error::Result;
-use crate::model::{Agent, Card, DenyKey, IdentityRule, Mechanism, Operator, Slot, Terminal, TerminalPolicy};
+use crate::model::{Agent, BreakGlass, Card, DenyKey, IdentityRule, Mechanism, Operator, Slot, Terminal, TerminalPolicy};
 use crate::verify::{self, Deny, Validation};
 
 /// Records as a change being decided will leave them, for judging live
@@ -31,6 +31,8 @@ pub(crate) struct Overlay<'a> {
     pub policy: Option<(&'a str, &'a TerminalPolicy)>,
     /// An agent binding being replaced.
     pub agent: Option<&'a Agent>,
+    /// A break-glass grant being ended.
+    pub break_glass: Option<&'a BreakGlass>,
 }
 
 /// Which certificate is judged.
@@ -76,9 +78,10 @@ pub(crate) struct Ask<'a> {
     pub check: Check,
     /// A change being decided.
     pub overlay: &'a Overlay<'a>,
-    /// The roles a live session carries (consoles act on them): each must
-    /// still be the operator's.
-    pub session_roles: Option<&'a [String]>,
+    /// A live session's operator and the roles it carries (consoles act
+    /// on them): it must still be the card's operator (or the one a
+    /// break-glass by presence opened it for), each role still theirs.
+    pub session: Option<(&'a str, &'a [String])>,
 }
 
 /// Everything an allowed request was judged on.
@@ -99,6 +102,9 @@ pub(crate) struct Allowed {
     pub validation: Option<Validation>,
     /// The certificate, parsed, when the full check ran.
     pub info: Option<verify::CertInfo>,
+    /// The break-glass grant the proof stands on: the card's own, or the
+    /// one an approver's badge opens by presence.
+    pub break_glass: Option<BreakGlass>,
 }
 
 /// The answer.
@@ -145,31 +151,73 @@ impl Gateway {
         if card.expires_ms.is_some_and(|end| self.now_ms() >= end) {
             return Ok(Refused(Deny::CardExpired, "temporary card past its end"));
         }
+        let now = self.now_ms();
+        let grant = |id: &[u8; 16]| -> Result<Option<BreakGlass>> {
+            Ok(match overlay.break_glass {
+                Some(g) if g.id == *id => Some(g.clone()),
+                _ => self.store.break_glass(id)?,
+            })
+        };
         // A break-glass card works only where and while its grant holds,
         // and only with its PIN.
+        let mut break_glass = None;
         if let Some(id) = card.break_glass {
-            if !self.store.break_glass(&id)?.is_some_and(|g| g.holds(ask.terminal, self.now_ms())) {
-                return Ok(Refused(Deny::NotAuthorized, "a break-glass card, and its grant does not hold at this terminal now"));
+            match grant(&id)? {
+                Some(g) if g.holds(ask.terminal, now) => break_glass = Some(g),
+                Some(g) if g.terminals.iter().any(|t| t == ask.terminal) => {
+                    return Ok(Refused(Deny::BreakGlassEnded, "a break-glass card, and its grant has ended"))
+                }
+                _ => return Ok(Refused(Deny::NotAuthorized, "a break-glass card, and its grant does not hold at this terminal")),
             }
         }
-        let operator = match overlay.operator {
-            Some(o) if o.id == card.operator_id => Some(o.clone()),
-            _ => self.store.operator(&card.operator_id)?,
+        let operator_named = |id: &str| -> Result<Option<Operator>> {
+            Ok(match overlay.operator {
+                Some(o) if o.id == id => Some(o.clone()),
+                _ => self.store.operator(id)?,
+            })
         };
-        let Some(operator) = operator else { return Ok(Refused(Deny::UnknownCard, "card's operator no longer exists")) };
-        if !operator.enabled {
+        let Some(holder) = operator_named(&card.operator_id)? else { return Ok(Refused(Deny::UnknownCard, "card's operator no longer exists")) };
+        if !holder.enabled {
             return Ok(Refused(Deny::OperatorDisabled, "operator disabled"));
-        }
-        // A lockout refuses every new proof, checked again at the grant
-        // under the ledger lock; a session already open stands.
-        if ask.session_roles.is_none() && self.store.lockout(&operator.id)?.is_some() {
-            return Ok(Refused(Deny::LockedOut, "operator locked out after consecutive failures: an administrator lifts it"));
         }
         // A privileged role's holder proves themselves only with a card a
         // second administrator approved for it.
-        if !card.approved_for(&self.privileged_roles(&operator)) {
+        if !card.approved_for(&self.privileged_roles(&holder)) {
             return Ok(Refused(Deny::CardPending, "card waits for a second administrator's approval"));
         }
+        // An approver's badge at a terminal that a break-glass by their
+        // presence names opens it in the grant's operator's name, while
+        // the grant holds; a session of the badge's own holder is theirs.
+        let theirs = ask.session.is_some_and(|(op, _)| op == card.operator_id);
+        let present = match self.presence_grant(&card, ask.terminal, overlay)? {
+            _ if theirs => None,
+            Some(Err(why)) if ask.session.is_none() => return Ok(Refused(Deny::NotAuthorized, why)),
+            Some(Ok(g)) if g.holds(ask.terminal, now) => Some(g),
+            Some(_) if ask.session.is_some() => return Ok(Refused(Deny::BreakGlassEnded, "the break-glass grant the session stood on has ended")),
+            _ => None,
+        };
+        let operator = match &present {
+            None => holder.clone(),
+            Some(g) => match operator_named(&g.operator_id)? {
+                Some(o) if o.enabled => o,
+                Some(_) => return Ok(Refused(Deny::OperatorDisabled, "the break-glass grant's operator is disabled")),
+                None => return Ok(Refused(Deny::UnknownCard, "the break-glass grant's operator no longer exists")),
+            },
+        };
+        if ask.session.is_some_and(|(op, _)| op != operator.id) {
+            return Ok(Refused(Deny::UnknownCard, "the session's operator is not the card's"));
+        }
+        // A lockout refuses every new proof, checked again at the grant
+        // under the ledger lock; a session already open stands. An
+        // approver locked out opens no grant either.
+        if ask.session.is_none() {
+            for o in [&operator.id, &holder.id] {
+                if self.store.lockout(o)?.is_some() {
+                    return Ok(Refused(Deny::LockedOut, "operator locked out after consecutive failures: an administrator lifts it"));
+                }
+            }
+        }
+        let break_glass = break_glass.or(present);
         let policy = &terminal.policy;
         if policy.hours.is_some_and(|h| !h.contains(self.now_ms())) {
             return Ok(Refused(Deny::OutsideHours, "outside the terminal's hours"));
@@ -179,19 +227,21 @@ impl Gateway {
         }
         // Before any certificate check: no certificate verdict (a stale CRL
         // that leaves a session standing) may hide a role taken away.
-        if ask.session_roles.is_some_and(|held| held.iter().any(|r| !operator.roles.contains(r))) {
+        if ask.session.is_some_and(|(_, held)| held.iter().any(|r| !operator.roles.contains(r))) {
             return Ok(Verdict::SessionRoleRemoved);
         }
         let mechanism = match ask.mechanism {
             Some(m) if !policy.allowed_mechanisms.contains(&m) => return Ok(Refused(Deny::MechanismNotAllowed, "mechanism not allowed at this terminal")),
             Some(m) => m,
+            // Break-glass proves with a PIN wherever the terminal allows it.
+            None if break_glass.is_some() && policy.allowed_mechanisms.contains(&Mechanism::CardAndPin) => Mechanism::CardAndPin,
             None => match policy.allowed_mechanisms.first() {
                 Some(m) => *m,
                 None => return Ok(Refused(Deny::MechanismNotAllowed, "terminal allows no mechanism")),
             },
         };
-        if card.break_glass.is_some() && mechanism != crate::model::Mechanism::CardAndPin {
-            return Ok(Refused(Deny::MechanismNotAllowed, "a break-glass card proves with its PIN only"));
+        if break_glass.is_some() && mechanism != Mechanism::CardAndPin {
+            return Ok(Refused(Deny::MechanismNotAllowed, "break-glass proves with a card and its PIN only"));
         }
         let slot = mechanism.slot();
         let same_key = |a: &[u8], b: &[u8]| matches!((verify::inspect(a), verify::inspect(b)), (Ok(x), Ok(y)) if x.spki == y.spki);
@@ -250,7 +300,7 @@ impl Gateway {
                 }
             }
         }
-        Ok(Verdict::Allowed(Box::new(Allowed { terminal, card, operator, mechanism, certificate, supplied, validation, info })))
+        Ok(Verdict::Allowed(Box::new(Allowed { terminal, card, operator, mechanism, certificate, supplied, validation, info, break_glass })))
     }
 
     /// The identity, path and key checks of a card certificate.
@@ -342,6 +392,7 @@ pub(crate) fn lock_reason(deny: Deny, policy_changing: bool) -> Option<crate::mo
         Deny::RevokedCrl => L::CertificateRevoked,
         Deny::CardSuspended => L::CardSuspended,
         Deny::CardExpired => L::CardExpired,
+        Deny::BreakGlassEnded => L::BreakGlassEnded,
         Deny::OutsideHours => L::OutsideHours,
         Deny::CertExpired | Deny::CertNotYetValid => L::CertificateExpired,
         _ => L::PolicyChanged,

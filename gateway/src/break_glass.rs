@@ -1,19 +1,31 @@
 //! Break-glass: when an operator cannot use their card, an administrator
 //! asks for time-limited access for them at named terminals, with a
-//! written reason and a temporary card (whose PIN the operator sets); it
-//! takes effect only when a second administrator approves (their badge
-//! signing where `lifecycle.approval = "badge"`), for at most
-//! `lifecycle.break_glass_max_h` hours. The card works only where and while
-//! the grant holds (`authorize.rs`), every use is an `auth.granted` record
-//! naming the grant, ending it early revokes the card (its sessions lock),
-//! and it is in every review until 30 days after it ended. There is no
-//! fallback to a weaker factor: the temporary card proves with its PIN.
+//! written reason; it takes effect only when a second administrator
+//! approves (their badge signing where `lifecycle.approval = "badge"`), for
+//! at most `lifecycle.break_glass_max_h` hours. Using it still needs two
+//! factors, as the site configures (`lifecycle.break_glass_proof`):
+//!
+//! - `temporary-card`: a temporary card asked for with the grant (its PIN
+//!   the operator sets). It works only where and while the grant holds;
+//!   ending the grant early revokes it.
+//! - `approver-present`: the approving administrator comes to the terminal
+//!   and taps their own badge (card and PIN; a card another administrator
+//!   enrolled to the operator named as them): the session opens in the
+//!   operator's name. While the grant holds, that badge at those terminals
+//!   opens nothing else.
+//!
+//! Either way the grant is checked at every proof and every re-check of a
+//! session (`authorize.rs`), a session standing on it locks when it ends
+//! (`BreakGlassEnded`), every use is an `auth.granted` record naming the
+//! grant, and it is in every review until 30 days after it ended. There is
+//! no fallback to a weaker factor.
 
 use serde_json::json;
 
+use crate::authorize::Overlay;
 use crate::core::{Enrolment, Gateway};
 use crate::error::{Error, Result};
-use crate::model::{uuid_text, Approval, AuditKind, BreakGlass, Request, RequestKind, RequestState, Slot};
+use crate::model::{uuid_text, Approval, AuditKind, BreakGlass, BreakGlassProof, Card, Request, RequestKind, RequestState, Session, Slot};
 use crate::pki::Caller;
 use crate::store::{AuditEntry, Change};
 
@@ -25,7 +37,8 @@ pub struct BreakGlassAsk<'a> {
     pub terminals: &'a [String],
     /// How long once approved, hours.
     pub hours: u32,
-    /// The temporary card's 9A certificate.
+    /// The temporary card's 9A certificate (`temporary-card`); empty
+    /// where the approver's presence proves.
     pub certificate: &'a [u8],
     /// Why.
     pub reason: &'a str,
@@ -45,6 +58,20 @@ impl Gateway {
         if ask.reason.trim().is_empty() {
             return Err(Error::InvalidRequest("break-glass needs a written reason".into()));
         }
+        let proof = self.lifecycle.break_glass_proof;
+        match (proof, ask.certificate.is_empty()) {
+            (BreakGlassProof::TemporaryCard, true) => {
+                return Err(Error::InvalidRequest(
+                    "this site's break-glass is a temporary card (lifecycle.break_glass_proof = \"temporary-card\"): give its 9A certificate".into(),
+                ))
+            }
+            (BreakGlassProof::ApproverPresent, false) => {
+                return Err(Error::InvalidRequest(
+                    "this site's break-glass is opened by the approver's own badge at the terminal (lifecycle.break_glass_proof = \"approver-present\"): no temporary card".into(),
+                ))
+            }
+            _ => {}
+        }
         let now = self.now_ms();
         let mut out = None;
         self.commit_with(|| {
@@ -59,10 +86,12 @@ impl Gateway {
                 }
             }
             // The card must be one the gateway would enrol, and a new one.
-            let e = self.break_glass_enrolment(ask.operator_id, ask.certificate, true);
-            let prepared = self.prepare_enrolment(&caller.to_string(), &e)?;
-            if self.store.card(&prepared.card.uuid)?.is_some() {
-                return Err(Error::InvalidRequest("a break-glass card is a new temporary card, not one enrolled already".into()));
+            if proof == BreakGlassProof::TemporaryCard {
+                let e = self.break_glass_enrolment(ask.operator_id, ask.certificate, true);
+                let prepared = self.prepare_enrolment(&caller.to_string(), &e)?;
+                if self.store.card(&prepared.card.uuid)?.is_some() {
+                    return Err(Error::InvalidRequest("a break-glass card is a new temporary card, not one enrolled already".into()));
+                }
             }
             let mut id = [0u8; 16];
             self.random.fill(&mut id)?;
@@ -73,6 +102,7 @@ impl Gateway {
                     terminals: ask.terminals.to_vec(),
                     hours: ask.hours,
                     certificate: ask.certificate.to_vec(),
+                    proof,
                 },
                 requested_by: caller.to_string(),
                 reason: ask.reason.to_string(),
@@ -83,7 +113,7 @@ impl Gateway {
                 fulfilled_ms: None,
             };
             let detail = json!({ "request": hex::encode(id), "summary": r.kind.summary(), "operator": ask.operator_id,
-                "terminals": ask.terminals, "hours": ask.hours, "reason": ask.reason });
+                "terminals": ask.terminals, "hours": ask.hours, "reason": ask.reason, "proof": proof });
             out = Some(r.clone());
             Ok(Some((AuditEntry { kind: AuditKind::AskBreakGlass, actor: caller.to_string(), terminal_id: String::new(), detail }, vec![Change::Request(r)])))
         })
@@ -100,7 +130,7 @@ impl Gateway {
     /// approved for the operator's privileged roles and bound to the
     /// grant, and the grant.
     pub(crate) fn grant_break_glass(&self, r: &Request, approver: &Caller, badge: Option<[u8; 16]>, now: i64) -> Result<(Vec<Change>, Approval)> {
-        let RequestKind::BreakGlass { operator_id, terminals, hours, certificate } = &r.kind else {
+        let RequestKind::BreakGlass { operator_id, terminals, hours, certificate, proof } = &r.kind else {
             return Err(Error::Transaction("not a break-glass request".into()));
         };
         let operator = self
@@ -108,23 +138,14 @@ impl Gateway {
             .operator(operator_id)?
             .filter(|o| o.enabled)
             .ok_or_else(|| Error::InvalidRequest(format!("operator {operator_id} is gone or disabled")))?;
-        let prepared = self.prepare_enrolment(&r.requested_by, &self.break_glass_enrolment(operator_id, certificate, false))?;
-        let mut card = prepared.card;
-        if self.store.card(&card.uuid)?.is_some() {
-            return Err(Error::InvalidRequest("the break-glass card was enrolled since: ask again with a new temporary card".into()));
-        }
         let until_ms = now + i64::from(*hours) * 3_600_000;
         let approval = Approval { request: r.id, by: approver.to_string(), at_ms: now, badge, roles: self.privileged_roles(&operator) };
-        card.expires_ms = Some(until_ms);
-        card.break_glass = Some(r.id);
-        card.approval = Some(approval.clone());
-        card.pending = None;
-        card.note(now, &approver.to_string(), format!("break-glass card for {} until {until_ms} (request {})", terminals.join(", "), hex::encode(r.id)));
-        let grant = BreakGlass {
+        let mut grant = BreakGlass {
             id: r.id,
             operator_id: operator_id.clone(),
             terminals: terminals.clone(),
-            card: card.uuid,
+            card: None,
+            present: None,
             asked_by: r.requested_by.clone(),
             approved_by: approver.to_string(),
             reason: r.reason.clone(),
@@ -132,6 +153,35 @@ impl Gateway {
             until_ms,
             ended: None,
         };
+        if *proof == BreakGlassProof::ApproverPresent {
+            // The approver is the second factor: they must hold a badge
+            // that would open it.
+            let badges = self
+                .store
+                .cards()?
+                .into_iter()
+                .filter(|c| c.operator_id == approver.name && c.suspended.is_none() && self.presence_badge(c, &grant).is_ok())
+                .count();
+            if badges == 0 {
+                return Err(Error::PermissionDenied(format!(
+                    "break-glass by the approver's presence: {approver} holds no badge (a card in use, enrolled to operator {:?} by another administrator) to open it with",
+                    approver.name
+                )));
+            }
+            grant.present = Some(approver.name.clone());
+            return Ok((vec![Change::BreakGlass(grant)], approval));
+        }
+        let prepared = self.prepare_enrolment(&r.requested_by, &self.break_glass_enrolment(operator_id, certificate, false))?;
+        let mut card = prepared.card;
+        if self.store.card(&card.uuid)?.is_some() {
+            return Err(Error::InvalidRequest("the break-glass card was enrolled since: ask again with a new temporary card".into()));
+        }
+        card.expires_ms = Some(until_ms);
+        card.break_glass = Some(r.id);
+        card.approval = Some(approval.clone());
+        card.pending = None;
+        card.note(now, &approver.to_string(), format!("break-glass card for {} until {until_ms} (request {})", terminals.join(", "), hex::encode(r.id)));
+        grant.card = Some(card.uuid);
         // The grant's approval is the card's: no request of its own.
         let mut changes: Vec<Change> = prepared.extra.into_iter().filter(|c| !matches!(c, Change::Request(_))).collect();
         changes.push(Change::Card(card));
@@ -151,16 +201,72 @@ impl Gateway {
             }
             g.ended = Some((caller.to_string(), now, reason.to_string()));
             let mut changes = vec![];
-            if let Some(card) = self.store.card(&g.card)? {
+            if let Some(card) = g.card.map(|c| self.store.card(&c)).transpose()?.flatten() {
                 let (revoked, l) = self.revocation(card, &caller.to_string(), now, &format!("break-glass ended: {reason}"))?;
                 changes.extend(revoked);
                 locked = l;
+            } else {
+                // Opened by the approver's badge: the sessions standing on
+                // the grant lock with it.
+                let overlay = Overlay { break_glass: Some(&g), ..Default::default() };
+                let (c, l) = self.reauthorize(&overlay, now, |t| {
+                    g.terminals.contains(&t.id) && matches!(&t.session, Session::Unlocked { operator_id, .. } if *operator_id == g.operator_id)
+                })?;
+                changes.extend(c);
+                locked = l.iter().filter_map(|v| v["terminal"].as_str().map(str::to_string)).collect();
             }
-            let detail = json!({ "break_glass": hex::encode(id), "operator": g.operator_id, "card_uuid": uuid_text(&g.card), "reason": reason, "locked_terminals": locked });
+            let detail = json!({ "break_glass": hex::encode(id), "operator": g.operator_id, "card_uuid": g.card.as_ref().map(uuid_text),
+                "present": g.present, "reason": reason, "locked_terminals": locked });
             changes.push(Change::BreakGlass(g));
             Ok(Some((AuditEntry { kind: AuditKind::EndBreakGlass, actor: caller.to_string(), terminal_id: String::new(), detail }, changes)))
         })
         .await?;
         Ok(locked)
+    }
+
+    /// The grant `card` stands in for at `terminal` (an approver's badge
+    /// where a break-glass by presence names them and that terminal), with
+    /// `overlay`'s grant standing for a change being decided. `Ok(None)`:
+    /// none, the card is its operator's as usual; `Err`: one names it, and
+    /// why this card cannot open it.
+    pub(crate) fn presence_grant(&self, card: &Card, terminal: &str, overlay: &Overlay<'_>) -> Result<Option<std::result::Result<BreakGlass, &'static str>>> {
+        if card.break_glass.is_some() {
+            return Ok(None);
+        }
+        let now = self.now_ms();
+        let mut found = None;
+        for mut g in self.store.break_glasses()? {
+            if let Some(o) = overlay.break_glass.filter(|o| o.id == g.id) {
+                g = o.clone();
+            }
+            if g.present.as_deref() != Some(card.operator_id.as_str()) || !g.terminals.iter().any(|t| t == terminal) {
+                continue;
+            }
+            if g.holds(terminal, now) {
+                return Ok(Some(self.presence_badge(card, &g).map(|()| g)));
+            }
+            found = Some(g);
+        }
+        // An ended one is found only for the session that stood on it
+        // (the caller compares the session's operator).
+        Ok(found.map(Ok))
+    }
+
+    /// Whether `card` is a badge that opens grant `g` by presence: its
+    /// approver's, its 9A key enrolled by another administrator (a stolen
+    /// approver certificate could plant a card), not itself a break-glass
+    /// card.
+    fn presence_badge(&self, card: &Card, g: &BreakGlass) -> std::result::Result<(), &'static str> {
+        if card.break_glass.is_some() {
+            return Err("a break-glass card opens no other grant");
+        }
+        if !card.certificates.contains_key(&Slot::PivAuthentication) {
+            return Err("the approver's badge has no card-and-PIN (9A) key");
+        }
+        match card.key_enrolled_by.get(&Slot::PivAuthentication) {
+            Some(by) if *by != g.approved_by => Ok(()),
+            Some(_) => Err("the approver enrolled this badge's key themselves: it cannot stand in for their presence"),
+            None => Err("who enrolled this badge's key is not on record: enrol it again to open a break-glass by presence"),
+        }
     }
 }

@@ -113,6 +113,11 @@ pub struct LifecycleConfig {
     pub free_failures: u32,
     /// The longest a break-glass grant holds, hours (1 to 72).
     pub break_glass_max_h: u32,
+    /// What using a break-glass grant needs: `temporary-card` (a card
+    /// enrolled for the grant, with its PIN) or `approver-present` (the
+    /// approving administrator's own badge, card and PIN, tapped at the
+    /// terminal).
+    pub break_glass_proof: crate::model::BreakGlassProof,
     /// The longest delay after failures, seconds (1 to 3600); a terminal's
     /// own delay is at most 30 s, so one attacker cannot keep a console
     /// from its operators.
@@ -130,6 +135,7 @@ impl Default for LifecycleConfig {
             free_failures: 3,
             max_delay_s: 300,
             break_glass_max_h: 8,
+            break_glass_proof: crate::model::BreakGlassProof::TemporaryCard,
         }
     }
 }

@@ -608,7 +608,7 @@ impl Gateway {
             certificate: Certificate::Offered(req.certificate.as_deref()),
             check: Check::Full,
             overlay: &overlay,
-            session_roles: None,
+            session: None,
         };
         match self.authorize(&ask)? {
             Verdict::Allowed(a) => {
@@ -697,7 +697,7 @@ impl Gateway {
                             certificate: Certificate::Pinned(&p.certificate),
                             check: Check::SinceGeneration(generation),
                             overlay: &Overlay::default(),
-                            session_roles: None,
+                            session: None,
                         };
                         let allowed = match self.authorize(&ask)? {
                             Verdict::Allowed(a) => a,
@@ -710,7 +710,7 @@ impl Gateway {
                                 return Ok(None);
                             }
                         };
-                        let Allowed { terminal: term, mut card, operator, .. } = *allowed;
+                        let Allowed { terminal: term, mut card, operator, break_glass, .. } = *allowed;
                         let mut changes = Vec::new();
                         // The same card tapped again while its removal's
                         // grace runs continues the session: no lock between.
@@ -736,8 +736,10 @@ impl Gateway {
                                 ..term
                             },
                         });
-                        // Every use of a break-glass grant is on record as one.
-                        let break_glass = card.break_glass.map(hex::encode);
+                        // Every use of a break-glass grant is on record as
+                        // one (and, by presence, whose badge opened it).
+                        let present = break_glass.as_ref().and_then(|g| g.present.clone());
+                        let break_glass = break_glass.map(|g| hex::encode(g.id));
                         let mut certificate_added = false;
                         if p.supplied && !card.certificates.contains_key(&p.mechanism.slot()) {
                             // Proven by this very signature: keep it.
@@ -753,6 +755,7 @@ impl Gateway {
                             "crl_age_s": validation.crl_age_s,
                             "certificate_added": certificate_added,
                             "break_glass": break_glass,
+                            "present": present,
                         });
                         Ok(Some((AuditEntry { kind: AuditKind::AuthGranted, actor: caller.to_string(), terminal_id: p.terminal.clone(), detail }, changes)))
                     })
@@ -817,7 +820,7 @@ impl Gateway {
             certificate: Certificate::Pinned(&p.certificate),
             check: Check::Full,
             overlay: &overlay,
-            session_roles: None,
+            session: None,
         };
         let allowed = match self.authorize(&ask)? {
             Verdict::Allowed(a) => a,
@@ -890,7 +893,7 @@ impl Gateway {
     /// unrevoked. A CRL that is merely stale refuses new taps but does not
     /// end sessions (an issuer's outage must not lock a control room).
     fn session_verdict(&self, t: &Terminal, overlay: &Overlay<'_>) -> Result<Option<LockReason>> {
-        let Session::Unlocked { mechanism, card_uuid, agent, roles: session_roles, .. } = &t.session else { return Ok(None) };
+        let Session::Unlocked { mechanism, card_uuid, agent, roles: session_roles, operator_id, .. } = &t.session else { return Ok(None) };
         let ask = Ask {
             agent,
             terminal: &t.id,
@@ -901,7 +904,7 @@ impl Gateway {
             overlay,
             // Consoles act on the roles a session carries: one the operator
             // no longer holds ends it (a new tap carries the roles held now).
-            session_roles: Some(session_roles),
+            session: Some((operator_id, session_roles)),
         };
         Ok(match self.authorize(&ask)? {
             Verdict::Allowed(_) => None,

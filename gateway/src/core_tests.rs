@@ -1337,6 +1337,96 @@ async fn break_glass_takes_two_administrators_holds_only_where_and_while_granted
     assert!(b.gw.review().unwrap().iter().any(|i| i.kind == "break_glass" && i.detail.starts_with("ended")));
 }
 
+/// A break-glass bench where the approver's presence proves; "second"
+/// holds a badge root enrolled.
+async fn presence_bench() -> (Bench, Profile) {
+    let b = bench(|c| {
+        c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
+        c.lifecycle.break_glass_proof = crate::model::BreakGlassProof::ApproverPresent;
+    })
+    .await;
+    b.gw.add_operator(&admin(), Operator { id: "op-2".into(), name: "Op Two".into(), roles: vec!["intercom-admin".into()], enabled: true }).await.unwrap();
+    b.gw.add_operator(&admin(), Operator { id: "second".into(), name: "Second Admin".into(), roles: vec!["dispatcher".into()], enabled: true }).await.unwrap();
+    let badge = other_card();
+    b.gw.enrol_card(&admin(), "second", &nine_a(&badge), Slot::PivAuthentication, None).await.unwrap();
+    (b, badge)
+}
+
+#[tokio::test]
+async fn by_the_approvers_presence_only_their_own_badge_at_a_named_terminal_opens_it_and_only_while_it_holds() {
+    let (b, badge) = presence_bench().await;
+    let terminals = vec![T.to_string()];
+    let ask = crate::break_glass::BreakGlassAsk { operator_id: "op-2", terminals: &terminals, hours: 2, certificate: &[], reason: "badge at home" };
+    // No temporary card in this mode (and none missing in the other).
+    let loaner = other_card();
+    let with_card = crate::break_glass::BreakGlassAsk { certificate: &nine_a(&loaner), ..ask };
+    assert!(matches!(b.gw.ask_break_glass(&admin(), &with_card).await, Err(Error::InvalidRequest(_))));
+    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    // Before the approval the badge is its holder's as usual.
+    assert!(matches!(tap_with(&b, &badge, T).await, Complete::Granted { ref operator, .. } if operator.id == "second"));
+    b.gw.lock_if(&admin().to_string(), T, LockReason::Administrator, |_| true).await.unwrap();
+    // An approver with no badge cannot be present: refused.
+    let e = b.gw.approve(&admin_named("third"), r.id, None).await.unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("badge")), "{e}");
+    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
+    // The attack: the asker's (or anyone's) card opens nothing for op-2.
+    assert!(matches!(tap(&b).await, Complete::Granted { ref operator, .. } if operator.id == "op-1"));
+    b.gw.lock_if(&admin().to_string(), T, LockReason::Administrator, |_| true).await.unwrap();
+    // Card only is never enough.
+    b.gw.set_policy(&admin(), T, TerminalPolicy { allowed_mechanisms: vec![Mechanism::CardOnly, Mechanism::CardAndPin], ..Default::default() }).await.unwrap();
+    let card_only = BeginRequest {
+        card_uuid: Some(badge.chuid.guid),
+        mechanism: Some(Mechanism::CardOnly),
+        certificate: Some(badge.certificates[&CardSlot::CardAuthentication].clone()),
+        ..begin_req(T)
+    };
+    assert!(matches!(b.gw.begin(&agent(), card_only).await.unwrap(), Begin::Denied(Deny::MechanismNotAllowed, _)));
+    // The approver's badge, card and PIN, at the named terminal: op-2's
+    // session, on record with whose badge opened it.
+    assert!(matches!(tap_with(&b, &badge, T).await, Complete::Granted { ref operator, .. } if operator.id == "op-2"));
+    let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().rev().find(|r| r.kind == "auth.granted").unwrap();
+    assert_eq!((rec.detail["break_glass"].as_str(), rec.detail["present"].as_str()), (Some(hex::encode(r.id).as_str()), Some("second")));
+    assert!(matches!(session(&b), Session::Unlocked { ref operator_id, card_uuid, .. } if operator_id == "op-2" && card_uuid == badge.chuid.guid));
+    // The periodic re-check keeps it while the grant holds.
+    b.gw.reauthorize_sessions("test").await.unwrap();
+    assert!(locked_for(&b).is_none(), "a session by presence locked while its grant holds");
+    // Elsewhere the badge is its holder's.
+    assert!(matches!(tap_with(&b, &badge, "lobby").await, Complete::Granted { ref operator, .. } if operator.id == "second"));
+    // Ended early: the session standing on it locks with the grant.
+    assert_eq!(b.gw.end_break_glass(&admin(), r.id, "badge found").await.unwrap(), [T.to_string()]);
+    assert_eq!(locked_for(&b), Some(LockReason::BreakGlassEnded));
+    assert!(matches!(tap_with(&b, &badge, T).await, Complete::Granted { ref operator, .. } if operator.id == "second"));
+    let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().rev().find(|r| r.kind == "admin.end_break_glass").unwrap();
+    assert_eq!(rec.detail["present"], "second");
+}
+
+#[tokio::test]
+async fn a_break_glass_by_presence_locks_at_its_end_and_a_badge_the_approver_enrolled_opens_nothing() {
+    let (b, _) = presence_bench().await;
+    let terminals = vec![T.to_string()];
+    let ask = crate::break_glass::BreakGlassAsk { operator_id: "op-2", terminals: &terminals, hours: 1, certificate: &[], reason: "night shift" };
+    // The attack: a stolen certificate of "third" plants a badge for
+    // third, then approves a break-glass it opens alone.
+    b.gw.add_operator(&admin(), Operator { id: "third".into(), name: "Third".into(), roles: vec![], enabled: true }).await.unwrap();
+    let planted = other_card();
+    b.gw.enrol_card(&admin_named("third"), "third", &nine_a(&planted), Slot::PivAuthentication, None).await.unwrap();
+    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    let e = b.gw.approve(&admin_named("third"), r.id, None).await.unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("badge")), "{e}");
+    // A second badge of "third", enrolled by root, makes the approval;
+    // the planted one still opens nothing: refused, not "third"'s session.
+    let real = other_card();
+    b.gw.enrol_card(&admin(), "third", &nine_a(&real), Slot::PivAuthentication, None).await.unwrap();
+    b.gw.approve(&admin_named("third"), r.id, None).await.unwrap();
+    assert_eq!(denied(&tap_with(&b, &planted, T).await), Some(Deny::NotAuthorized));
+    assert!(matches!(tap_with(&b, &real, T).await, Complete::Granted { ref operator, .. } if operator.id == "op-2"));
+    // At its time: the periodic re-check locks it, with the grant's reason.
+    b.clock.advance(Duration::from_secs(3601));
+    b.gw.reauthorize_sessions("test").await.unwrap();
+    assert_eq!(locked_for(&b), Some(LockReason::BreakGlassEnded));
+    assert!(b.gw.review().unwrap().iter().any(|i| i.kind == "break_glass" && i.subject == hex::encode(r.id)));
+}
+
 #[tokio::test]
 async fn a_break_glass_ended_early_revokes_its_card_and_locks_its_session() {
     let b = privileged_bench(false).await;
@@ -1348,7 +1438,7 @@ async fn a_break_glass_ended_early_revokes_its_card_and_locks_its_session() {
     assert!(denied(&tap_with(&b, &loaner, T).await).is_none());
     assert_eq!(b.gw.end_break_glass(&admin(), r.id, "badge found").await.unwrap(), [T.to_string()]);
     assert_eq!(locked_for(&b), Some(LockReason::Revoked));
-    assert_eq!(denied(&tap_with(&b, &loaner, T).await), Some(Deny::NotAuthorized));
+    assert_eq!(denied(&tap_with(&b, &loaner, T).await), Some(Deny::BreakGlassEnded));
     assert!(b.gw.store.denied(crate::model::DenyKey::Card(loaner.chuid.guid)).unwrap(), "the card is not revoked");
     assert!(matches!(b.gw.end_break_glass(&admin(), r.id, "again").await, Err(Error::InvalidRequest(_))));
     assert!(b.gw.store.audit_after(0, 1000).unwrap().iter().any(|r| r.kind == "admin.end_break_glass"));

@@ -312,8 +312,13 @@ pub struct BreakGlass {
     pub operator_id: String,
     /// Where it holds.
     pub terminals: Vec<String>,
-    /// The temporary card it holds for.
-    pub card: [u8; 16],
+    /// The temporary card it holds for (`BreakGlassProof::TemporaryCard`).
+    pub card: Option<[u8; 16]>,
+    /// The approver whose own badge (card and PIN), tapped at one of the
+    /// terminals, opens it for the operator
+    /// (`BreakGlassProof::ApproverPresent`): their operator id.
+    #[serde(default)]
+    pub present: Option<String>,
     /// Who asked, who approved.
     pub asked_by: String,
     /// See `asked_by`.
@@ -333,6 +338,20 @@ impl BreakGlass {
     pub fn holds(&self, terminal: &str, now_ms: i64) -> bool {
         self.ended.is_none() && now_ms < self.until_ms && self.terminals.iter().any(|t| t == terminal)
     }
+}
+
+/// What using a break-glass grant still needs (`lifecycle.break_glass_proof`):
+/// there is no fallback to a weaker factor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BreakGlassProof {
+    /// A temporary card enrolled for the grant, proving with its PIN (the
+    /// operator's).
+    #[default]
+    TemporaryCard,
+    /// The approving administrator present at the terminal: their own
+    /// badge, card and PIN, opens it in the operator's name.
+    ApproverPresent,
 }
 
 /// An operator locked out after consecutive failures (see `throttle.rs`).
@@ -405,8 +424,12 @@ pub enum RequestKind {
         terminals: Vec<String>,
         /// For how long from approval, hours.
         hours: u32,
-        /// The temporary card's 9A certificate (DER).
+        /// The temporary card's 9A certificate (DER); empty where the
+        /// approver's presence proves instead.
         certificate: Vec<u8>,
+        /// What using it needs.
+        #[serde(default)]
+        proof: BreakGlassProof,
     },
 }
 
@@ -431,10 +454,14 @@ impl RequestKind {
                 roles.join(", "),
                 certificates.iter().map(|c| c.chars().take(36).collect::<String>()).collect::<Vec<_>>().join(", ")
             ),
-            RequestKind::BreakGlass { operator_id, terminals, hours, certificate } => format!(
+            RequestKind::BreakGlass { operator_id, terminals, hours, certificate, proof: BreakGlassProof::TemporaryCard } => format!(
                 "BREAK-GLASS: operator {operator_id} at {} for {hours} h with a temporary card (certificate SHA-256 {})",
                 terminals.join(", "),
                 hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(certificate)[..8])
+            ),
+            RequestKind::BreakGlass { operator_id, terminals, hours, proof: BreakGlassProof::ApproverPresent, .. } => format!(
+                "BREAK-GLASS: operator {operator_id} at {} for {hours} h, opened by the approver's own badge tapped there (the approver must be present)",
+                terminals.join(", ")
             ),
             RequestKind::AdminCertificate { name, public_key_sha256, validity_days } => format!(
                 "issue an administrator certificate named {name} for {validity_days} days to the key with SHA-256 {public_key_sha256} (confirm the fingerprint with the key's holder)"
@@ -521,6 +548,8 @@ pub enum LockReason {
     CardExpired,
     /// The terminal's hours ended.
     OutsideHours,
+    /// The break-glass grant the session stood on ended.
+    BreakGlassEnded,
 }
 
 /// A terminal's session state: locked, or unlocked by one operator.

@@ -188,11 +188,15 @@ impl Gateway {
                 "break_glass",
                 id,
                 format!(
-                    "{state}: operator {} at {}, asked by {}, approved by {}: {}",
+                    "{state}: operator {} at {}, asked by {}, approved by {}{}: {}",
                     g.operator_id,
                     g.terminals.join(", "),
                     g.asked_by,
                     g.approved_by,
+                    match &g.present {
+                        Some(p) => format!(", opened by {p}'s own badge"),
+                        None => ", with a temporary card".into(),
+                    },
                     g.reason
                 ),
                 g.until_ms,

@@ -83,6 +83,7 @@ fn deny_reason(d: Deny) -> pb::DenyReason {
         Deny::StepUpUnknown => R::StepUpUnknown,
         Deny::Throttled => R::Throttled,
         Deny::LockedOut => R::LockedOut,
+        Deny::BreakGlassEnded => R::BreakGlassEnded,
     }
 }
 
@@ -142,6 +143,7 @@ fn lock_reason_pb(r: LockReason) -> pb::LockReason {
         LockReason::CardSuspended => pb::LockReason::CardSuspended,
         LockReason::CardExpired => pb::LockReason::CardExpired,
         LockReason::OutsideHours => pb::LockReason::OutsideHours,
+        LockReason::BreakGlassEnded => pb::LockReason::BreakGlassEnded,
     }
 }
 

@@ -408,7 +408,7 @@ impl Gateway {
                 certificate: Certificate::Pinned(&p.certificate),
                 check: Check::Full,
                 overlay: &Overlay { policy: Some((&p.terminal, &policy)), ..Default::default() },
-                session_roles: None,
+                session: None,
             };
             match self.authorize(&ask)? {
                 Verdict::Allowed(_) => {}

@@ -72,6 +72,7 @@ pub enum Deny {
     /// The operator is locked out after consecutive failures, until an
     /// administrator lifts it.
     LockedOut,
+    BreakGlassEnded,
 }
 
 impl Deny {
@@ -114,6 +115,7 @@ impl Deny {
             Deny::StepUpUnknown => "step_up_unknown",
             Deny::Throttled => "throttled",
             Deny::LockedOut => "locked_out",
+            Deny::BreakGlassEnded => "break_glass_ended",
         }
     }
 }

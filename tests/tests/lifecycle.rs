@@ -507,6 +507,42 @@ async fn break_glass_takes_two_administrators_works_only_while_granted_and_is_in
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_break_glass_by_presence_is_opened_by_the_approvers_own_badge_at_the_terminal_and_locks_when_it_ends() -> Result<()> {
+    let site = Site::start(|c, _| c.lifecycle.break_glass_proof = pivgate_gateway::model::BreakGlassProof::ApproverPresent).await?;
+    let root = write_credentials(&site.admin_credentials()?, &scratch("root-admin-bgp"))?;
+    let second = write_credentials(&site.issue(pb::ServiceRole::Admin, "second").await?, &scratch("second-admin-bgp"))?;
+    let mut admin = site.admin_client().await?;
+    admin.add_operator(&operator("op-9", &["dispatcher"])).await?;
+    admin.add_operator(&operator("second", &["dispatcher"])).await?;
+    // The approver's badge, enrolled by another administrator (root).
+    let badge = site.card(Algorithm::EccP256)?;
+    admin.enrol_card("second", &badge.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
+    let mut agent = site.agent("pi-1", &[TERMINAL, "lobby"]).await?;
+    let ask = ["break-glass", "request", "--operator", "op-9", "--terminal", TERMINAL, "--hours", "1", "--reason", "badge at home"];
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &ask, ""));
+    assert!(ok && said.contains("approver must be present"), "{said}");
+    let id = said.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &second, &["request", "approve", &id], ""));
+    assert!(ok, "{said}");
+    // The approver's badge, card and PIN, at the named terminal: op-9's
+    // session; elsewhere, the badge is its holder's.
+    let Tap::Granted(g) = tap(&mut agent, TERMINAL, &mut badge.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("presence refused") };
+    assert_eq!(g.operator_id, "op-9");
+    let Tap::Granted(g) = tap(&mut agent, "lobby", &mut badge.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("badge refused elsewhere") };
+    assert_eq!(g.operator_id, "second");
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["review", "--json"], ""));
+    assert!(ok && said.lines().any(|l| l.contains(&id) && l.contains("IN FORCE") && l.contains("second's own badge")), "{said}");
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &["break-glass", "end", &id, "--reason", "badge brought in"], ""));
+    assert!(ok && said.contains(TERMINAL), "{said}");
+    let mut c = site.application("checker").await?;
+    let s = c.get_terminal_state(pb::GetTerminalStateRequest { terminal_id: TERMINAL.into() }).await?.into_inner().state.unwrap_or_default();
+    assert_eq!((s.unlocked, s.lock_reason), (false, pb::LockReason::BreakGlassEnded as i32), "{s:?}");
+    let records = site.audit_after(0).await?;
+    assert!(records.iter().any(|r| r.kind == "auth.granted" && r.detail_json.contains(&id) && r.detail_json.contains("\"present\":\"second\"")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_locks_a_console_without_activity_and_not_one_with_activity() -> Result<()> {
     let site = Site::start(|_, _| {}).await?;
     let mut admin = site.admin_client().await?;

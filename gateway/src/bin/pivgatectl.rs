@@ -557,9 +557,11 @@ enum RoleArg {
 
 #[derive(Subcommand)]
 enum BreakGlassCmd {
-    /// Ask for time-limited access with a temporary card (its 9A
-    /// certificate; the operator sets its PIN); a second administrator
-    /// approves it with `request approve`.
+    /// Ask for time-limited access for an operator; a second administrator
+    /// approves it with `request approve`. Where the site's break-glass is
+    /// a temporary card, give its 9A certificate (the operator sets its
+    /// PIN); where it is the approver's presence, give none: the approver
+    /// opens it by tapping their own badge at the terminal.
     Request {
         #[arg(long)]
         operator: String,
@@ -568,13 +570,14 @@ enum BreakGlassCmd {
         terminals: Vec<String>,
         #[arg(long)]
         hours: u32,
-        /// The temporary card's 9A certificate (PEM or DER).
+        /// The temporary card's 9A certificate (PEM or DER), where the
+        /// site's break-glass is a temporary card.
         #[arg(long)]
-        cert: PathBuf,
+        cert: Option<PathBuf>,
         #[arg(long)]
         reason: String,
     },
-    /// End a grant now: its card is revoked and its sessions lock.
+    /// End a grant now: its card (if any) is revoked and its sessions lock.
     End {
         id: String,
         #[arg(long)]
@@ -1036,7 +1039,13 @@ async fn main() -> Result<()> {
             writeln!(out, "wrote {0}/{name}-key.pem and {0}/{name}.pub; public key SHA-256 {1}", out_dir.display(), hex_sha256(&spki))?;
         }
         Command::BreakGlass(BreakGlassCmd::Request { operator, terminals, hours, cert, reason }) => {
-            let req = pb::RequestBreakGlassRequest { operator_id: operator, terminal_ids: terminals, hours, certificate: read_certificate(&cert)?, reason };
+            let req = pb::RequestBreakGlassRequest {
+                operator_id: operator,
+                terminal_ids: terminals,
+                hours,
+                certificate: cert.map(|c| read_certificate(&c)).transpose()?.unwrap_or_default(),
+                reason,
+            };
             let r = admin.request_break_glass(req).await?.into_inner().request.unwrap_or_default();
             writeln!(out, "request {} {}: {}", r.request_id, r.state, r.summary)?;
             writeln!(out, "a second administrator approves it: pivgatectl request approve {}", r.request_id)?;
