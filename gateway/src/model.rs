@@ -114,6 +114,7 @@ pub struct Card {
     /// The operator.
     pub operator_id: String,
     /// Certificates (DER) by slot.
+    #[serde(with = "b64::map")]
     pub certificates: BTreeMap<Slot, Vec<u8>>,
     /// What an attestation proved about a slot's key, when one was
     /// enrolled with it.
@@ -152,6 +153,12 @@ pub struct Card {
 /// How many notes a card's history keeps.
 pub const CARD_HISTORY_MAX: usize = 32;
 
+/// How many bytes of notes (as stored) a card's history keeps: with two
+/// certificates of `limits::CERTIFICATE_MAX` the card stays under the
+/// store's `MAX_VALUE`, so a suspension or revocation (a note more) can
+/// always be written.
+pub const CARD_HISTORY_BYTES: usize = 12 * 1024;
+
 impl Card {
     /// A new card of `operator_id`, active, with nothing enrolled yet.
     pub fn new(uuid: [u8; 16], identity: IdentityRule, fascn: Option<Vec<u8>>, operator_id: &str) -> Card {
@@ -178,6 +185,17 @@ impl Card {
         if self.history.len() > CARD_HISTORY_MAX {
             self.history.drain(..self.history.len() - CARD_HISTORY_MAX);
         }
+        // The newest notes that fit the budget, as stored (the newest one
+        // always: its text is bounded where it is made).
+        let size = |n: &CardNote| serde_json::to_vec(n).map_or(usize::MAX, |v| v.len() + 1);
+        let mut total = 0;
+        let keep = self.history.iter().rev().take_while(|n| {
+            total += size(n);
+            total <= CARD_HISTORY_BYTES
+        });
+        let keep = keep.count().max(1);
+        let drop = self.history.len() - keep;
+        self.history.drain(..drop);
     }
 
     /// Whether a second administrator approved the card for every one of
@@ -426,6 +444,7 @@ pub enum RequestKind {
         hours: u32,
         /// The temporary card's 9A certificate (DER); empty where the
         /// approver's presence proves instead.
+        #[serde(with = "b64")]
         certificate: Vec<u8>,
         /// What using it needs.
         #[serde(default)]
@@ -991,6 +1010,90 @@ impl DenyKey {
             DenyKey::Card(u) => hex::encode(u),
             DenyKey::Certificate(f) => format!("sha256:{}", hex::encode(f)),
         }
+    }
+}
+
+/// Bytes stored as base64 text: a third larger than the bytes, where
+/// serde_json's array of numbers is three to four times. Reads the arrays
+/// of older records too.
+pub(crate) mod b64 {
+    use base64::Engine as _;
+    use serde::de::{self, Deserializer, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("base64 text or an array of bytes")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            base64::engine::general_purpose::STANDARD.decode(v).map_err(E::custom)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64 * 1024));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    /// A map whose values are bytes, each as base64 text.
+    pub mod map {
+        use std::collections::BTreeMap;
+
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        #[derive(Serialize, Deserialize)]
+        struct B(#[serde(with = "super")] Vec<u8>);
+
+        pub fn serialize<K: Serialize + Ord, S: Serializer>(m: &BTreeMap<K, Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(m.iter().map(|(k, v)| (k, B(v.clone()))))
+        }
+
+        pub fn deserialize<'de, K: Deserialize<'de> + Ord, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<K, Vec<u8>>, D::Error> {
+            Ok(BTreeMap::<K, B>::deserialize(d)?.into_iter().map(|(k, B(v))| (k, v)).collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod stored_size_tests {
+    use super::*;
+
+    #[test]
+    fn a_card_at_every_bound_is_stored_in_one_value_and_reads_its_older_form() {
+        let mut card = Card::new([7; 16], IdentityRule::EnrolledKey, None, &"o".repeat(crate::limits::ID_MAX));
+        let cert = vec![0xffu8; crate::limits::CERTIFICATE_MAX];
+        card.certificates.insert(Slot::PivAuthentication, cert.clone());
+        card.certificates.insert(Slot::CardAuthentication, cert.clone());
+        // Notes whose text escapes to twice its length, by the longest
+        // names, more than the history keeps.
+        for i in 0..100 {
+            card.note(i, &"a".repeat(crate::limits::ID_MAX), format!("suspended: {}", "\"".repeat(crate::limits::TEXT_MAX)));
+        }
+        let stored = serde_json::to_vec(&card).unwrap();
+        assert!(stored.len() <= crate::store::MAX_VALUE, "{} bytes", stored.len());
+        assert!(!card.history.is_empty() && card.history.last().unwrap().unix_ms == 99);
+        assert_eq!(serde_json::from_slice::<Card>(&stored).unwrap(), card);
+        // A record written before certificates were base64 reads the same.
+        let mut old: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+        old["certificates"] = serde_json::json!({ "PivAuthentication": cert, "CardAuthentication": cert });
+        let back: Card = serde_json::from_value(old).unwrap();
+        assert_eq!(back.certificates, card.certificates);
     }
 }
 
