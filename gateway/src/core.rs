@@ -546,17 +546,24 @@ impl Gateway {
                     dry_run: true,
                     temporary_days: w.temporary_days,
                 };
-                return match self.prepare_enrolment(&w.opened_by, &e) {
-                    Ok(p) => Ok(Ok(BeginCheck::Ready {
-                        card: p.card.uuid,
-                        mechanism: Mechanism::CardAndPin,
-                        algorithm: info.algorithm,
-                        der: der.to_vec(),
-                        supplied: true,
-                        purpose: Purpose::Enrol(w),
-                    })),
-                    Err(e) => denied(Deny::EnrolmentRefused, &e.to_string()),
+                let p = match self.prepare_enrolment(&w.opened_by, &e) {
+                    Ok(p) => p,
+                    Err(e) => return denied(Deny::EnrolmentRefused, &e.to_string()),
                 };
+                // Failed enrolment proofs lately slow the next one, by card
+                // and terminal (not the window's operator: a stranger's card
+                // must not lock them out).
+                if let Some((d, why)) = self.delayed(Some(p.card.uuid), None, &req.terminal) {
+                    return denied(d, &why);
+                }
+                return Ok(Ok(BeginCheck::Ready {
+                    card: p.card.uuid,
+                    mechanism: Mechanism::CardAndPin,
+                    algorithm: info.algorithm,
+                    der: der.to_vec(),
+                    supplied: true,
+                    purpose: Purpose::Enrol(w),
+                }));
             }
             if offered.is_some() {
                 return denied(Deny::UnknownCard, "card not enrolled");
@@ -1204,6 +1211,10 @@ impl Gateway {
         if new_key {
             card.approval = None;
             card.key_enrolled_by.insert(slot, by.to_string());
+        } else {
+            // A key enrolled before who enrolled it was recorded: whoever
+            // enrols it again answers for it.
+            card.key_enrolled_by.entry(slot).or_insert_with(|| by.to_string());
         }
         card.certificates.insert(slot, der.to_vec());
         // A new certificate's key is attested anew or not at all.

@@ -801,6 +801,31 @@ async fn an_enrolment_window_takes_only_the_pin_key_only_in_time_and_only_where_
     assert!(matches!(b.gw.open_enrolment(&admin(), &window(T, "nobody")).await, Err(Error::NotFound(_))));
 }
 
+#[tokio::test]
+async fn failed_proofs_in_an_enrolment_window_are_slowed_without_locking_its_operator_out() {
+    let b = bench(|c| {
+        c.lifecycle.free_failures = 1;
+        c.lifecycle.lockout_after = 2;
+    })
+    .await;
+    let new = other_card();
+    b.gw.open_enrolment(&admin(), &window(T, "op-1")).await.unwrap();
+    let req = BeginRequest { card_uuid: Some(new.chuid.guid), certificate: Some(nine_a(&new)), ..begin_req(T) };
+    // The attack: a card whose PIN the holder does not know (it signs with
+    // another key), again and again.
+    for _ in 0..2 {
+        let Begin::Challenge { id, message, .. } = b.gw.begin(&agent(), req.clone()).await.unwrap() else { panic!("no challenge") };
+        let sig = profile_signs(&new, &message, Mechanism::CardOnly);
+        assert_eq!(denied(&b.gw.complete(&agent(), &id, T, &sig).await.unwrap()), Some(Deny::BadSignature));
+        b.clock.advance(Duration::from_millis(10));
+    }
+    assert!(matches!(b.gw.begin(&agent(), req.clone()).await.unwrap(), Begin::Denied(Deny::Throttled, _)));
+    // The window's operator is not locked out by a stranger's card.
+    assert!(b.gw.store.lockout("op-1").unwrap().is_none());
+    b.clock.advance(Duration::from_secs(60));
+    assert!(matches!(tap_with(&b, &new, T).await, Complete::Enrolled { .. }));
+}
+
 async fn privileged_bench(badge: bool) -> Bench {
     let b = bench(|c| {
         c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
@@ -891,6 +916,15 @@ async fn where_the_site_requires_it_an_approval_is_signed_by_the_approvers_own_b
     // Another operator's card is not this administrator's badge.
     let e = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(card_profile())).err().unwrap();
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+    // A badge enrolled before who enrolled it was recorded could be a
+    // planted one: refused until another administrator enrols it again.
+    let mut legacy = b.gw.store.card(&badge.chuid.guid).unwrap().unwrap();
+    legacy.key_enrolled_by.clear();
+    let entry = crate::store::AuditEntry { kind: AuditKind::EnrolCard, actor: "test".into(), terminal_id: String::new(), detail: serde_json::json!({}) };
+    b.gw.store.record(entry, vec![crate::store::Change::Card(legacy)], b.gw.now_ms()).unwrap();
+    let e = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).err().unwrap();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("not on record")), "{e}");
+    b.gw.enrol_card(&admin(), "second", &nine_a(&badge), Slot::PivAuthentication, None).await.unwrap();
     let c = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).unwrap();
     let m = pivgate_proto::card_message::parse_approval(&c.message).unwrap();
     assert_eq!((m.approver, m.request_id), ("admin:second", r.id));
@@ -898,6 +932,20 @@ async fn where_the_site_requires_it_an_approval_is_signed_by_the_approvers_own_b
     // Signed by another key: refused, and the challenge is spent.
     let wrong = profile_signs(card_profile(), &c.message, Mechanism::CardAndPin);
     assert!(matches!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &wrong))).await, Err(Error::PermissionDenied(_))));
+    assert!(matches!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &wrong))).await, Err(Error::PermissionDenied(_))));
+    // Failed badge proofs count as the holder's: past the free ones the
+    // next approval waits, and past lockout_after they lock the approver
+    // out (of approving too).
+    for _ in 0..9 {
+        b.clock.advance(Duration::from_secs(400));
+        let c = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).unwrap();
+        let wrong = profile_signs(card_profile(), &c.message, Mechanism::CardAndPin);
+        assert!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &wrong))).await.is_err());
+    }
+    assert!(b.gw.store.lockout("second").unwrap().is_some(), "ten failed badge proofs and no lockout");
+    let e = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).err().unwrap();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("locked")), "{e}");
+    b.gw.lift_lockout(&admin(), "second", "checked").await.unwrap();
     let sig = profile_signs(&badge, &c.message, Mechanism::CardAndPin);
     assert!(matches!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &sig))).await, Err(Error::PermissionDenied(_))), "a spent challenge");
     let c = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).unwrap();

@@ -231,6 +231,8 @@ impl Gateway {
         let checked = verify::inspect(&p.certificate).and_then(|info| verify::verify_signature(info.algorithm, &info.spki, &p.message, signature));
         if let Err(d) = checked {
             let (d, text) = self.deny(caller, &terminal, "enrol", d, json!({ "why": "signature refused", "window_of": window.operator_id })).await?;
+            let issued = p.expires.checked_sub(self.challenges.ttl()).unwrap_or(p.expires);
+            self.failures(caller, Some(p.card_uuid), None, &terminal, 1, issued).await?;
             return Ok(Complete::Denied(d, text));
         }
         let now = self.now_ms();
@@ -379,10 +381,20 @@ impl Gateway {
         }
         // A badge its holder enrolled themselves proves only the
         // certificate: whoever stole one could plant a card with it.
-        if card.key_enrolled_by.get(&Slot::PivAuthentication).is_some_and(|by| *by == caller.to_string()) {
-            return Err(refused(format!(
-                "its key was enrolled by {caller} themselves: an approver's badge is one another administrator enrolled (a stolen certificate could plant a card)"
-            )));
+        // A card enrolled before who enrolled it was recorded could be
+        // either: it is enrolled again by another administrator first.
+        match card.key_enrolled_by.get(&Slot::PivAuthentication) {
+            Some(by) if *by == caller.to_string() => {
+                return Err(refused(format!(
+                    "its key was enrolled by {caller} themselves: an approver's badge is one another administrator enrolled (a stolen certificate could plant a card)"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                return Err(refused(
+                    "who enrolled its key is not on record (a card enrolled before pivgate kept it): another administrator enrols it again (`pivgatectl card enrol`) to make it a badge".into(),
+                ))
+            }
         }
         let operator = self.store.operator(&card.operator_id)?.filter(|o| o.enabled).ok_or_else(|| refused("the operator is disabled".into()))?;
         let revoked = self.store.denied(DenyKey::Card(card.uuid))? || self.store.denied(DenyKey::Certificate(info.fingerprint))?;
@@ -400,6 +412,11 @@ impl Gateway {
         let Some(r) = self.store.request(&id)? else { return Err(Error::NotFound(format!("request {}", hex::encode(id)))) };
         self.may_approve(caller, &r)?;
         let (card, info) = self.badge(caller, der)?;
+        // A badge that failed lately waits, and a locked-out approver
+        // approves nothing, as at a terminal.
+        if let Some((d, why)) = self.throttled(card.uuid, &caller.name, &crate::throttle::approvals_of(&caller.name))? {
+            return Err(Error::PermissionDenied(format!("approver's badge: {}: {why}", d.name())));
+        }
         let stored = serde_json::to_vec(&r).map_err(|e| Error::Corrupt(e.to_string()))?;
         let issued = self.challenges.issue_approval(
             &caller.to_string(),
@@ -443,8 +460,12 @@ impl Gateway {
                     return Err(Error::PermissionDenied("the approval challenge is for another request".into()));
                 }
                 let info = verify::inspect(&p.certificate).map_err(|d| Error::PermissionDenied(format!("approver's badge: {}", d.name())))?;
-                verify::verify_signature(info.algorithm, &info.spki, &p.message, signature)
-                    .map_err(|d| Error::PermissionDenied(format!("the badge's signature: {}", d.name())))?;
+                if let Err(d) = verify::verify_signature(info.algorithm, &info.spki, &p.message, signature) {
+                    // Counted as a failed proof of the badge and its holder.
+                    let issued = p.expires.checked_sub(self.challenges.ttl().max(std::time::Duration::from_secs(60))).unwrap_or(p.expires);
+                    self.failures(caller, Some(p.card_uuid), Some(&caller.name), &crate::throttle::approvals_of(&caller.name), 1, issued).await?;
+                    return Err(Error::PermissionDenied(format!("the badge's signature: {}", d.name())));
+                }
                 Some((p.certificate, request_sha256))
             }
         };

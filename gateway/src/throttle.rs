@@ -141,6 +141,13 @@ impl Throttle {
     }
 }
 
+/// The throttle's "terminal" for the badge approvals of administrator
+/// `name` (each approver's own: one's failures never slow another's; the
+/// space keeps it apart from every terminal id).
+pub(crate) fn approvals_of(name: &str) -> String {
+    format!("badge approvals of {name}")
+}
+
 fn keys(card: Option<[u8; 16]>, operator: Option<&str>, terminal: &str) -> Vec<Key> {
     let mut k = vec![Key::Terminal(terminal.to_string())];
     k.extend(card.map(Key::Card));
@@ -159,8 +166,14 @@ impl Gateway {
         if let Some(l) = self.store.lockout(operator)? {
             return Ok(Some((Deny::LockedOut, format!("operator {operator} is locked out after {} failures in a row: an administrator lifts it", l.failures))));
         }
-        let wait = self.throttle.wait(&keys(Some(card), Some(operator), terminal), self.throttle_rules(), self.clock.instant());
-        Ok(wait.map(|w| (Deny::Throttled, format!("too many failures lately: try again in {} s", w.as_secs().max(1)))))
+        Ok(self.delayed(Some(card), Some(operator), terminal))
+    }
+
+    /// The delay failures lately put on a proof by `card` (of `operator`,
+    /// when it counts) at `terminal`, as a refusal.
+    pub(crate) fn delayed(&self, card: Option<[u8; 16]>, operator: Option<&str>, terminal: &str) -> Option<(Deny, String)> {
+        let wait = self.throttle.wait(&keys(card, operator, terminal), self.throttle_rules(), self.clock.instant());
+        wait.map(|w| (Deny::Throttled, format!("too many failures lately: try again in {} s", w.as_secs().max(1))))
     }
 
     /// `n` failures by `card` (of `operator`, when known) at `terminal`,
@@ -232,6 +245,7 @@ impl Gateway {
         let mut was = false;
         let mut cleared = vec![Key::Operator(operator.to_string())];
         cleared.extend(self.store.cards()?.into_iter().filter(|c| c.operator_id == operator).map(|c| Key::Card(c.uuid)));
+        cleared.push(Key::Terminal(approvals_of(operator)));
         self.commit_with(|| {
             // Cleared under the ledger lock, so a failure being counted
             // now cannot lock the operator out again on the old count.
