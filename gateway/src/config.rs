@@ -75,6 +75,21 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Enrolment, approvals and the other processes around cards.
     pub lifecycle: LifecycleConfig,
+    /// Which terminals each application may act on (ask step-ups of,
+    /// report activity for), by its certificate name. Empty: every
+    /// application acts on every terminal. Once one is listed, an
+    /// application not listed acts on none.
+    pub applications: std::collections::BTreeMap<String, ApplicationScope>,
+}
+
+/// The terminals one application may act on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplicationScope {
+    /// Terminal ids.
+    pub terminals: Vec<String>,
+    /// Terminal groups: every terminal in one.
+    pub groups: Vec<String>,
 }
 
 /// How a second administrator proves an approval.
@@ -271,6 +286,7 @@ impl Default for Config {
             cards: CardsConfig::default(),
             limits: LimitsConfig::default(),
             lifecycle: LifecycleConfig::default(),
+            applications: Default::default(),
         }
     }
 }
@@ -402,6 +418,18 @@ impl Config {
         if let Some(r) = lc.privileged_roles.iter().find(|r| r.is_empty() || r.len() > 128) {
             return Err(Error::Config(format!("lifecycle.privileged_roles: {r:?} is not a role name")));
         }
+        if self.applications.len() > 10_000 {
+            return Err(Error::Config("applications: at most 10000".into()));
+        }
+        for (name, scope) in &self.applications {
+            let id = |s: &String| crate::limits::is_identifier(s);
+            if !id(name) {
+                return Err(Error::Config(format!("applications: {name:?} is not an application's certificate name")));
+            }
+            if let Some(t) = scope.terminals.iter().chain(&scope.groups).find(|t| !id(t)) {
+                return Err(Error::Config(format!("applications.{name}: {t:?} is not a terminal or group id")));
+            }
+        }
         if c.require_attested_pin_key && c.attestation_roots.is_empty() {
             return Err(Error::Config("cards.require_attested_pin_key needs cards.attestation_roots".into()));
         }
@@ -442,6 +470,12 @@ mod tests {
         assert!(unknown.unwrap_err().to_string().contains("listen_port"));
         let wrong_type = toml::from_str::<Config>("listen = 3");
         assert!(wrong_type.is_err());
+        let scoped: Config = toml::from_str("[applications.panel]\ngroups = [\"intercom\"]\nterminals = [\"ic-1\"]").unwrap();
+        scoped.validate().unwrap();
+        assert_eq!(scoped.applications["panel"].groups, ["intercom"]);
+        let bad: Config = toml::from_str("[applications.panel]\nterminals = [\"two words\"]").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("applications.panel"));
+        assert!(toml::from_str::<Config>("[applications.panel]\nterminal = [\"x\"]").is_err(), "a misspelt field is refused");
     }
 
     #[test]

@@ -188,6 +188,9 @@ pub struct Gateway {
     pub max_temporary_days: u32,
     /// Enrolment, approvals and the other processes around cards.
     pub lifecycle: crate::config::LifecycleConfig,
+    /// Which terminals each application may act on (config
+    /// `applications`).
+    pub applications: std::collections::BTreeMap<String, crate::config::ApplicationScope>,
     /// What session clocks keep in memory (activity, card removals).
     pub clocks: crate::policy::Clocks,
     /// Step-ups waiting and their tokens.

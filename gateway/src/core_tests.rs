@@ -1009,6 +1009,31 @@ fn app() -> Caller {
 }
 
 #[tokio::test]
+async fn once_applications_are_scoped_each_acts_only_on_its_terminals_and_groups() {
+    let b = bench(|c| {
+        c.applications.insert("intercom-panel".into(), crate::config::ApplicationScope { terminals: vec![], groups: vec!["intercom".into()] });
+        c.applications.insert("console-1".into(), crate::config::ApplicationScope { terminals: vec![T.into()], groups: vec![] });
+    })
+    .await;
+    assert!(denied(&tap(&b).await).is_none());
+    let panel = Caller { role: Role::Application, name: "intercom-panel".into() };
+    let stranger = Caller { role: Role::Application, name: "someone-else".into() };
+    // The attack: another application hogs T's step-up slot, or keeps its
+    // console awake with activity reports.
+    for who in [&panel, &stranger] {
+        assert!(matches!(b.gw.ask_step_up(who, T, ACTION, &params(), Duration::from_secs(5)), Err(Error::PermissionDenied(_))));
+        assert!(matches!(b.gw.report_activity(who, T).await, Err(Error::PermissionDenied(_))));
+        assert!(matches!(b.gw.redeem_step_up(who, &[0; 32], T, ACTION, &params()).await, Err(Error::PermissionDenied(_))));
+    }
+    // Its own terminal, by id or by group.
+    assert!(b.gw.report_activity(&app(), T).await.is_ok());
+    b.gw.set_group(&admin(), "intercom", TerminalPolicy::default()).await.unwrap();
+    b.gw.assign_terminal(&admin(), T, Some("intercom")).await.unwrap();
+    assert!(b.gw.report_activity(&panel, T).await.is_ok());
+    assert!(b.gw.ask_step_up(&panel, T, ACTION, &params(), Duration::from_secs(5)).is_ok());
+}
+
+#[tokio::test]
 async fn a_group_policy_reaches_its_terminals_at_once_and_a_terminal_of_its_own_is_listed_as_weaker() {
     let b = bench(|c| c.agent_grace_s = 600).await;
     assert!(denied(&tap(&b).await).is_none());

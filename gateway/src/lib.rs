@@ -150,6 +150,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         require_attested_pin_key: config.cards.require_attested_pin_key,
         max_temporary_days: config.cards.max_temporary_days,
         lifecycle: config.lifecycle.clone(),
+        applications: config.applications.clone(),
         clocks: Default::default(),
         step_ups: Default::default(),
         throttle: Default::default(),

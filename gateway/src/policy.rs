@@ -153,6 +153,7 @@ impl Gateway {
             return Err(Error::Exhausted("activity reports: too many from this caller (coalesce them: one every few seconds is plenty)"));
         }
         let Some(t) = self.store.terminal(terminal)? else { return Err(Error::NotFound(format!("terminal {terminal}"))) };
+        self.application_reaches(caller, &t)?;
         if let Ok(mut a) = self.clocks.activity.lock() {
             a.insert(terminal.to_string(), self.now_ms());
         }
@@ -166,6 +167,23 @@ impl Gateway {
             .await?;
         }
         Ok(t.policy.idle_timeout_s)
+    }
+
+    /// Whether `caller`, an application, may act on terminal `t` (ask a
+    /// step-up of it, report activity for it, redeem its step-ups): as
+    /// config `applications` scopes it. Other roles are not scoped here.
+    pub(crate) fn application_reaches(&self, caller: &Caller, t: &Terminal) -> Result<()> {
+        if caller.role != crate::pki::Role::Application || self.applications.is_empty() {
+            return Ok(());
+        }
+        match self.applications.get(&caller.name) {
+            Some(s) if s.terminals.contains(&t.id) || t.group.as_ref().is_some_and(|g| s.groups.contains(g)) => Ok(()),
+            Some(_) => Err(Error::PermissionDenied(format!(
+                "application {} may not act on terminal {} (the gateway's applications.{} names its terminals and groups)",
+                caller.name, t.id, caller.name
+            ))),
+            None => Err(Error::PermissionDenied(format!("application {} is not in the gateway's applications: it acts on no terminal", caller.name))),
+        }
     }
 
     fn activity_allowed(&self, caller: &str) -> bool {

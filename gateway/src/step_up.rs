@@ -330,6 +330,7 @@ impl Gateway {
         check_action(action)?;
         let params_sha256: [u8; 32] = params_sha256.try_into().map_err(|_| Error::InvalidRequest("params_sha256: 32 bytes".into()))?;
         let t = self.store.terminal(terminal)?.ok_or_else(|| Error::NotFound(format!("terminal {terminal}")))?;
+        self.application_reaches(caller, &t)?;
         let Session::Unlocked { operator_id, .. } = &t.session else {
             return Err(Error::Precondition(format!("terminal {terminal} is locked: a step-up is asked of the operator at an unlocked terminal")));
         };
@@ -458,6 +459,11 @@ impl Gateway {
             terminal_id: terminal.to_string(),
             detail: json!({ "action": action, "why": why }),
         };
+        // Before the token is touched: an application out of scope spends
+        // nobody's token.
+        if let Some(t) = self.store.terminal(terminal)? {
+            self.application_reaches(caller, &t)?;
+        }
         match self.step_ups.redeem(token, terminal, action, params_sha256, self.clock.instant()) {
             // The operator who proved must still hold the terminal: a token
             // outlives no lock, revocation or change of operator.
