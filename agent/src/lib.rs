@@ -148,10 +148,13 @@ pub async fn run(config: Config, mut io: Io, shutdown: impl Future<Output = ()>)
         }));
         let (tx, rx) = mpsc::channel();
         let on_result = io.on_result.clone();
+        let card_only = t.card_only || matches!(t.keypad, config::KeypadConfig::None);
+        // The gateway asks no step-up of a terminal that cannot take a PIN.
+        link.report(&t.id, |r| r.no_pin_entry = card_only);
         let worker = Worker {
             memory: memory.clone(),
             terminal: t.id.clone(),
-            card_only: t.card_only || matches!(t.keypad, config::KeypadConfig::None),
+            card_only,
             link: link.clone(),
             rt: tokio::runtime::Handle::current(),
             pin,

@@ -32,6 +32,8 @@ pub struct TerminalReport {
     pub card_present: bool,
     /// The card's UUID, once read.
     pub card_uuid: Option<[u8; 16]>,
+    /// The terminal has no way to enter a PIN: it answers no step-up.
+    pub no_pin_entry: bool,
 }
 
 /// The gateway link.
@@ -152,6 +154,7 @@ impl Link {
                         reader_present: r.reader_present,
                         card_present: r.card_present,
                         card_uuid: r.card_uuid.map(|u| u.to_vec()).unwrap_or_default(),
+                        no_pin_entry: r.no_pin_entry,
                     })
                     .collect()
             })

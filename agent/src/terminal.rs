@@ -20,7 +20,7 @@ use pivgate_hw::piv::PivClient;
 use pivgate_hw::SystemClock;
 
 use crate::keys::KeySource;
-use crate::link::Link;
+use crate::link::{Link, TerminalReport};
 pub use crate::tap::TapResult;
 use crate::tap::{Mechanism, PinWay, Surroundings, Tap};
 
@@ -124,6 +124,13 @@ impl Worker {
                     if done.contains(&id) || step_up.is_some_and(|(s, _)| s == id) {
                         continue;
                     }
+                    // No PIN can be typed here: the gateway asks none of
+                    // these (the agent reports it), and one asked anyway
+                    // is left to time out rather than prompted for.
+                    if self.card_only {
+                        tracing::warn!(terminal = %self.terminal, action = %action, "step-up asked of a terminal without PIN entry: not prompting");
+                        continue;
+                    }
                     tracing::info!(terminal = %self.terminal, action = %action, "step-up asked: prove again with card and PIN");
                     match card_in.clone() {
                         // The card is in the reader: ask for its PIN now. If
@@ -143,7 +150,7 @@ impl Worker {
                 Input::Reader(ReaderEvent::ReaderAdded { .. }) => self.link.report(&self.terminal, |r| r.reader_present = true),
                 Input::Reader(ReaderEvent::ReaderRemoved { .. }) => {
                     card_in = None;
-                    self.link.report(&self.terminal, |r| *r = Default::default());
+                    self.link.report(&self.terminal, |r| *r = TerminalReport { no_pin_entry: r.no_pin_entry, ..Default::default() });
                 }
                 Input::Reader(_) => {}
                 // A lock ends any step-up: the terminal is no longer the

@@ -205,6 +205,9 @@ pub struct Gateway {
     pub random: Box<dyn Randomness>,
     /// Agents' last presence.
     pub presence: Mutex<HashMap<String, Instant>>,
+    /// Terminals whose agent reports no PIN entry (no keypad, no pinpad):
+    /// they cannot answer a step-up.
+    pub no_pin_entry: Mutex<std::collections::HashSet<String>>,
     /// Metrics counters.
     pub counters: Counters,
     /// CRL intake counters and what was already reported.
@@ -977,6 +980,22 @@ impl Gateway {
     /// A presence report: remembers the agent and locks terminals whose
     /// reported card no longer matches their session (a card pulled while
     /// the link was down).
+    /// The agent says whether its terminal can take a PIN (a keypad or a
+    /// pinpad reader), for its terminals only.
+    pub fn pin_entry(&self, caller: &Caller, terminal: &str, can: bool) -> Result<()> {
+        if self.bound_terminal(&caller.name, terminal)?.is_none() {
+            return Ok(());
+        }
+        if let Ok(mut n) = self.no_pin_entry.lock() {
+            if can {
+                n.remove(terminal);
+            } else {
+                n.insert(terminal.to_string());
+            }
+        }
+        Ok(())
+    }
+
     pub async fn presence(&self, caller: &Caller, reports: &[(String, bool, Option<[u8; 16]>)]) -> Result<Vec<String>> {
         if let Ok(mut p) = self.presence.lock() {
             p.insert(caller.name.clone(), self.clock.instant());

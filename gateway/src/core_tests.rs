@@ -826,6 +826,21 @@ async fn failed_proofs_in_an_enrolment_window_are_slowed_without_locking_its_ope
     assert!(matches!(tap_with(&b, &new, T).await, Complete::Enrolled { .. }));
 }
 
+#[tokio::test]
+async fn where_pin_keys_must_be_attested_no_enrolment_window_opens() {
+    let b = bench(|_| {}).await;
+    let anchor = b.dir.join("issuer.pem");
+    let mut config = Config { data_dir: b.dir.join("attested"), ..Config::default() };
+    config.cards.trust_anchors = vec![anchor.clone()];
+    config.cards.attestation_roots = vec![anchor];
+    config.cards.require_attested_pin_key = true;
+    let (gw, _, _) = crate::open_with(&config, Box::new(TestClock::new()), Box::new(Counter(AtomicU64::new(0)))).unwrap();
+    gw.add_operator(&admin(), Operator { id: "op-1".into(), name: "Op One".into(), roles: vec![], enabled: true }).await.unwrap();
+    let e = gw.open_enrolment(&admin(), &window(T, "op-1")).await.unwrap_err();
+    assert!(matches!(e, Error::Precondition(ref m) if m.contains("attestation")), "{e}");
+    assert!(gw.store.window(T).unwrap().is_none());
+}
+
 async fn privileged_bench(badge: bool) -> Bench {
     let b = bench(|c| {
         c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
@@ -1006,6 +1021,20 @@ async fn an_enrolment_window_can_replace_a_lost_card() {
 
 fn app() -> Caller {
     Caller { role: Role::Application, name: "console-1".into() }
+}
+
+#[tokio::test]
+async fn a_terminal_whose_agent_takes_no_pin_is_asked_no_step_up_and_only_its_agent_says_so() {
+    let b = bench(|_| {}).await;
+    assert!(denied(&tap(&b).await).is_none());
+    b.gw.pin_entry(&agent(), T, false).unwrap();
+    assert!(matches!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)), Err(Error::Precondition(ref m)) if m.contains("no PIN")));
+    // Another agent cannot mark it either way.
+    let other = Caller { role: Role::Agent, name: "pi-9".into() };
+    b.gw.pin_entry(&other, T, true).unwrap();
+    assert!(matches!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)), Err(Error::Precondition(_))));
+    b.gw.pin_entry(&agent(), T, true).unwrap();
+    assert!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)).is_ok());
 }
 
 #[tokio::test]

@@ -158,6 +158,7 @@ pub fn open_with(config: &Config, clock: Box<dyn core::Clock>, random: Box<dyn c
         clock,
         random,
         presence: Default::default(),
+        no_pin_entry: Default::default(),
         counters: Default::default(),
         crl_intake: Default::default(),
         limits: config.limits.clone(),

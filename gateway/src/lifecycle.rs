@@ -143,6 +143,13 @@ impl Gateway {
 
     /// Opens an enrolment window at a terminal (replacing one open there).
     pub async fn open_enrolment(&self, caller: &Caller, ask: &WindowAsk<'_>) -> Result<EnrolmentWindow> {
+        // The agent reads no attestation at a tap yet: a window would
+        // enrol a card the site's rule then refuses at every tap.
+        if self.require_attested_pin_key {
+            return Err(Error::Precondition(
+                "this site requires attested PIN keys (cards.require_attested_pin_key) and an enrolment window cannot carry the attestation yet: enrol the card with its attestation (`pivgatectl card enrol --attestation ...`)".into(),
+            ));
+        }
         let max = self.lifecycle.enrolment_window_max_s;
         let duration = match ask.duration_s {
             0 => WINDOW_DEFAULT_S.min(max),

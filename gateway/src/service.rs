@@ -294,6 +294,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             let _ = tx.send(Err(status)).await;
                             break;
                         }
+                        for t in &msg.terminals {
+                            if let Err(e) = gw.pin_entry(&caller, &t.terminal_id, !t.no_pin_entry) {
+                                let _ = tx.send(Err(e.into())).await;
+                                break;
+                            }
+                        }
                         let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
                             .terminals
                             .iter()

@@ -331,6 +331,11 @@ impl Gateway {
         let params_sha256: [u8; 32] = params_sha256.try_into().map_err(|_| Error::InvalidRequest("params_sha256: 32 bytes".into()))?;
         let t = self.store.terminal(terminal)?.ok_or_else(|| Error::NotFound(format!("terminal {terminal}")))?;
         self.application_reaches(caller, &t)?;
+        if self.no_pin_entry.lock().map_or(true, |n| n.contains(terminal)) {
+            return Err(Error::Precondition(format!(
+                "terminal {terminal} takes no PIN (its agent has no keypad or pinpad): a step-up needs card and PIN there"
+            )));
+        }
         let Session::Unlocked { operator_id, .. } = &t.session else {
             return Err(Error::Precondition(format!("terminal {terminal} is locked: a step-up is asked of the operator at an unlocked terminal")));
         };

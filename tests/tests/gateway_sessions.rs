@@ -153,6 +153,7 @@ fn report(terminal: &str, card: Option<&[u8]>) -> pb::PresenceRequest {
             reader_present: true,
             card_present: card.is_some(),
             card_uuid: card.map(|c| c.to_vec()).unwrap_or_default(),
+            no_pin_entry: false,
         }],
     }
 }
