@@ -146,6 +146,7 @@ impl Gateway {
             terminals: terminals.clone(),
             card: None,
             present: None,
+            present_card: None,
             asked_by: r.requested_by.clone(),
             approved_by: approver.to_string(),
             reason: r.reason.clone(),
@@ -154,21 +155,28 @@ impl Gateway {
             ended: None,
         };
         if *proof == BreakGlassProof::ApproverPresent {
-            // The approver is the second factor: they must hold a badge
-            // that would open it.
-            let badges = self
-                .store
-                .cards()?
-                .into_iter()
-                .filter(|c| c.operator_id == approver.name && c.suspended.is_none() && self.presence_badge(c, &grant).is_ok())
-                .count();
-            if badges == 0 {
+            // The approver is the second factor: the badge that signs the
+            // approval (card and PIN) is the one card that opens it.
+            let Some(card) = badge.map(|b| self.store.card(&b)).transpose()?.flatten() else {
                 return Err(Error::PermissionDenied(format!(
-                    "break-glass by the approver's presence: {approver} holds no badge (a card in use, enrolled to operator {:?} by another administrator) to open it with",
-                    approver.name
+                    "a break-glass by the approver's presence is approved with the approver's badge in a reader (`pivgatectl request approve ... --badge`): that badge, and only it, opens it; {approver} approved without one"
+                )));
+            };
+            grant.present = Some(approver.name.clone());
+            self.presence_badge(&card, &grant).map_err(|why| Error::PermissionDenied(format!("break-glass by presence: {why}")))?;
+            grant.present_card = Some(card.uuid);
+            // One badge opens one operator's grant at a terminal at a time:
+            // the approver's tap must not choose between two.
+            let overlapping = self.store.break_glasses()?.into_iter().find(|o| {
+                o.present_card == grant.present_card && o.ended.is_none() && now < o.until_ms && o.terminals.iter().any(|t| grant.terminals.contains(t))
+            });
+            if let Some(o) = overlapping {
+                return Err(Error::InvalidRequest(format!(
+                    "this badge already opens break-glass {} (operator {}) at one of these terminals: end it first",
+                    hex::encode(o.id),
+                    o.operator_id
                 )));
             }
-            grant.present = Some(approver.name.clone());
             return Ok((vec![Change::BreakGlass(grant)], approval));
         }
         let prepared = self.prepare_enrolment(&r.requested_by, &self.break_glass_enrolment(operator_id, certificate, false))?;
@@ -242,6 +250,14 @@ impl Gateway {
             if g.present.as_deref() != Some(card.operator_id.as_str()) || !g.terminals.iter().any(|t| t == terminal) {
                 continue;
             }
+            if g.present_card != Some(card.uuid) {
+                // Another card of the approver's: not the badge that
+                // approved, so it opens nothing while the grant holds.
+                if g.holds(terminal, now) {
+                    return Ok(Some(Err("only the badge that signed the break-glass approval opens it")));
+                }
+                continue;
+            }
             if g.holds(terminal, now) {
                 return Ok(Some(self.presence_badge(card, &g).map(|()| g)));
             }
@@ -264,8 +280,9 @@ impl Gateway {
             return Err("the approver's badge has no card-and-PIN (9A) key");
         }
         match card.key_enrolled_by.get(&Slot::PivAuthentication) {
-            Some(by) if *by != g.approved_by => Ok(()),
-            Some(_) => Err("the approver enrolled this badge's key themselves: it cannot stand in for their presence"),
+            Some(by) if *by == g.approved_by => Err("the approver enrolled this badge's key themselves: it cannot stand in for their presence"),
+            Some(by) if *by == g.asked_by => Err("the break-glass's asker enrolled this badge's key: it cannot stand in for the approver's presence"),
+            Some(_) => Ok(()),
             None => Err("who enrolled this badge's key is not on record: enrol it again to open a break-glass by presence"),
         }
     }

@@ -698,6 +698,7 @@ impl Gateway {
                 // revocation or unbinding either lands before this grant
                 // (and refuses it) or after (and finds the session to lock).
                 let mut refused: Option<(Deny, &'static str)> = None;
+                let mut holder = String::new();
                 let now = self.now_ms();
                 let caller_name = caller.name.clone();
                 let granted = self
@@ -723,12 +724,22 @@ impl Gateway {
                                 return Ok(None);
                             }
                         };
-                        let Allowed { terminal: term, mut card, operator, break_glass, .. } = *allowed;
+                        let Allowed { terminal: term, mut card, operator: judged, break_glass, .. } = *allowed;
+                        // The session is the operator the proof was judged
+                        // for (a break-glass by presence that began or ended
+                        // meanwhile changes it): else nothing is granted.
+                        if judged.id != operator.id {
+                            refused = Some((Deny::BreakGlassEnded, "whose session the card opens changed while the proof was checked (a break-glass began or ended): tap again"));
+                            return Ok(None);
+                        }
+                        let operator = judged;
+                        holder = card.operator_id.clone();
                         let mut changes = Vec::new();
                         // The same card tapped again while its removal's
-                        // grace runs continues the session: no lock between.
-                        let continues =
-                            matches!(&term.session, Session::Unlocked { card_uuid, .. } if *card_uuid == p.card_uuid) && self.removal_pending(&p.terminal);
+                        // grace runs continues the session (the same
+                        // operator's): no lock between.
+                        let continues = matches!(&term.session, Session::Unlocked { card_uuid, operator_id, .. } if *card_uuid == p.card_uuid && *operator_id == operator.id)
+                            && self.removal_pending(&p.terminal);
                         if matches!(term.session, Session::Unlocked { .. }) && !continues {
                             changes.push(Change::Session {
                                 terminal: Terminal { session: Session::Locked { reason: LockReason::Replaced, since_ms: now, sequence: 0 }, ..term.clone() },
@@ -779,7 +790,9 @@ impl Gateway {
                     return Ok(Complete::Denied(d, text));
                 };
                 let operator = self.store.operator(&operator.id)?.unwrap_or(operator);
-                self.proof_succeeded(p.card_uuid, &operator.id, &p.terminal);
+                // The card's holder proved (an approver's badge: the
+                // approver, not the grant's operator).
+                self.proof_succeeded(p.card_uuid, &holder, &p.terminal);
                 let _ = self.take_removal(&p.terminal);
                 self.count("granted");
                 // Watch this agent for silence from now on, stream or not.
@@ -850,12 +863,12 @@ impl Gateway {
                     if let Ok(o) = verify::inspect(other) {
                         if verify::verify_signature(o.algorithm, &o.spki, &p.message, signature).is_ok() {
                             let why = "signed with the card authentication key where the PIN was required";
-                            return Ok(Ok(Decided::BadProof { deny: Deny::MechanismNotAllowed, why, pending: p, operator: operator.id }));
+                            return Ok(Ok(Decided::BadProof { deny: Deny::MechanismNotAllowed, why, pending: p, operator: card.operator_id.clone() }));
                         }
                     }
                 }
             }
-            return Ok(Ok(Decided::BadProof { deny, why: "signature refused", pending: p, operator: operator.id }));
+            return Ok(Ok(Decided::BadProof { deny, why: "signature refused", pending: p, operator: card.operator_id.clone() }));
         }
         if matches!(p.purpose, Purpose::StepUp { .. }) {
             return Ok(Ok(Decided::StepUp(p, Box::new(card), operator)));

@@ -960,6 +960,9 @@ async fn where_the_site_requires_it_an_approval_is_signed_by_the_approvers_own_b
     assert!(b.gw.store.lockout("second").unwrap().is_some(), "ten failed badge proofs and no lockout");
     let e = b.gw.begin_approval(&admin_named("second"), r.id, &nine_a(&badge)).err().unwrap();
     assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("locked")), "{e}");
+    // Not by the locked-out administrator themselves (a thief holding
+    // their certificate).
+    assert!(matches!(b.gw.lift_lockout(&admin_named("second"), "second", "me").await, Err(Error::PermissionDenied(_))));
     b.gw.lift_lockout(&admin(), "second", "checked").await.unwrap();
     let sig = profile_signs(&badge, &c.message, Mechanism::CardAndPin);
     assert!(matches!(b.gw.approve(&admin_named("second"), r.id, Some((&c.id, &sig))).await, Err(Error::PermissionDenied(_))), "a spent challenge");
@@ -1440,7 +1443,7 @@ async fn break_glass_takes_two_administrators_holds_only_where_and_while_granted
 }
 
 /// A break-glass bench where the approver's presence proves; "second"
-/// holds a badge root enrolled.
+/// holds a badge root enrolled (the requests are asked by "asker").
 async fn presence_bench() -> (Bench, Profile) {
     let b = bench(|c| {
         c.lifecycle.privileged_roles = vec!["intercom-admin".into()];
@@ -1454,24 +1457,37 @@ async fn presence_bench() -> (Bench, Profile) {
     (b, badge)
 }
 
+/// `who` approves request `id` with `badge` signing (card and PIN).
+async fn approve_by_badge(b: &Bench, who: &str, id: [u8; 16], badge: &Profile) -> crate::error::Result<crate::model::Request> {
+    let c = b.gw.begin_approval(&admin_named(who), id, &nine_a(badge))?;
+    let sig = profile_signs(badge, &c.message, Mechanism::CardAndPin);
+    b.gw.approve(&admin_named(who), id, Some((&c.id, &sig))).await
+}
+
 #[tokio::test]
-async fn by_the_approvers_presence_only_their_own_badge_at_a_named_terminal_opens_it_and_only_while_it_holds() {
+async fn by_the_approvers_presence_only_the_badge_that_approved_at_a_named_terminal_opens_it_and_only_while_it_holds() {
     let (b, badge) = presence_bench().await;
+    let asker = admin_named("asker");
     let terminals = vec![T.to_string()];
     let ask = crate::break_glass::BreakGlassAsk { operator_id: "op-2", terminals: &terminals, hours: 2, certificate: &[], reason: "badge at home" };
-    // No temporary card in this mode (and none missing in the other).
+    // No temporary card in this mode.
     let loaner = other_card();
     let with_card = crate::break_glass::BreakGlassAsk { certificate: &nine_a(&loaner), ..ask };
-    assert!(matches!(b.gw.ask_break_glass(&admin(), &with_card).await, Err(Error::InvalidRequest(_))));
-    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    assert!(matches!(b.gw.ask_break_glass(&asker, &with_card).await, Err(Error::InvalidRequest(_))));
+    let r = b.gw.ask_break_glass(&asker, &ask).await.unwrap();
     // Before the approval the badge is its holder's as usual.
     assert!(matches!(tap_with(&b, &badge, T).await, Complete::Granted { ref operator, .. } if operator.id == "second"));
     b.gw.lock_if(&admin().to_string(), T, LockReason::Administrator, |_| true).await.unwrap();
-    // An approver with no badge cannot be present: refused.
-    let e = b.gw.approve(&admin_named("third"), r.id, None).await.unwrap_err();
+    // Approved without a badge (a certificate, wherever it is): refused,
+    // presence is what the badge signing proves.
+    let e = b.gw.approve(&admin_named("second"), r.id, None).await.unwrap_err();
     assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("badge")), "{e}");
-    b.gw.approve(&admin_named("second"), r.id, None).await.unwrap();
-    // The attack: the asker's (or anyone's) card opens nothing for op-2.
+    approve_by_badge(&b, "second", r.id, &badge).await.unwrap();
+    // The attack: another card of the approver's, enrolled since by a
+    // colluding administrator, opens nothing; nor does anyone else's card.
+    let spare = other_card();
+    b.gw.enrol_card(&admin_named("accomplice"), "second", &nine_a(&spare), Slot::PivAuthentication, None).await.unwrap();
+    assert_eq!(denied(&tap_with(&b, &spare, T).await), Some(Deny::NotAuthorized));
     assert!(matches!(tap(&b).await, Complete::Granted { ref operator, .. } if operator.id == "op-1"));
     b.gw.lock_if(&admin().to_string(), T, LockReason::Administrator, |_| true).await.unwrap();
     // Card only is never enough.
@@ -1483,7 +1499,7 @@ async fn by_the_approvers_presence_only_their_own_badge_at_a_named_terminal_open
         ..begin_req(T)
     };
     assert!(matches!(b.gw.begin(&agent(), card_only).await.unwrap(), Begin::Denied(Deny::MechanismNotAllowed, _)));
-    // The approver's badge, card and PIN, at the named terminal: op-2's
+    // The approving badge, card and PIN, at the named terminal: op-2's
     // session, on record with whose badge opened it.
     assert!(matches!(tap_with(&b, &badge, T).await, Complete::Granted { ref operator, .. } if operator.id == "op-2"));
     let rec = b.gw.store.audit_after(0, 1000).unwrap().into_iter().rev().find(|r| r.kind == "auth.granted").unwrap();
@@ -1494,6 +1510,10 @@ async fn by_the_approvers_presence_only_their_own_badge_at_a_named_terminal_open
     assert!(locked_for(&b).is_none(), "a session by presence locked while its grant holds");
     // Elsewhere the badge is its holder's.
     assert!(matches!(tap_with(&b, &badge, "lobby").await, Complete::Granted { ref operator, .. } if operator.id == "second"));
+    // A second grant the same badge would open at T: refused.
+    b.gw.add_operator(&admin(), Operator { id: "op-3".into(), name: "Op Three".into(), roles: vec!["dispatcher".into()], enabled: true }).await.unwrap();
+    let r2 = b.gw.ask_break_glass(&asker, &crate::break_glass::BreakGlassAsk { operator_id: "op-3", ..ask }).await.unwrap();
+    assert!(matches!(approve_by_badge(&b, "second", r2.id, &badge).await, Err(Error::InvalidRequest(_))));
     // Ended early: the session standing on it locks with the grant.
     assert_eq!(b.gw.end_break_glass(&admin(), r.id, "badge found").await.unwrap(), [T.to_string()]);
     assert_eq!(locked_for(&b), Some(LockReason::BreakGlassEnded));
@@ -1503,26 +1523,38 @@ async fn by_the_approvers_presence_only_their_own_badge_at_a_named_terminal_open
 }
 
 #[tokio::test]
-async fn a_break_glass_by_presence_locks_at_its_end_and_a_badge_the_approver_enrolled_opens_nothing() {
-    let (b, _) = presence_bench().await;
+async fn a_break_glass_by_presence_locks_at_its_end_and_a_badge_the_approver_or_asker_enrolled_opens_nothing() {
+    let (b, badge) = presence_bench().await;
     let terminals = vec![T.to_string()];
     let ask = crate::break_glass::BreakGlassAsk { operator_id: "op-2", terminals: &terminals, hours: 1, certificate: &[], reason: "night shift" };
-    // The attack: a stolen certificate of "third" plants a badge for
-    // third, then approves a break-glass it opens alone.
+    // The asker enrolled "second"'s badge: it cannot stand in for the
+    // approver's presence on the asker's own request.
+    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
+    let e = approve_by_badge(&b, "second", r.id, &badge).await.unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("asker")), "{e}");
+    // A stolen certificate of "third" plants a badge for third: no
+    // approval with it.
     b.gw.add_operator(&admin(), Operator { id: "third".into(), name: "Third".into(), roles: vec![], enabled: true }).await.unwrap();
     let planted = other_card();
     b.gw.enrol_card(&admin_named("third"), "third", &nine_a(&planted), Slot::PivAuthentication, None).await.unwrap();
-    let r = b.gw.ask_break_glass(&admin(), &ask).await.unwrap();
-    let e = b.gw.approve(&admin_named("third"), r.id, None).await.unwrap_err();
-    assert!(matches!(e, Error::PermissionDenied(ref m) if m.contains("badge")), "{e}");
-    // A second badge of "third", enrolled by root, makes the approval;
-    // the planted one still opens nothing: refused, not "third"'s session.
+    assert!(matches!(approve_by_badge(&b, "third", r.id, &planted).await, Err(Error::PermissionDenied(_))));
+    // A badge of third's that someone else enrolled approves, and only it
+    // opens the grant; the planted one is refused there.
     let real = other_card();
-    b.gw.enrol_card(&admin(), "third", &nine_a(&real), Slot::PivAuthentication, None).await.unwrap();
-    b.gw.approve(&admin_named("third"), r.id, None).await.unwrap();
+    b.gw.enrol_card(&admin_named("fourth"), "third", &nine_a(&real), Slot::PivAuthentication, None).await.unwrap();
+    approve_by_badge(&b, "third", r.id, &real).await.unwrap();
     assert_eq!(denied(&tap_with(&b, &planted, T).await), Some(Deny::NotAuthorized));
     assert!(matches!(tap_with(&b, &real, T).await, Complete::Granted { ref operator, .. } if operator.id == "op-2"));
+    // Failed proofs with the badge count against its holder, not the
+    // grant's operator.
+    let req = BeginRequest { card_uuid: Some(real.chuid.guid), ..begin_req(T) };
+    let Begin::Challenge { id, message, .. } = b.gw.begin(&agent(), req).await.unwrap() else { panic!("no challenge") };
+    let wrong = profile_signs(&real, &message, Mechanism::CardOnly);
+    assert!(denied(&b.gw.complete(&agent(), &id, T, &wrong).await.unwrap()).is_some());
+    assert!(b.gw.throttle.count(&crate::throttle::Key::Operator("third".into())) == 1);
+    assert!(b.gw.throttle.count(&crate::throttle::Key::Operator("op-2".into())) == 0);
     // At its time: the periodic re-check locks it, with the grant's reason.
+    assert!(matches!(tap_with(&b, &real, T).await, Complete::Granted { .. }));
     b.clock.advance(Duration::from_secs(3601));
     b.gw.reauthorize_sessions("test").await.unwrap();
     assert_eq!(locked_for(&b), Some(LockReason::BreakGlassEnded));

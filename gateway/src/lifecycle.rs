@@ -482,6 +482,11 @@ impl Gateway {
             let Some(mut r) = self.store.request(&id)? else { return Err(Error::NotFound(format!("request {}", hex::encode(id)))) };
             let stored = serde_json::to_vec(&r).map_err(|e| Error::Corrupt(e.to_string()))?;
             self.may_approve(caller, &r)?;
+            // Under the ledger lock: a challenge taken before a lockout
+            // approves nothing after it.
+            if self.store.lockout(&caller.name)?.is_some() {
+                return Err(Error::PermissionDenied(format!("{caller} is locked out after failed proofs: another administrator lifts it")));
+            }
             let mut badge_card = None;
             if let Some((der, request_sha256)) = &signed {
                 if <[u8; 32]>::from(sha2::Sha256::digest(&stored)) != *request_sha256 {

@@ -337,6 +337,10 @@ pub struct BreakGlass {
     /// (`BreakGlassProof::ApproverPresent`): their operator id.
     #[serde(default)]
     pub present: Option<String>,
+    /// That approver's badge: the card that signed the approval, and the
+    /// only one that opens the grant.
+    #[serde(default)]
+    pub present_card: Option<[u8; 16]>,
     /// Who asked, who approved.
     pub asked_by: String,
     /// See `asked_by`.
@@ -1085,6 +1089,10 @@ mod stored_size_tests {
         for i in 0..100 {
             card.note(i, &"a".repeat(crate::limits::ID_MAX), format!("suspended: {}", "\"".repeat(crate::limits::TEXT_MAX)));
         }
+        // An approval of many long roles, a long suspension reason.
+        let roles = (0..32).map(|i| format!("{i:03}{}", "r".repeat(125))).collect();
+        card.approval = Some(Approval { request: [1; 16], by: "a".repeat(crate::limits::ID_MAX), at_ms: 1, badge: Some([2; 16]), roles });
+        card.suspended = Some("\"".repeat(crate::limits::TEXT_MAX));
         let stored = serde_json::to_vec(&card).unwrap();
         assert!(stored.len() <= crate::store::MAX_VALUE, "{} bytes", stored.len());
         assert!(!card.history.is_empty() && card.history.last().unwrap().unix_ms == 99);

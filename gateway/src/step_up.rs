@@ -466,9 +466,8 @@ impl Gateway {
         };
         // Before the token is touched: an application out of scope spends
         // nobody's token.
-        if let Some(t) = self.store.terminal(terminal)? {
-            self.application_reaches(caller, &t)?;
-        }
+        let Some(t) = self.store.terminal(terminal)? else { return Err(Error::NotFound(format!("terminal {terminal}"))) };
+        self.application_reaches(caller, &t)?;
         match self.step_ups.redeem(token, terminal, action, params_sha256, self.clock.instant()) {
             // The operator who proved must still hold the terminal: a token
             // outlives no lock, revocation or change of operator.

@@ -242,6 +242,11 @@ impl Gateway {
     /// Lifts `operator`'s lockout (and clears their failure counts);
     /// whether they were locked out.
     pub async fn lift_lockout(&self, caller: &Caller, operator: &str, reason: &str) -> Result<bool> {
+        // A lockout of an administrator's own badge is lifted by another:
+        // a thief with their certificate must not clear it.
+        if caller.name == operator {
+            return Err(Error::PermissionDenied("an administrator's own lockout is lifted by another administrator".into()));
+        }
         let mut was = false;
         let mut cleared = vec![Key::Operator(operator.to_string())];
         cleared.extend(self.store.cards()?.into_iter().filter(|c| c.operator_id == operator).map(|c| Key::Card(c.uuid)));

@@ -175,6 +175,24 @@ impl Site {
     }
 
     /// Credentials for a new service identity issued through the Admin API.
+    /// An administrator past the bootstrap pair: asked by the first
+    /// administrator, approved by `approver` (another administrator),
+    /// then issued.
+    pub async fn issue_approved_admin(&self, name: &str, approver: &Credentials) -> Result<Credentials> {
+        use pivgate_gateway::client::Issued;
+        use rcgen::PublicKeyData;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut root = self.admin_client().await?;
+        let Issued::Pending(r) = root.issue_certificate(Role::Admin, name, &key.subject_public_key_info(), 30).await? else {
+            bail!("an administrator certificate past the bootstrap pair issued without approval")
+        };
+        Admin::new(connect(&self.addr, "localhost", approver).await?).approve(&r.request_id).await?;
+        match root.issue_certificate(Role::Admin, name, &key.subject_public_key_info(), 30).await? {
+            Issued::Certificate { certificate_pem, ca_pem } => Ok(Credentials { ca_pem, cert_pem: certificate_pem, key_pem: key.serialize_pem() }),
+            Issued::Pending(_) => bail!("still pending after its approval"),
+        }
+    }
+
     pub async fn issue(&self, role: pb::ServiceRole, name: &str) -> Result<Credentials> {
         let role = match role {
             pb::ServiceRole::Agent => Role::Agent,

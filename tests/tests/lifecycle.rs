@@ -508,9 +508,12 @@ async fn break_glass_takes_two_administrators_works_only_while_granted_and_is_in
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_break_glass_by_presence_is_opened_by_the_approvers_own_badge_at_the_terminal_and_locks_when_it_ends() -> Result<()> {
+    let r = reader()?;
     let site = Site::start(|c, _| c.lifecycle.break_glass_proof = pivgate_gateway::model::BreakGlassProof::ApproverPresent).await?;
     let root = write_credentials(&site.admin_credentials()?, &scratch("root-admin-bgp"))?;
-    let second = write_credentials(&site.issue(pb::ServiceRole::Admin, "second").await?, &scratch("second-admin-bgp"))?;
+    let second_creds = site.issue(pb::ServiceRole::Admin, "second").await?;
+    let asker = write_credentials(&site.issue_approved_admin("asker", &second_creds).await?, &scratch("asker-admin-bgp"))?;
+    let second = write_credentials(&second_creds, &scratch("second-admin-bgp"))?;
     let mut admin = site.admin_client().await?;
     admin.add_operator(&operator("op-9", &["dispatcher"])).await?;
     admin.add_operator(&operator("second", &["dispatcher"])).await?;
@@ -519,11 +522,24 @@ async fn a_break_glass_by_presence_is_opened_by_the_approvers_own_badge_at_the_t
     admin.enrol_card("second", &badge.certificates[&Slot::Authentication], GwSlot::PivAuthentication).await?;
     let mut agent = site.agent("pi-1", &[TERMINAL, "lobby"]).await?;
     let ask = ["break-glass", "request", "--operator", "op-9", "--terminal", TERMINAL, "--hours", "1", "--reason", "badge at home"];
-    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &root, &ask, ""));
+    let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &asker, &ask, ""));
     assert!(ok && said.contains("approver must be present"), "{said}");
     let id = said.split_whitespace().nth(1).unwrap_or_default().to_string();
+    // The certificate alone cannot stand for presence.
     let (ok, said) = tokio::task::block_in_place(|| ctl(&site, &second, &["request", "approve", &id], ""));
+    assert!(!ok && said.contains("badge"), "{said}");
+    // The approver's badge signs in a reader, card and PIN: it is the card
+    // that opens the grant.
+    let (station, addr) = r.second_slot();
+    let inserted = vpcd::insert(badge.card(), addr)?;
+    let ctx = pivgate_hw::pcsc::establish()?;
+    if !pivgate_hw::pcsc::wait_for_card(&ctx, &station, true, T)? {
+        bail!("the badge never appeared in {station}");
+    }
+    let (ok, said) =
+        tokio::task::block_in_place(|| ctl(&site, &second, &["request", "approve", &id, "--badge", "--reader", &station, "--pin-stdin"], "123456\n"));
     assert!(ok, "{said}");
+    inserted.remove();
     // The approver's badge, card and PIN, at the named terminal: op-9's
     // session; elsewhere, the badge is its holder's.
     let Tap::Granted(g) = tap(&mut agent, TERMINAL, &mut badge.card(), "123456", pb::Mechanism::Unspecified).await? else { bail!("presence refused") };
