@@ -1371,6 +1371,11 @@ impl Gateway {
             Ok(Some((Self::admin_entry(caller, AuditKind::BindAgent, detail), changes)))
         })
         .await?;
+        // What an agent said of its terminals' PIN entry is its own: the
+        // agent now bound says it again with its next heartbeat.
+        if let Ok(mut n) = self.no_pin_entry.lock() {
+            n.retain(|t| !terminals.contains(t));
+        }
         Ok(())
     }
 

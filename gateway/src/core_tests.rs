@@ -1038,6 +1038,10 @@ async fn a_terminal_whose_agent_takes_no_pin_is_asked_no_step_up_and_only_its_ag
     assert!(matches!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)), Err(Error::Precondition(_))));
     b.gw.pin_entry(&agent(), T, true).unwrap();
     assert!(b.gw.ask_step_up(&app(), T, ACTION, &params(), Duration::from_secs(5)).is_ok());
+    // Bound anew, the terminal waits for what its agent says next.
+    b.gw.pin_entry(&agent(), "lobby", false).unwrap();
+    b.gw.bind_agent(&admin(), "pi-1", vec![T.into(), "lobby".into()]).await.unwrap();
+    assert!(b.gw.no_pin_entry.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

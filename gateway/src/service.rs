@@ -294,18 +294,17 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             let _ = tx.send(Err(status)).await;
                             break;
                         }
-                        for t in &msg.terminals {
-                            if let Err(e) = gw.pin_entry(&caller, &t.terminal_id, !t.no_pin_entry) {
-                                let _ = tx.send(Err(e.into())).await;
-                                break;
-                            }
-                        }
+                        let marked = msg.terminals.iter().try_for_each(|t| gw.pin_entry(&caller, &t.terminal_id, !t.no_pin_entry));
                         let reports: Vec<(String, bool, Option<[u8; 16]>)> = msg
                             .terminals
                             .iter()
                             .map(|t| (t.terminal_id.clone(), t.card_present, t.card_uuid.as_slice().try_into().ok()))
                             .collect();
-                        match gw.presence(&caller, &reports).await {
+                        let presence = match marked {
+                            Ok(()) => gw.presence(&caller, &reports).await,
+                            Err(e) => Err(e),
+                        };
+                        match presence {
                             // Step-ups waiting ride on every heartbeat: a
                             // push the agent missed is not lost.
                             Ok(locked) => Ok(pb::PresenceResponse { heartbeat_interval_ms: heartbeat, lock_terminals: locked, step_ups: step_ups_pb(&gw, &caller.name, None) }),
